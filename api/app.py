@@ -1,0 +1,54 @@
+"""`create_app()`: settings → engines on app.state → routers → error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api.errors import install_error_handlers
+from api.limits import BodyLimit
+from api.routers import admin, files, health, jobs, models
+from core import __version__
+from core.broker import make_celery
+from core.settings import Settings, get_settings
+from core.variants import load_variants
+from db.session import async_engine, make_async_sessionmaker
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = async_engine(settings.db_url)
+    app.state.sessionmaker = make_async_sessionmaker(engine)
+    app.state.redis = Redis.from_url(
+        settings.broker_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+    app.state.broker = make_celery(settings, name="gemmaq-api")
+    try:
+        yield
+    finally:
+        await app.state.redis.aclose()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="gemmaq",
+        version=__version__,
+        description="Asynchronous inference jobs for Google's Gemma models.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.variants = load_variants(settings.variants_file)
+    app.include_router(health.router)
+    for router in (jobs.router, files.router, models.router, admin.router):
+        app.include_router(router, prefix="/v1")
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.files_max_bytes + 1024 * 1024
+    )
+    return app

@@ -1,0 +1,44 @@
+"""What the API knows of the workers: the heartbeats they keep in Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+
+from core.queues import worker_pattern
+from core.settings import Settings
+from core.variants import Variant, VariantRegistry, weights_problem
+
+
+async def live_workers(redis: Redis, settings: Settings) -> list[dict[str, Any]]:
+    """Heartbeats of running workers (each expires a few seconds after its worker stops)."""
+    out = []
+    async for key in redis.scan_iter(match=worker_pattern(settings), count=100):
+        raw = await redis.get(key)
+        if raw:
+            out.append(json.loads(raw))
+    return out
+
+
+def states_of(variant: str, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"worker": w["worker"], "device": w["device"], **w["variants"][variant]}
+        for w in workers
+        if variant in w.get("variants", {})
+    ]
+
+
+def availability(variant: Variant, registry: VariantRegistry, workers: list[dict[str, Any]]) -> str | None:
+    """None when the variant can run, else why not.
+
+    A worker that serves (or is loading) the variant is proof enough, whatever this
+    API host holds; otherwise the weights must be present here.
+    """
+    states = states_of(variant.name, workers)
+    if any(s["state"] in ("warm", "loading") for s in states):
+        return None
+    if states:
+        return str(states[0].get("reason") or "no worker could load it")
+    return weights_problem(variant, registry)

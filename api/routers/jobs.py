@@ -1,0 +1,290 @@
+"""Submit, read, list and cancel jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Header, Query, Response, status
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import BrokerDep, RedisDep, SessionMakerDep, SettingsDep, UserDep, VariantsDep
+from api.errors import responses
+from api.fleet import availability, live_workers
+from api.media import check_parts, inspect_inline, store_media
+from core.broker import enqueue_job
+from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
+from core.queues import cancel_key, job_done_channel
+from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
+from core.settings import Settings
+from core.variants import Variant, VariantRegistry
+from db.models import Job
+from db.repo import jobs as jobs_repo
+
+router = APIRouter(tags=["jobs"])
+log = structlog.get_logger(__name__)
+
+JobIdPath = Annotated[str, "job id"]
+
+
+# A token is at least ~1 character; input far past the variant's token cap is refused here,
+# the exact token count is checked by the worker's tokenizer.
+CHARS_PER_TOKEN_CEILING = 8
+WHISPER_WINDOW_S = 29.0  # one 30 s window, less the silence the engine puts around the clips
+
+
+async def _check_spec(
+    spec: JobCreate, variants: VariantRegistry, redis: RedisDep, settings: Settings
+) -> Variant:
+    variant = variants.get(spec.variant)
+    if variant is None:
+        raise UnknownVariant(
+            f"unknown variant {spec.variant!r}", {"variant": spec.variant, "variants": variants.names()}
+        )
+    if spec.task not in variant.tasks:
+        serving = variants.serving(spec.task)
+        raise ValidationFailed(
+            f"variant {variant.name!r} does not serve task {spec.task!r}; variants that do: {serving}",
+            {"variant": variant.name, "task": spec.task, "variants": serving},
+        )
+    if "max_new_tokens" not in spec.params.model_fields_set:  # the default fits every variant
+        spec.params.max_new_tokens = min(spec.params.max_new_tokens, variant.max_new_tokens)
+    if spec.params.max_new_tokens > variant.max_new_tokens:
+        raise ValidationFailed(
+            f"params.max_new_tokens: at most {variant.max_new_tokens} for {variant.name}",
+            {"max_new_tokens": spec.params.max_new_tokens, "limit": variant.max_new_tokens},
+        )
+    budget = variant.max_input_tokens * CHARS_PER_TOKEN_CEILING
+    if spec.input.chars() > budget:
+        raise PayloadTooLarge(
+            f"input is {spec.input.chars()} characters; "
+            f"{variant.name} takes at most {variant.max_input_tokens} tokens",
+            {"characters": spec.input.chars(), "max_input_tokens": variant.max_input_tokens},
+        )
+    check_parts(spec, variant, settings, variants)
+    if variant.engine == "whisper" and spec.params.audio_task == "translate":
+        target = (spec.params.target_language or "english").lower()
+        if variant.ct2_model == "whisper-tiny-en" or target not in ("en", "english"):
+            raise ValidationFailed(
+                f"{variant.name} cannot translate into {spec.params.target_language or 'English'}: "
+                "Whisper translates into English only (whisper-tiny-en not at all)",
+                {"variant": variant.name, "target_language": spec.params.target_language},
+            )
+    problem = availability(variant, variants, await live_workers(redis, settings))
+    if problem is not None:
+        raise Unavailable(f"variant {variant.name!r} cannot run here: {problem}", {"variant": variant.name})
+    return variant
+
+
+class _Replay(Exception):
+    """The Idempotency-Key was taken meanwhile: roll back what this request wrote, answer the first job."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+
+async def _read(maker: async_sessionmaker[AsyncSession], user_id: str, job_id: str) -> JobOut:
+    async with maker() as session:
+        job = await jobs_repo.get_job(session=session, user_id=user_id, job_id=job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        metrics = await jobs_repo.latest_metrics(session=session, job_ids=[job.id])
+        return jobs_repo.job_out(job, metrics.get(job.id))
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=responses(401, 404, 409, 413, 415, 422, 503),
+    summary="Submit a job",
+)
+async def create_job(
+    spec: JobCreate,
+    response: Response,
+    user: UserDep,
+    maker: SessionMakerDep,
+    broker: BrokerDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    variants: VariantsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
+) -> JobOut:
+    """Queue a job. A repeat with the same `Idempotency-Key` and body returns the first job;
+    the same key with a different body is a 409. Inline media is checked and stored as files."""
+    variant = await _check_spec(spec, variants, redis, settings)
+    request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    if idempotency_key is not None:
+        async with maker() as session:
+            earlier = await jobs_repo.find_idempotent(
+                session=session, user_id=user.id, idempotency_key=idempotency_key
+            )
+        if earlier is not None:
+            return await _replay(earlier, request_hash, response, maker, user.id)
+    inline = await inspect_inline(spec, settings)
+    try:
+        async with maker() as session, session.begin():
+            await store_media(
+                session=session,
+                user_id=user.id,
+                spec=spec,
+                inline=inline,
+                max_audio_seconds=WHISPER_WINDOW_S if variant.engine == "whisper" else None,
+            )
+            job, created = await jobs_repo.create_job(
+                session=session,
+                user_id=user.id,
+                spec=spec,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            if not created:
+                raise _Replay(job)
+    except _Replay as replay:
+        return await _replay(replay.job, request_hash, response, maker, user.id)
+    structlog.contextvars.bind_contextvars(job_id=job.id, variant=job.variant)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    await _enqueue_or_withdraw(maker, broker, job)
+    log.info("job.queued", task=job.task, priority=job.priority, media=len(spec.input.media()))
+    return jobs_repo.job_out(job, None)
+
+
+async def _replay(
+    job: Job, request_hash: str, response: Response, maker: SessionMakerDep, user_id: str
+) -> JobOut:
+    if job.request_hash != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used for a different request",
+            {"idempotency_key": job.idempotency_key, "job_id": job.id},
+        )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return await _read(maker, user_id, job.id)
+
+
+async def _enqueue_or_withdraw(maker: async_sessionmaker[AsyncSession], broker: BrokerDep, job: Job) -> None:
+    """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503."""
+    try:
+        await run_in_threadpool(
+            enqueue_job, broker, job_id=job.id, variant=job.variant, priority=job.priority
+        )
+    except Exception as exc:
+        log.error("job.enqueue_failed", error=type(exc).__name__)
+        async with maker() as session, session.begin():
+            await session.delete(await session.merge(job))
+        raise Unavailable("the job queue is not answering; retry shortly") from exc
+
+
+@router.get("/jobs/{job_id}", responses=responses(401, 404, 422), summary="Read a job")
+async def get_job(
+    job_id: JobIdPath,
+    user: UserDep,
+    maker: SessionMakerDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds for a terminal state")] = 0,
+) -> JobOut:
+    job = await _read(maker, user.id, job_id)
+    if wait <= 0 or job.status in TERMINAL_STATUSES:
+        return job
+    return await _wait_terminal(maker, redis, settings, user.id, job_id, time.monotonic() + wait)
+
+
+async def _wait_terminal(
+    maker: async_sessionmaker[AsyncSession],
+    redis: RedisDep,
+    settings: Settings,
+    user_id: str,
+    job_id: str,
+    deadline: float,
+) -> JobOut:
+    """Wake on the worker's done message; re-read at least every second in case one was missed."""
+    try:
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(job_done_channel(settings, job_id))
+    except RedisError:
+        pubsub = None
+    try:
+        while True:
+            job = await _read(maker, user_id, job_id)
+            remaining = deadline - time.monotonic()
+            if job.status in TERMINAL_STATUSES or remaining <= 0:
+                return job
+            timeout = min(remaining, 1.0)
+            if pubsub is None:
+                await asyncio.sleep(timeout)
+                continue
+            try:
+                await pubsub.get_message(timeout=timeout)
+            except RedisError:
+                await asyncio.sleep(timeout)
+    finally:
+        if pubsub is not None:
+            with contextlib.suppress(RedisError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+@router.get("/jobs", responses=responses(401, 422), summary="List your jobs, newest first")
+async def list_jobs(
+    user: UserDep,
+    maker: SessionMakerDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    variant: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    limit: Annotated[int, Query(ge=1, le=jobs_repo.MAX_PAGE)] = 20,
+) -> JobList:
+    try:
+        position = jobs_repo.decode_cursor(cursor) if cursor else None
+    except ValueError as exc:
+        raise ValidationFailed("cursor: not a cursor this API handed out", {"cursor": cursor}) from exc
+    async with maker() as session:
+        page = await jobs_repo.list_jobs(
+            session=session, user_id=user.id, status=status_, variant=variant, cursor=position, limit=limit
+        )
+        metrics = await jobs_repo.latest_metrics(session=session, job_ids=[j.id for j in page.jobs])
+    return JobList(
+        data=[jobs_repo.job_out(j, metrics.get(j.id)) for j in page.jobs],
+        next_cursor=page.next_cursor,
+        has_more=page.next_cursor is not None,
+    )
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    responses={**responses(401, 404, 409), 202: {"model": JobOut, "description": "running: stop requested"}},
+    summary="Cancel a queued or running job",
+)
+async def cancel_job(
+    job_id: JobIdPath,
+    response: Response,
+    user: UserDep,
+    maker: SessionMakerDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+) -> JobOut:
+    """A queued job ends `cancelled` at once and never runs. A running job is asked to stop
+    between decoding steps (202); it ends `cancelled` with its partial output."""
+    async with maker() as session, session.begin():
+        cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
+    job = await _read(maker, user.id, job_id)
+    if cancelled:
+        log.info("job.cancelled", job_id=job_id, variant=job.variant)
+        await _notify_done(redis, settings, job_id)
+        return job
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id!r} is already {job.status}", {"status": job.status})
+    await redis.set(cancel_key(settings, job_id), "1", ex=settings.visibility_timeout_s)
+    response.status_code = status.HTTP_202_ACCEPTED
+    return job
+
+
+async def _notify_done(redis: RedisDep, settings: Settings, job_id: str) -> None:
+    try:
+        await redis.publish(job_done_channel(settings, job_id), "cancelled")
+    except RedisError:
+        log.warning("job.notify_failed", job_id=job_id)

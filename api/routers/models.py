@@ -1,0 +1,86 @@
+"""`GET /v1/models`: the OpenAI list shape, plus what gemmaq knows of each variant."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from api.deps import RedisDep, SettingsDep, UserDep, VariantsDep
+from api.errors import responses
+from api.fleet import availability, live_workers, states_of
+from core.broker import queue_keys
+
+router = APIRouter(tags=["models"])
+
+
+class WorkerState(BaseModel):
+    worker: str
+    device: str
+    state: Literal["loading", "warm", "unavailable"]
+    reason: str | None = None
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+    family: str
+    size: str
+    tasks: list[str]
+    dtype: str
+    quantization: str
+    diagnostic: bool
+    description: str
+    max_new_tokens: int
+    max_batch_size: int
+    available: bool
+    unavailable_reason: str | None
+    workers: list[WorkerState]
+    queue_depth: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+@router.get("/models", responses=responses(401), summary="List variants")
+async def list_models(
+    user: UserDep, redis: RedisDep, settings: SettingsDep, variants: VariantsDep
+) -> ModelList:
+    try:
+        workers = await live_workers(redis, settings)
+    except RedisError:
+        workers = []
+    data = []
+    for v in variants:
+        states = [WorkerState(**s) for s in states_of(v.name, workers)]
+        problem = availability(v, variants, workers)
+        try:
+            depth: int | None = sum([await redis.llen(k) for k in queue_keys(settings, v.name)])
+        except RedisError:
+            depth = None
+        data.append(
+            ModelOut(
+                id=v.name,
+                owned_by="gemmaq" if v.diagnostic else "google",
+                family=v.family,
+                size=v.size,
+                tasks=list(v.tasks),
+                dtype=v.dtype,
+                quantization=v.quantization,
+                diagnostic=v.diagnostic,
+                description=v.description or (v.hf_id or ""),
+                max_new_tokens=v.max_new_tokens,
+                max_batch_size=v.max_batch_size,
+                available=problem is None,
+                unavailable_reason=problem,
+                workers=states,
+                queue_depth=depth,
+            )
+        )
+    return ModelList(data=data)

@@ -1,0 +1,73 @@
+"""Celery configuration shared by the API (producer) and workers (consumers).
+
+Only JSON crosses the broker; every Redis key the broker writes carries the
+namespace prefix, so several deployments (or test runs) can share one Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from core.queues import RUN_JOB_TASK, variant_queue
+from core.settings import Settings
+
+PRIORITY_STEPS = list(range(10))
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "global_keyprefix": f"{settings.namespace}:",
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": f"{settings.namespace}.default",
+    }
+
+
+def make_celery(settings: Settings, name: str = "gemmaq") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> None:
+    """Send the job id (nothing else) to its variant's queue.
+
+    gemmaq's priority runs 0 (lowest) to 9 (highest); kombu's Redis transport
+    serves 0 first, so the value is flipped.
+    """
+    app.send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=variant_queue(variant),
+        priority=9 - priority,
+        retry=False,
+    )
+
+
+def queue_keys(settings: Settings, variant: str) -> list[str]:
+    """The Redis lists kombu keeps for one variant's queue, one per priority step."""
+    queue = variant_queue(variant)
+    return [
+        f"{settings.namespace}:{queue}" if step == 0 else f"{settings.namespace}:{queue}:{step}"
+        for step in PRIORITY_STEPS
+    ]

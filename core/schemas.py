@@ -1,0 +1,284 @@
+"""The public job contract (DESIGN.md §3) as pydantic models, shared by the API and workers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+Role = Literal["system", "user", "assistant"]
+
+MAX_MESSAGES = 50
+MAX_TEXT_CHARS = 32_000
+MAX_STOP_STRINGS = 8
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL (\\u0000) characters")
+    return value
+
+
+# Every user-supplied string: PostgreSQL cannot store NUL in text or jsonb.
+SafeStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: SafeStr = Field(max_length=MAX_TEXT_CHARS)
+
+
+class _MediaPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str | None = Field(None, description="base64 bytes, or a base64 data URL")
+    file_id: SafeStr | None = Field(None, max_length=64, description="a file uploaded with POST /v1/files")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _MediaPart:
+        if (self.data is None) == (self.file_id is None):
+            raise ValueError("a media part takes exactly one of `data` or `file_id`")
+        return self
+
+
+class ImagePart(_MediaPart):
+    type: Literal["image"]
+
+
+class AudioPart(_MediaPart):
+    type: Literal["audio"]
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    content: (
+        Annotated[SafeStr, Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[Part], Field(min_length=1, max_length=64)]
+    )
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def media(self) -> list[ImagePart | AudioPart]:
+        if isinstance(self.content, str):
+            return []
+        return [part for part in self.content if not isinstance(part, TextPart)]
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+    description: SafeStr = Field("", max_length=2000)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="a JSON schema of the arguments")
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        properties = value.get("properties", {})
+        if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
+            raise ValueError("`parameters.properties` must map each argument name to a JSON schema object")
+        return value
+
+
+class Tool(BaseModel):
+    """A tool in the OpenAI form `{"type": "function", "function": {...}}` or the seeds' bare form."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "function" not in value and "name" in value:
+            return {"type": "function", "function": value}
+        return value
+
+
+class JobInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt: SafeStr | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JobInput:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("input takes exactly one of `messages` or `prompt`")
+        if self.messages is not None:
+            if not any(m.text().strip() or m.media() for m in self.messages):
+                raise ValueError("messages hold no text")
+            if any(m.role == "system" for m in self.messages[1:]):
+                raise ValueError("a system message may only come first")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last message must be from the user")
+        return self
+
+    def media(self) -> list[ImagePart | AudioPart]:
+        return [part for m in self.messages or [] for part in m.media()]
+
+    def chars(self) -> int:
+        """Characters of text in the input, for the size budget checked at admission."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.text()) for m in self.messages or [])
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 → greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 → no top-k cut")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[SafeStr, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
+    )
+
+    # Audio jobs: transcribe the speech, or translate it into `target_language`.
+    audio_task: Literal["transcribe", "translate"] = "transcribe"
+    language: Annotated[SafeStr, Field(max_length=40)] | None = Field(
+        None, description="the speech's language"
+    )
+    target_language: Annotated[SafeStr, Field(max_length=40)] | None = Field(
+        None, description="translate into this language (audio_task=translate)"
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: SafeStr = Field("gemma-3-270m", min_length=1, max_length=100)
+    task: Literal["text", "image", "audio"] = "text"
+    input: JobInput
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest")
+    webhook_url: SafeStr | None = Field(None, max_length=2000)
+    metadata: dict[Annotated[SafeStr, Field(max_length=100)], Annotated[SafeStr, Field(max_length=1000)]] = (
+        Field(default_factory=dict, max_length=32)
+    )
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "tool_call_unparsed"]
+
+
+class ToolCall(BaseModel):
+    name: str
+    arguments: dict[str, Any]
+
+
+class JobResult(BaseModel):
+    text: str
+    finish_reason: FinishReason = Field(
+        description="tool_calls: calls parsed into tool_calls; tool_call_unparsed: the reply tried to call a "
+        "tool but could not be parsed, its text is kept"
+    )
+    tool_calls: list[ToolCall] | None = None
+    usage: Usage
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobMetrics(BaseModel):
+    attempt: int
+    queue_ms: float | None
+    load_ms: float | None
+    time_to_first_token_ms: float | None
+    inference_ms: float | None
+    total_ms: float | None
+    input_tokens: int | None
+    output_tokens: int | None
+    tokens_per_second: float | None
+    batch_size: int | None
+    images: int | None
+    audio_clips: int | None
+    audio_seconds: float | None
+    preprocess_ms: float | None
+    peak_memory_bytes: int | None
+    worker: str | None
+    device: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    variant: str
+    task: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: JobResult | None
+    error: JobError | None
+    metrics: JobMetrics | None
+    metadata: dict[str, str]
+    attempts: int
+
+
+class QuotaUpdate(BaseModel):
+    """Fields left out keep their value; `allowed_variants: null` allows every variant."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: int | None = Field(None, ge=0, le=1_000_000)
+    tokens_per_day: int | None = Field(None, ge=0, le=10**12)
+    max_concurrent_jobs: int | None = Field(None, ge=0, le=100_000)
+    max_input_bytes: int | None = Field(None, ge=0, le=10**10)
+    allowed_variants: list[Annotated[SafeStr, Field(max_length=100)]] | None = Field(None, max_length=200)
+
+
+class QuotaOut(BaseModel):
+    requests_per_minute: int
+    tokens_per_day: int
+    max_concurrent_jobs: int
+    max_input_bytes: int
+    allowed_variants: list[str] | None
+
+
+class UserOut(BaseModel):
+    id: str
+    name: str
+    is_admin: bool
+    created_at: datetime
+    quota: QuotaOut | None
+    active_keys: list[str] = Field(description="visible prefixes of the user's unrevoked keys")
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")]
+    is_admin: bool = False
+    quota: QuotaUpdate | None = None
+
+
+class KeyCreated(BaseModel):
+    user: str
+    prefix: str
+    key: str = Field(description="shown once; only its hash is stored")
+
+
+class JobList(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+    has_more: bool

@@ -1,0 +1,97 @@
+"""One typed settings object, built on demand from ``GEMMAQ_*`` variables, never at import."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "gemmaq"
+
+
+def _default_model_cache() -> Path:
+    return Path.home() / ".cache" / "gemmaq" / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GEMMAQ_", env_nested_delimiter="__", extra="ignore")
+
+    # None → `gemmaq dev` starts embedded servers; other commands require them.
+    database_url: str | None = None
+    redis_url: str | None = None
+    # Prefix of every Redis key gemmaq and its broker write; lets runs share one Redis.
+    namespace: str = "gemmaq"
+
+    variants_file: Path | None = Field(default=None, description="TOML file of variants; None → built in")
+    default_variant: str = "gemma-3-270m"
+    model_cache: Path = Field(default_factory=_default_model_cache)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # Broker: redelivery after this many seconds without an ack; above the longest job.
+    visibility_timeout_s: int = 3600
+    max_wait_s: float = 60.0
+    worker_heartbeat_s: float = 5.0
+    # Attempts a job gets when its worker dies under it; then it ends failed.
+    max_attempts: int = 3
+
+    # Media limits, checked at the API before anything reaches a worker.
+    media_max_image_bytes: int = 20 * 1024 * 1024
+    media_max_image_pixels: int = 25_000_000
+    media_max_audio_bytes: int = 25 * 1024 * 1024
+    media_max_audio_seconds: float = 30.0
+    media_max_parts: int = 8
+    files_max_bytes: int = 100 * 1024 * 1024
+    # Any other request body (a job with inline base64 media included).
+    max_request_bytes: int = 64 * 1024 * 1024
+
+    # Quotas a new user starts with (editable per user afterwards, no restart needed).
+    quota_requests_per_minute: int = 600
+    quota_tokens_per_day: int = 10_000_000
+    quota_max_concurrent_jobs: int = 64
+    quota_max_input_bytes: int = 20 * 1024 * 1024
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("database_url", "redis_url", "variants_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def db_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError("GEMMAQ_DATABASE_URL is not set (use `gemmaq dev` for embedded servers)")
+        return sqlalchemy_url(self.database_url)
+
+    @property
+    def broker_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("GEMMAQ_REDIS_URL is not set (use `gemmaq dev` for embedded servers)")
+        return self.redis_url
+
+    def key(self, *parts: str) -> str:
+        """A namespaced Redis key."""
+        return ":".join((self.namespace, *parts))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Use psycopg 3 for a plain ``postgresql://`` URL (one driver, sync and async)."""
+    for prefix in ("postgresql+psycopg://", "postgresql+"):
+        if url.startswith(prefix):
+            return url
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

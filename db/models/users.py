@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from datetime import datetime
+from functools import partial
+
+from sqlalchemy import ARRAY, BigInteger, ForeignKey, Integer, String, func
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from db.base import Base
+from db.ids import new_id
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "usr"))
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    quota: Mapped[Quota | None] = relationship(back_populates="user", lazy="raise")
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "key"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The key itself is shown once; only its SHA-256 and a visible prefix are kept.
+    prefix: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Quota(Base):
+    """Per-user limits; enforced at admission (quota issue)."""
+
+    __tablename__ = "quotas"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    requests_per_minute: Mapped[int] = mapped_column(Integer)
+    tokens_per_day: Mapped[int] = mapped_column(BigInteger)
+    max_concurrent_jobs: Mapped[int] = mapped_column(Integer)
+    max_input_bytes: Mapped[int] = mapped_column(BigInteger)
+    allowed_variants: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    user: Mapped[User] = relationship(back_populates="quota", lazy="raise")

@@ -1,0 +1,1 @@
+"""Repositories: session-taking functions that never commit; the caller owns the transaction."""

@@ -1,0 +1,88 @@
+"""Uploaded files: created, listed and deleted by the API (async); read by workers (sync)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, undefer
+
+from db.models import File
+
+MAX_PAGE = 100
+
+
+async def create_file(
+    *,
+    session: AsyncSession,
+    user_id: str,
+    purpose: str,
+    filename: str,
+    content: bytes,
+    content_type: str,
+    media: dict[str, Any] | None,
+) -> File:
+    file = File(
+        user_id=user_id,
+        purpose=purpose,
+        filename=filename,
+        content=content,
+        content_type=content_type,
+        size=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        media=media,
+    )
+    session.add(file)
+    await session.flush()
+    await session.refresh(file, ["created_at"])
+    return file
+
+
+async def get_file(
+    *, session: AsyncSession, user_id: str, file_id: str, content: bool = False
+) -> File | None:
+    stmt = select(File).where(File.id == file_id, File.user_id == user_id)
+    if content:
+        stmt = stmt.options(undefer(File.content))
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_files(*, session: AsyncSession, user_id: str, file_ids: list[str]) -> dict[str, File]:
+    rows = await session.execute(select(File).where(File.id.in_(file_ids), File.user_id == user_id))
+    return {f.id: f for f in rows.scalars()}
+
+
+async def list_files(
+    *, session: AsyncSession, user_id: str, purpose: str | None, after: File | None, limit: int
+) -> tuple[list[File], bool]:
+    stmt = select(File).where(File.user_id == user_id)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    if after is not None:
+        stmt = stmt.where(
+            or_(
+                File.created_at < after.created_at,
+                and_(File.created_at == after.created_at, File.id < after.id),
+            )
+        )
+    rows = list(
+        (
+            await session.execute(stmt.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1))
+        ).scalars()
+    )
+    return rows[:limit], len(rows) > limit
+
+
+async def delete_file(*, session: AsyncSession, user_id: str, file_id: str) -> bool:
+    result = await session.execute(delete(File).where(File.id == file_id, File.user_id == user_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def read_contents(*, session: Session, user_id: str, file_ids: list[str]) -> dict[str, bytes]:
+    """Worker side: the bytes of a job's media files (only the job owner's)."""
+    rows = session.execute(
+        select(File.id, File.content).where(File.id.in_(file_ids), File.user_id == user_id)
+    ).all()
+    return {file_id: bytes(content) for file_id, content in rows}

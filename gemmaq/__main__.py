@@ -1,0 +1,3 @@
+from gemmaq.cli import main
+
+main()

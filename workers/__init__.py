@@ -1,0 +1,1 @@
+"""Celery workers: the app, the task, and the model runtime (engines, batcher)."""

@@ -1,0 +1,93 @@
+"""The Celery worker: pins its device, loads its variants, then consumes their queues.
+
+`run_worker` must be reached with CUDA_VISIBLE_DEVICES already set (the CLI does it
+before anything imports torch).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from collections.abc import Sequence
+
+import structlog
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from core.broker import make_celery
+from core.queues import RUN_JOB_TASK
+from core.settings import Settings
+from core.variants import load_variants
+from workers import tasks
+from workers.runtime.pool import VariantPool
+
+log = structlog.get_logger(__name__)
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    app = make_celery(settings, name="gemmaq-worker")
+    app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(tasks.run_job)
+    return app
+
+
+def default_worker_name(device: str) -> str:
+    label = device.replace("cuda:", "gpu").replace(":", "")
+    return f"{label}@{socket.gethostname()}"
+
+
+def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name: str | None = None) -> None:
+    registry = load_variants(settings.variants_file)
+    unknown = [v for v in variants if v not in registry]
+    if unknown:
+        raise SystemExit(f"unknown variants: {', '.join(unknown)} (known: {', '.join(registry.names())})")
+    longest = max(registry.get(v).timeout_s for v in variants)  # type: ignore[union-attr]
+    if settings.visibility_timeout_s <= longest:
+        raise SystemExit(
+            f"GEMMAQ_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} must exceed the longest job "
+            f"time limit ({longest} s), or the broker would hand running jobs to a second worker"
+        )
+    name = name or default_worker_name(device)
+    structlog.contextvars.bind_contextvars(worker=name)
+    pool = VariantPool(settings, registry, device=device, worker=name)
+    tasks.POOL = pool
+    pool.start(variants)
+    warm = pool.warm()
+    if not warm:
+        log.error("worker.nothing_to_serve", variants=list(variants))
+        _idle_until_signal(pool)
+        return
+    concurrency = sum(s.variant.max_batch_size for s in warm)
+    app = create_worker_app(settings)
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _ready(**_: object) -> None:
+        pool.mark_consuming()
+
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _close(**_: object) -> None:
+        pool.close()
+
+    log.info("worker.ready", variants=[s.variant.name for s in warm], device=device, concurrency=concurrency)
+    app.worker_main(
+        [
+            "--quiet",
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            f"--queues={','.join(s.variant.queue for s in warm)}",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
+        ]
+    )
+
+
+def _idle_until_signal(pool: VariantPool) -> None:
+    """No variant could load: stay up and report why (no crash loop) until told to stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    pool.close()

@@ -1,0 +1,62 @@
+"""The runtime's interface: a request in, a result out, engines that batch them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from core.schemas import FinishReason, GenerationParams, Tool
+
+__all__ = ["CancelCheck", "Engine", "FinishReason", "Request", "RequestError", "Result"]
+
+
+@dataclass
+class Request:
+    job_id: str
+    # Chat turns; media parts carry their decoded payload: {"type": "image", "image": PIL.Image}
+    # or {"type": "audio", "audio": float32 mono ndarray at 16 kHz}.
+    messages: list[dict[str, Any]] | None
+    prompt: str | None
+    params: GenerationParams
+    # Monotonic time the worker took the job; time to first token counts from here.
+    started: float = 0.0
+    tools: list[Tool] | None = None
+    images: int = 0
+    audio_clips: int = 0
+    audio_seconds: float = 0.0
+    preprocess_ms: float = 0.0
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: FinishReason
+    input_tokens: int
+    output_tokens: int
+    time_to_first_token_ms: float | None
+    inference_ms: float
+    batch_size: int
+    load_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    # Pre-processing inside the engine (processor / feature extraction), per request.
+    preprocess_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestError(Exception):
+    """A request this engine refuses (too long, malformed); the job fails, the worker goes on."""
+
+
+# Asked between decoding steps: which of these job ids should stop now?
+CancelCheck = Callable[[Sequence[str]], list[bool]]
+
+
+class Engine(Protocol):
+    name: str
+    device: str
+    max_batch_size: int
+
+    def warmup(self) -> None: ...
+
+    def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]: ...

@@ -1,0 +1,95 @@
+"""Dynamic batching: task threads hand requests in; one thread per variant runs them as batches.
+
+A batch flushes when it holds `max_batch_size` requests or `max_wait_ms` after its
+first one arrived. Engines on one device take turns under the device lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import structlog
+
+from workers.runtime.base import CancelCheck, Engine, Request, Result
+
+log = structlog.get_logger(__name__)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        device_lock: threading.Lock,
+        cancelled: CancelCheck,
+        load_ms: float | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.device_lock = device_lock
+        self.cancelled = cancelled
+        self._pending_load_ms = load_ms  # reported once, on the first batch after the load
+        self._queue: queue.Queue[tuple[Request, Future[Result]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{engine.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Future[Result]:
+        future: Future[Result] = Future()
+        self._queue.put((request, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _collect(self, first: tuple[Request, Future[Result]]) -> list[tuple[Request, Future[Result]]]:
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)
+                break
+            batch.append(item)
+        return [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[tuple[Request, Future[Result]]]) -> None:
+        requests = [r for r, _ in batch]
+        try:
+            with self.device_lock:
+                outcomes = self.engine.generate(requests, self.cancelled)
+        except Exception as exc:
+            log.exception("batch.failed", variant=self.engine.name, batch_size=len(batch))
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            # Isolate the request that broke the batch: the others still get their results.
+            for item in batch:
+                self._run([item])
+            return
+        load_ms, self._pending_load_ms = self._pending_load_ms, None
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                outcome.load_ms = load_ms
+                future.set_result(outcome)

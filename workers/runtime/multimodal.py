@@ -1,0 +1,151 @@
+"""Image and audio jobs on Gemma 3 (vision) and Gemma 3n through their processors.
+
+Each job's conversation, its images and audio clips decoded in place, goes through
+`processor.apply_chat_template`; jobs with the same kinds of media share one padded
+`generate` (a processor takes a batch only when every conversation has the same shape).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from core.tool_calls import tool_prompt
+from workers.runtime.base import CancelCheck, Request, RequestError, Result
+from workers.runtime.generation import Decoder
+from workers.runtime.text import GEMMA_CHAT_TEMPLATE, merge_turns, template_takes_tools, with_tool_prompt
+
+
+def instruction(request: Request) -> str:
+    """What to do with speech that comes with no words of the caller's."""
+    params = request.params
+    if params.audio_task == "translate":
+        return f"Translate this speech into {params.target_language or 'English'}."
+    source = f" It is in {params.language}." if params.language else ""
+    return f"Transcribe this speech exactly.{source}"
+
+
+def conversation(request: Request, tools_in_template: bool) -> list[dict[str, Any]]:
+    messages = merge_turns(request.messages or [])
+    if request.tools and not tools_in_template:
+        messages = merge_turns(with_tool_prompt(messages, request.tools))
+    out = []
+    for message in messages:
+        if message["role"] == "system":  # templates read a system turn's first text part only
+            text = "".join(p.get("text", "") for p in message["content"])
+            out.append({"role": "system", "content": [{"type": "text", "text": text}]})
+            continue
+        parts = [p for p in message["content"] if p.get("type") != "text" or p.get("text")]
+        if any(p["type"] == "audio" for p in parts) and not any(p["type"] == "text" for p in parts):
+            parts.append({"type": "text", "text": instruction(request)})
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
+def shape(request: Request) -> tuple[str, int, int]:
+    """Jobs batch together when their input has the same kind and number of media."""
+    if request.prompt is not None:
+        return ("prompt", 0, 0)
+    return ("chat", request.images, request.audio_clips)
+
+
+class ProcessorEngine:
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: Any,
+        processor: Any,
+        device: str,
+        max_batch_size: int,
+        max_input_tokens: int,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_input_tokens = max_input_tokens
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if not getattr(processor, "chat_template", None):
+            processor.chat_template = self.tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+        self.tools_in_template = template_takes_tools(processor.chat_template)
+        self.decoder = Decoder(model=model, tokenizer=self.tokenizer, device=torch.device(device))
+
+    def warmup(self) -> None:
+        from core.schemas import GenerationParams
+
+        warm = Request(
+            job_id="warmup", messages=None, prompt="Hello", params=GenerationParams(max_new_tokens=2)
+        )
+        self.generate([warm], lambda ids: [False] * len(ids))
+
+    def _inputs(self, batch: Sequence[Request]) -> dict[str, torch.Tensor]:
+        if batch[0].prompt is not None:
+            prompts = [(tool_prompt(r.tools) + "\n\n" if r.tools else "") + (r.prompt or "") for r in batch]
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+        else:
+            convs = [conversation(r, self.tools_in_template) for r in batch]
+            kwargs: dict[str, Any] = {}
+            tools = batch[0].tools
+            if self.tools_in_template and tools and all(r.tools == tools for r in batch):
+                kwargs["tools"] = [t.model_dump() for t in tools]
+            encoded = self.processor.apply_chat_template(
+                convs,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
+                sanitize_control_tokens=True,  # "<image_soft_token>" typed by a user stays text
+                **kwargs,
+            )
+        return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+    def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
+        results: list[Result | Exception] = [RequestError("not run")] * len(batch)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, request in enumerate(batch):
+            key: tuple[Any, ...] = shape(request)
+            if request.tools and not self.tools_in_template:
+                key = (*key, "tools")
+            elif request.tools:
+                key = (*key, tuple(t.model_dump_json() for t in request.tools))
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            group = [batch[i] for i in members]
+            for i, outcome in zip(members, self._run(group, cancelled), strict=True):
+                results[i] = outcome
+        return results
+
+    def _run(self, group: list[Request], cancelled: CancelCheck) -> list[Result | Exception]:
+        start = time.perf_counter()
+        try:
+            inputs = self._inputs(group)
+        except Exception as exc:
+            if len(group) > 1:  # find the one the processor refuses; the others still run
+                return [outcome for r in group for outcome in self._run([r], cancelled)]
+            return [RequestError(f"the processor refused the input ({type(exc).__name__})")]
+        prep_ms = (time.perf_counter() - start) * 1000
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        too_long = [n > self.max_input_tokens for n in lengths]
+        if any(too_long):
+            if len(group) == 1:
+                return [
+                    RequestError(
+                        f"input is {lengths[0]} tokens; {self.name} takes at most {self.max_input_tokens}"
+                    )
+                ]
+            return [outcome for r in group for outcome in self._run([r], cancelled)]
+        share = prep_ms / len(group)
+        try:
+            return list(
+                self.decoder.run(inputs, group, cancelled, extra=lambda row: {"preprocess_ms": share})
+            )
+        except Exception as exc:
+            if len(group) > 1:  # isolate the request that broke the batch
+                return [outcome for r in group for outcome in self._run([r], cancelled)]
+            return [RequestError(f"generation failed ({type(exc).__name__})")]

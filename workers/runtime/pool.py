@@ -1,0 +1,163 @@
+"""The worker's variants: loaded when it starts, kept warm, each behind its own batcher."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+import structlog
+import torch
+
+from core.queues import cancel_key, worker_key, worker_pattern
+from core.settings import Settings
+from core.variants import Variant, VariantRegistry
+from workers.runtime.batcher import Batcher
+from workers.runtime.loading import WeightsUnavailable, load_engine
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class VariantState:
+    variant: Variant
+    state: Literal["loading", "warm", "unavailable"] = "loading"
+    reason: str | None = None
+    load_ms: float | None = None
+    batcher: Batcher | None = None
+
+
+class VariantPool:
+    def __init__(self, settings: Settings, registry: VariantRegistry, *, device: str, worker: str) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.device = device
+        self.worker = worker
+        self.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        self.states: dict[str, VariantState] = {}
+        self._device_lock = threading.Lock()
+        self._stop = threading.Event()
+        # Loaded variants are reported warm only once the Celery consumer takes jobs.
+        self.consuming = False
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def start(self, names: Sequence[str]) -> None:
+        for name in names:
+            variant = self.registry.get(name)
+            assert variant is not None, name
+            self.states[name] = VariantState(variant)
+        self._heartbeat.start()
+        for state in self.states.values():
+            self._load(state)
+
+    def _load(self, state: VariantState) -> None:
+        v = state.variant
+        start = time.perf_counter()
+        try:
+            engine = load_engine(v, self.registry, device=self.device, cache_root=self.settings.model_cache)
+            engine.warmup()
+        except WeightsUnavailable as exc:
+            state.state, state.reason = "unavailable", str(exc)
+            log.error("variant.unavailable", variant=v.name, reason=state.reason)
+            return
+        except Exception as exc:
+            state.state, state.reason = "unavailable", f"failed to load: {type(exc).__name__}: {exc}"
+            log.exception("variant.load_failed", variant=v.name)
+            return
+        state.load_ms = (time.perf_counter() - start) * 1000
+        state.batcher = Batcher(
+            engine,
+            max_batch_size=v.max_batch_size,
+            max_wait_ms=v.max_wait_ms,
+            device_lock=self._device_lock,
+            cancelled=self.cancelled,
+            load_ms=state.load_ms,
+        )
+        state.state = "warm"
+        log.info(
+            "variant.loaded",
+            variant=v.name,
+            device=self.device,
+            load_ms=round(state.load_ms, 1),
+            memory_bytes=self.memory_bytes(),
+        )
+        self._publish()
+
+    def warm(self) -> list[VariantState]:
+        return [s for s in self.states.values() if s.state == "warm"]
+
+    def memory_bytes(self) -> int | None:
+        if self.device.startswith("cuda"):
+            return int(torch.cuda.memory_allocated(torch.device(self.device)))
+        return None
+
+    # ---- what task threads call ----------------------------------------------------------
+
+    def cancelled(self, job_ids: Sequence[str]) -> list[bool]:
+        try:
+            values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
+        except redis.RedisError:
+            return [False] * len(job_ids)
+        return [v is not None for v in values]
+
+    def request_cancel(self, job_id: str) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.set(cancel_key(self.settings, job_id), "1", ex=self.settings.visibility_timeout_s)
+
+    def live_workers(self) -> set[str] | None:
+        """Names of workers whose heartbeat is current (this one included); None if Redis is away."""
+        try:
+            prefix = worker_key(self.settings, "")
+            names = {self.worker}
+            for key in self.redis.scan_iter(match=worker_pattern(self.settings), count=100):
+                names.add(key.decode()[len(prefix) :])
+            return names
+        except redis.RedisError:
+            return None
+
+    # ---- heartbeat -----------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        body = {
+            "worker": self.worker,
+            "host": socket.gethostname(),
+            "device": self.device,
+            "variants": {
+                name: {"state": self._reported(s), "reason": s.reason} for name, s in self.states.items()
+            },
+            "memory_bytes": self.memory_bytes(),
+            "at": time.time(),
+        }
+        ttl = max(int(self.settings.worker_heartbeat_s * 3), 2)
+        try:
+            self.redis.set(worker_key(self.settings, self.worker), json.dumps(body), ex=ttl)
+        except redis.RedisError:
+            log.warning("worker.heartbeat_failed")
+
+    def _reported(self, state: VariantState) -> str:
+        return "loading" if state.state == "warm" and not self.consuming else state.state
+
+    def mark_consuming(self) -> None:
+        self.consuming = True
+        self._publish()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            self._publish()
+            self._stop.wait(self.settings.worker_heartbeat_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        for state in self.states.values():
+            if state.batcher is not None:
+                state.batcher.stop()
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(worker_key(self.settings, self.worker))

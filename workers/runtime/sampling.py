@@ -1,0 +1,144 @@
+"""Per-row decoding controls, so jobs with different params share one batched `generate`.
+
+`generate` runs greedy; `RowSampler` turns each row's scores into a one-hot choice
+made with that row's own temperature, top-k, top-p, repetition penalty and seeded
+generator — so a job's output depends on its seed, not on its batch mates.
+`RowStopper` ends each row at its own `max_new_tokens`, stop strings or cancel flag.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from core.schemas import GenerationParams
+
+
+def needs_sampler(params: Sequence[GenerationParams]) -> bool:
+    return any(p.temperature > 0 or p.repetition_penalty != 1.0 for p in params)
+
+
+class RowSampler(LogitsProcessor):  # type: ignore[misc]
+    def __init__(self, params: Sequence[GenerationParams], device: torch.device) -> None:
+        self.temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        self.top_k = [p.top_k for p in params]
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+        self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.greedy = [p.temperature == 0 for p in params]
+        self.generators = []
+        for p in params:
+            g = torch.Generator(device=device)
+            g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.LongTensor, raw_scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores: torch.Tensor = raw_scores.float()
+        if self.any_penalty:
+            seen = torch.gather(scores, 1, input_ids)
+            seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+            scores = scores.scatter(1, input_ids, seen)
+        chosen = torch.argmax(scores, dim=-1)
+        if not all(self.greedy):
+            logits = scores / self.temperature.clamp(min=1e-5)
+            vocab = logits.shape[-1]
+            for row, k in enumerate(self.top_k):
+                if 0 < k < vocab:
+                    kth = torch.topk(logits[row], k).values[-1]
+                    logits[row] = logits[row].masked_fill(logits[row] < kth, float("-inf"))
+            if self.any_top_p:
+                sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+                sorted_probs = sorted_logits.softmax(dim=-1)
+                # Keep the smallest head whose mass reaches top_p (the first token always stays).
+                drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
+                drop_sorted &= self.top_p < 1.0  # rows with top_p = 1 keep every token
+                drop = drop_sorted.scatter(1, order, drop_sorted)
+                logits = logits.masked_fill(drop, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            for row, greedy in enumerate(self.greedy):
+                if not greedy:
+                    chosen[row] = torch.multinomial(probs[row], 1, generator=self.generators[row])[0]
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return out  # type: ignore[return-value]
+
+
+class RowStopper(StoppingCriteria):  # type: ignore[misc]
+    """Called once per decoding step for the whole batch; returns which rows are done."""
+
+    CANCEL_EVERY = 4  # steps between cancel-flag checks
+
+    def __init__(
+        self,
+        *,
+        prompt_len: int | None,
+        max_new_tokens: Sequence[int],
+        stops: Sequence[Sequence[str]],
+        decode: Callable[[list[int]], str],
+        job_ids: Sequence[str],
+        cancelled: Callable[[Sequence[str]], list[bool]],
+        eos_ids: Sequence[int],
+    ) -> None:
+        # None: taken from the first call (encoder-decoder models start from a forced prefix).
+        self.prompt_len = prompt_len
+        self.max_new = list(max_new_tokens)
+        self.stops = [list(s) for s in stops]
+        self.decode = decode
+        self.job_ids = list(job_ids)
+        self.cancelled_check = cancelled
+        self.eos_ids = set(eos_ids)
+        self.steps = 0
+        self.first_token_at: float | None = None
+        self.cancelled = [False] * len(job_ids)
+        self.done = [False] * len(job_ids)
+        # Tokens each row had generated when it was stopped here (None: eos or still open).
+        self.lengths: list[int | None] = [None] * len(job_ids)
+        self.finished_at: list[float | None] = [None] * len(job_ids)
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
+    ) -> torch.BoolTensor:
+        self.steps += 1
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if self.prompt_len is None:
+            self.prompt_len = int(input_ids.shape[1]) - 1
+        generated = input_ids.shape[1] - self.prompt_len
+        last = input_ids[:, -1].tolist()
+        for i in range(len(self.done)):
+            if not self.done[i] and last[i] in self.eos_ids:  # generate ends this row itself
+                self.done[i], self.finished_at[i] = True, now
+        if self.steps % self.CANCEL_EVERY == 1:
+            open_rows = [i for i, d in enumerate(self.done) if not d]
+            if open_rows:
+                flags = self.cancelled_check([self.job_ids[i] for i in open_rows])
+                for i, flag in zip(open_rows, flags, strict=True):
+                    if flag:
+                        self.cancelled[i] = True
+                        self._stop(i, generated, now)
+        for i, limit in enumerate(self.max_new):
+            if self.done[i]:
+                continue
+            if generated >= limit:
+                self._stop(i, generated, now)
+            elif self.stops[i]:
+                longest = max(len(s) for s in self.stops[i])
+                tail = self.decode(input_ids[i, -min(generated, longest + 8) :].tolist())
+                if any(s in tail for s in self.stops[i]):
+                    self._stop(i, generated, now)
+        return torch.tensor(self.done, device=input_ids.device)  # type: ignore[return-value]
+
+    def timings(self, row: int, *, started: float, start: float, end: float) -> tuple[float | None, float]:
+        """A row's time to first token (from when its job was taken) and its own time in the batch (ms)."""
+        first = self.first_token_at
+        ttft = (first - started) * 1000 if first and started else None
+        return ttft, ((self.finished_at[row] or end) - start) * 1000
+
+    def _stop(self, row: int, generated: int, now: float) -> None:
+        self.done[row], self.lengths[row], self.finished_at[row] = True, generated, now

@@ -1,0 +1,158 @@
+"""Text generation on a Hugging Face causal LM: many jobs, one left-padded `generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from core.tool_calls import tool_prompt
+from workers.runtime.base import CancelCheck, Request, RequestError, Result
+from workers.runtime.generation import Decoder
+
+# Gemma's turn format, for tokenizers that ship without a template (the 270M GGUF's).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def template_takes_tools(template: Any) -> bool:
+    return isinstance(template, str) and "tools" in template
+
+
+def with_tool_prompt(messages: list[dict[str, Any]], tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """Offer the tools in the system turn: one plain string, the offer before the caller's own text
+    (Gemma templates read a system turn's first text part only)."""
+    offer = tool_prompt(tools)
+    if messages and messages[0]["role"] == "system":
+        own = "".join(p.get("text", "") for p in _parts(messages[0]["content"]))
+        return [{"role": "system", "content": offer + "\n\n" + own}, *messages[1:]]
+    return [{"role": "system", "content": offer}, *messages]
+
+
+def merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive same-role messages joined into one turn (Gemma templates need alternation);
+    adjacent text parts are joined too, as templates trim each part."""
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        parts = _parts(message["content"])
+        if merged and merged[-1]["role"] == message["role"]:
+            parts = [{"type": "text", "text": "\n\n"}, *parts]
+            target = merged[-1]["content"]
+        else:
+            target = []
+            merged.append({"role": message["role"], "content": target})
+        for part in parts:
+            if part.get("type") == "text" and target and target[-1].get("type") == "text":
+                target[-1] = {"type": "text", "text": target[-1]["text"] + part["text"]}
+            else:
+                target.append(dict(part))
+    return merged
+
+
+def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def text_only(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Turns as plain strings, for text tokenizers' templates."""
+    return [
+        {"role": m["role"], "content": "".join(p.get("text", "") for p in _parts(m["content"]))}
+        for m in messages
+    ]
+
+
+class TextEngine:
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        max_batch_size: int,
+        max_input_tokens: int,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_input_tokens = max_input_tokens
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(model=model, tokenizer=tokenizer, device=torch.device(device))
+
+    def encode(self, request: Request) -> list[int]:
+        tools = request.tools or []
+        if request.prompt is not None:
+            prompt = (tool_prompt(tools) + "\n\n" + request.prompt) if tools else request.prompt
+            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            messages = merge_turns(request.messages or [])
+            kwargs: dict[str, Any] = {}
+            if tools and template_takes_tools(self.tokenizer.chat_template):
+                kwargs["tools"] = [t.model_dump() for t in tools]
+            elif tools:
+                messages = merge_turns(with_tool_prompt(messages, tools))
+            try:
+                encoded = self.tokenizer.apply_chat_template(
+                    text_only(messages),
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    sanitize_control_tokens=True,  # "<end_of_turn>" typed by a user stays text
+                    **kwargs,
+                )
+            except Exception as exc:  # a template that refuses this conversation (jinja raise_exception)
+                raise RequestError(f"the chat template refused the messages ({type(exc).__name__})") from exc
+            ids = list(encoded["input_ids"])
+        if len(ids) > self.max_input_tokens:
+            raise RequestError(
+                f"input is {len(ids)} tokens; {self.name} takes at most {self.max_input_tokens}"
+            )
+        return ids
+
+    def warmup(self) -> None:
+        """One short generation, so the first real batch does not pay for lazy initialisation."""
+        from core.schemas import GenerationParams
+
+        warm = Request(
+            job_id="warmup", messages=None, prompt="Hello", params=GenerationParams(max_new_tokens=2)
+        )
+        self.generate([warm], lambda ids: [False] * len(ids))
+
+    def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
+        results: list[Result | Exception] = []
+        prompts: list[tuple[int, list[int]]] = []
+        for i, request in enumerate(batch):
+            try:
+                prompts.append((i, self.encode(request)))
+                results.append(RequestError("not run"))  # replaced below
+            except RequestError as exc:
+                results.append(exc)
+        if not prompts:
+            return results
+        width = max(len(ids) for _, ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.decoder.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        runnable = [batch[i] for i, _ in prompts]
+        outcomes = self.decoder.run(
+            {"input_ids": input_ids, "attention_mask": attention}, runnable, cancelled
+        )
+        for (i, _), outcome in zip(prompts, outcomes, strict=True):
+            results[i] = outcome
+        return results

@@ -1,0 +1,226 @@
+"""The one task: claim the job, hand it to the variant's batcher, write the outcome once."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import redis
+import structlog
+from sqlalchemy.exc import OperationalError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from core import errors
+from core.queues import cancel_key, job_done_channel
+from core.schemas import GenerationParams, Tool
+from core.tool_calls import parse_tool_calls
+from db.models import Job
+from db.repo import files as files_repo
+from db.repo import jobs as jobs_repo
+from db.session import sync_sessionmaker
+from workers.runtime.base import Request, RequestError, Result
+from workers.runtime.media import file_ids, load_media
+from workers.runtime.pool import VariantPool
+
+log = structlog.get_logger(__name__)
+
+# Set once by `workers.app.run_worker` before the worker consumes anything.
+POOL: VariantPool | None = None
+
+_db_retry = retry(
+    retry=retry_if_exception_type(OperationalError),
+    wait=wait_exponential(multiplier=0.5, max=10),
+    stop=stop_after_delay(120),
+    reraise=True,
+)
+
+
+@_db_retry
+def _claim(pool: VariantPool, job_id: str) -> Job | None:
+    live = pool.live_workers()
+    settings = pool.settings
+    with sync_sessionmaker(settings.db_url).begin() as session:
+        job = jobs_repo.claim(
+            session=session,
+            job_id=job_id,
+            worker=pool.worker,
+            live_workers=live,
+            max_attempts=settings.max_attempts,
+        )
+        if (
+            job is None
+            and live is not None
+            and jobs_repo.fail_orphaned(
+                session=session, job_id=job_id, live_workers=live, max_attempts=settings.max_attempts
+            )
+        ):
+            log.warning("job.failed", code=errors.GENERATION_ERROR, reason="worker lost too often")
+        return job
+
+
+@_db_retry
+def _finish(pool: VariantPool, job: Job, **outcome: Any) -> bool:
+    with sync_sessionmaker(pool.settings.db_url).begin() as session:
+        return jobs_repo.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
+
+
+def run_job(job_id: str) -> None:
+    pool = POOL
+    assert pool is not None, "the worker pool is not started"
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job_id, worker=pool.worker)
+    job = _claim(pool, job_id)
+    if job is None:
+        log.info("job.skipped", reason="terminal, or held by a live worker")
+        return
+    structlog.contextvars.bind_contextvars(user_id=job.user_id, variant=job.variant, attempt=job.attempts)
+    assert job.started_at is not None
+    queue_ms = (job.started_at - job.created_at).total_seconds() * 1000
+    try:
+        _run_claimed(pool, job, queue_ms)
+    except OperationalError:
+        raise  # the database stayed away past the retries; the message is redelivered later
+    except Exception as exc:
+        # Whatever went wrong, a claimed job must not stay running: it fails, the worker goes on.
+        log.error("job.crashed", error=type(exc).__name__)
+        _fail(
+            pool,
+            job,
+            errors.GENERATION_ERROR,
+            f"the worker could not run it ({type(exc).__name__})",
+            queue_ms,
+        )
+
+
+def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
+    started = time.monotonic()
+    state = pool.states.get(job.variant)
+    if state is None or state.batcher is None:
+        reason = state.reason if state else "this worker does not serve the variant"
+        _fail(pool, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
+        return
+    try:
+        request = _request(pool, job, started)
+    except RequestError as exc:
+        _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
+        return
+    future = state.batcher.submit(request)
+    try:
+        result = future.result(timeout=state.variant.timeout_s)
+    except FutureTimeout:
+        # Drop it from the batcher if it has not started; stop it between steps if it has.
+        future.cancel()
+        pool.request_cancel(job.id)
+        _fail(pool, job, errors.TIMEOUT, f"no result within {state.variant.timeout_s} s", queue_ms)
+        return
+    except RequestError as exc:
+        _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
+        return
+    except Exception as exc:
+        log.error("job.generation_failed", error=type(exc).__name__)
+        _fail(pool, job, errors.GENERATION_ERROR, f"generation failed ({type(exc).__name__})", queue_ms)
+        return
+    _succeed(pool, job, request, result, queue_ms, started)
+
+
+def _request(pool: VariantPool, job: Job, started: float) -> Request:
+    """The job as the engine takes it: media read from PostgreSQL and decoded on this thread."""
+    messages = job.input.get("messages")
+    tools = job.input.get("tools")
+    request = Request(
+        job_id=job.id,
+        messages=messages,
+        prompt=job.input.get("prompt"),
+        params=GenerationParams.model_validate(job.params),
+        started=started,
+        tools=[Tool.model_validate(t) for t in tools] if tools else None,
+    )
+    ids = file_ids(messages or [])
+    if ids:
+        with sync_sessionmaker(pool.settings.db_url)() as session:
+            contents = files_repo.read_contents(session=session, user_id=job.user_id, file_ids=ids)
+        loaded = load_media(messages or [], contents)
+        request.messages = loaded.messages
+        request.images, request.audio_clips = loaded.images, loaded.audio_clips
+        request.audio_seconds, request.preprocess_ms = loaded.audio_seconds, loaded.ms
+    return request
+
+
+def _metrics(
+    pool: VariantPool, queue_ms: float, started: float, result: Result | None, request: Request | None = None
+) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "queue_ms": round(queue_ms, 3),
+        "total_ms": round(queue_ms + (time.monotonic() - started) * 1000, 3),
+        "worker": pool.worker,
+        "device": pool.device,
+    }
+    if result is None:
+        return base
+    seconds = result.inference_ms / 1000
+    return base | {
+        "load_ms": result.load_ms,
+        "time_to_first_token_ms": result.time_to_first_token_ms,
+        "inference_ms": round(result.inference_ms, 3),
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "tokens_per_second": round(result.output_tokens / seconds, 3) if seconds > 0 else None,
+        "batch_size": result.batch_size,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "images": request.images if request else None,
+        "audio_clips": request.audio_clips if request else None,
+        "audio_seconds": request.audio_seconds if request else None,
+        "preprocess_ms": round((request.preprocess_ms if request else 0) + result.preprocess_ms, 3),
+    }
+
+
+def _succeed(
+    pool: VariantPool, job: Job, request: Request, result: Result, queue_ms: float, started: float
+) -> None:
+    cancelled = result.finish_reason == "cancelled"
+    finish_reason: str = result.finish_reason
+    tool_calls = None
+    if request.tools and not cancelled:
+        calls, attempted = parse_tool_calls(result.text, request.tools)
+        if calls:
+            tool_calls, finish_reason = calls, "tool_calls"
+        elif attempted:
+            finish_reason = "tool_call_unparsed"
+    body = {
+        "text": result.text,
+        "finish_reason": finish_reason,
+        "tool_calls": tool_calls,
+        "usage": {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens},
+    }
+    error = {"code": errors.CANCELLED, "message": "cancelled while running"} if cancelled else None
+    metrics = _metrics(pool, queue_ms, started, result, request)
+    written = _finish(
+        pool, job, status="cancelled" if cancelled else "succeeded", result=body, error=error, metrics=metrics
+    )
+    _announce(pool, job, written)
+    log.info(
+        "job.finished",
+        status="cancelled" if cancelled else "succeeded",
+        written=written,
+        output_tokens=result.output_tokens,
+        tokens_per_second=metrics["tokens_per_second"],
+        batch_size=result.batch_size,
+    )
+
+
+def _fail(pool: VariantPool, job: Job, code: str, message: str, queue_ms: float) -> None:
+    metrics = _metrics(pool, queue_ms, time.monotonic(), None)
+    error = {"code": code, "message": message}
+    written = _finish(pool, job, status="failed", result=None, error=error, metrics=metrics)
+    _announce(pool, job, written)
+    log.warning("job.failed", code=code, written=written)
+
+
+def _announce(pool: VariantPool, job: Job, written: bool) -> None:
+    try:
+        pool.redis.delete(cancel_key(pool.settings, job.id))
+        if written:
+            pool.redis.publish(job_done_channel(pool.settings, job.id), "done")
+    except redis.RedisError:
+        log.warning("job.announce_failed")
