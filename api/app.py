@@ -9,10 +9,11 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.errors import install_error_handlers
-from api.limits import BodyLimit
-from api.routers import admin, files, health, jobs, models
+from api.limits import BodyLimit, RateLimitHeaders
+from api.routers import admin, files, health, jobs, models, usage
 from core import __version__
 from core.broker import make_celery
+from core.quotas import AsyncQuotas
 from core.settings import Settings, get_settings
 from core.variants import load_variants
 from db.session import async_engine, make_async_sessionmaker
@@ -26,6 +27,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.redis = Redis.from_url(
         settings.broker_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
     )
+    app.state.quotas = AsyncQuotas(app.state.redis, settings)
     app.state.broker = make_celery(settings, name="gemmaq-api")
     try:
         yield
@@ -45,9 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.variants = load_variants(settings.variants_file)
     app.include_router(health.router)
-    for router in (jobs.router, files.router, models.router, admin.router):
+    for router in (jobs.router, files.router, models.router, usage.router, admin.router):
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(
         BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.files_max_bytes + 1024 * 1024
     )

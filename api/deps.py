@@ -12,7 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api import quota as quota_admission
 from core.errors import Unauthorized
+from core.quotas import AsyncQuotas
 from core.settings import Settings
 from core.variants import VariantRegistry
 from db.models import User
@@ -44,6 +46,11 @@ def get_broker(request: Request) -> Celery:
     return broker
 
 
+def get_quotas(request: Request) -> AsyncQuotas:
+    quotas: AsyncQuotas = request.app.state.quotas
+    return quotas
+
+
 def get_variants(request: Request) -> VariantRegistry:
     variants: VariantRegistry = request.app.state.variants
     return variants
@@ -55,6 +62,7 @@ SessionMakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessio
 RedisDep = Annotated[Redis, Depends(get_redis)]
 BrokerDep = Annotated[Celery, Depends(get_broker)]
 VariantsDep = Annotated[VariantRegistry, Depends(get_variants)]
+QuotasDep = Annotated[AsyncQuotas, Depends(get_quotas)]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq users create`")
 
@@ -71,6 +79,7 @@ async def authenticate(
     if user is None:
         raise Unauthorized("invalid or revoked API key")
     structlog.contextvars.bind_contextvars(user_id=user.id)
+    await quota_admission.peek(request, get_quotas(request), user, get_settings_dep(request))
     return user
 
 

@@ -1,4 +1,5 @@
-"""A cap on request bodies, enforced while they stream in — before any parsing or authentication."""
+"""Two wrappers around every request: a cap on its body, enforced while it streams in (before any
+parsing or authentication), and the RateLimit-* headers on every authenticated response."""
 
 from __future__ import annotations
 
@@ -73,3 +74,28 @@ async def _refuse(send: Send, limit: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class RateLimitHeaders:
+    """Adds the headers that authentication or admission left in `request.state.ratelimit` —
+    to every response, refusals and streams included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+
+        async def with_headers(message: Message) -> None:
+            headers = state.get("ratelimit") if message["type"] == "http.response.start" else None
+            if headers:
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

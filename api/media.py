@@ -19,6 +19,15 @@ from core.variants import Variant, VariantRegistry
 from db.repo import files as files_repo
 
 
+@dataclass(frozen=True)
+class MediaTotals:
+    """A job's media in all: what the quota counts (bytes) and estimates tokens from."""
+
+    images: int
+    audio_seconds: float
+    bytes: int
+
+
 @dataclass
 class InlineMedia:
     part: ImagePart | AudioPart
@@ -87,10 +96,11 @@ async def store_media(
     spec: JobCreate,
     inline: list[InlineMedia],
     max_audio_seconds: float | None = None,
-) -> None:
+) -> MediaTotals:
     """Inside the job's transaction: store inline media as files; check referenced files are the caller's
     (and, where the model takes one window of audio per job, that the clips fit in it)."""
     seconds = sum(item.info.seconds or 0.0 for item in inline)
+    size = sum(len(item.data) for item in inline)
     for item in inline:
         stored = await files_repo.create_file(
             session=session,
@@ -105,22 +115,25 @@ async def store_media(
     stored_now = {id(i.part) for i in inline}
     referenced = [p for p in spec.input.media() if p.file_id is not None and id(p) not in stored_now]
     if referenced:
-        seconds += await _check_referenced(session, user_id, referenced)
+        more_seconds, more_bytes = await _check_referenced(session, user_id, referenced)
+        seconds, size = seconds + more_seconds, size + more_bytes
     if max_audio_seconds is not None and seconds > max_audio_seconds:
         raise PayloadTooLarge(
             f"input: {seconds:.1f} s of audio in all; at most {max_audio_seconds:g} s per job here",
             {"seconds": round(seconds, 3), "limit_seconds": max_audio_seconds},
         )
+    images = sum(1 for p in spec.input.media() if p.type == "image")
+    return MediaTotals(images=images, audio_seconds=seconds, bytes=size)
 
 
 async def _check_referenced(
     session: AsyncSession, user_id: str, referenced: list[ImagePart | AudioPart]
-) -> float:
-    """Each referenced file is the caller's media of the part's kind; returns their audio seconds."""
+) -> tuple[float, int]:
+    """Each referenced file is the caller's media of the part's kind; returns their seconds and bytes."""
     files = await files_repo.get_files(
         session=session, user_id=user_id, file_ids=[p.file_id for p in referenced if p.file_id]
     )
-    seconds = 0.0
+    seconds, size = 0.0, 0
     for part in referenced:
         file = files.get(part.file_id or "")
         if file is None:
@@ -132,4 +145,5 @@ async def _check_referenced(
                 {"file_id": part.file_id, "expected": part.type},
             )
         seconds += float((file.media or {}).get("seconds") or 0.0)
-    return seconds
+        size += file.size
+    return seconds, size

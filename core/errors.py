@@ -9,10 +9,13 @@ class AppError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "INTERNAL"
 
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        self.headers = headers or {}
 
 
 class Unauthorized(AppError):
@@ -45,6 +48,14 @@ class ValidationFailed(AppError):
 
 class UnknownVariant(AppError):
     status, code = 422, "UNKNOWN_VARIANT"
+
+
+class RateLimited(AppError):
+    status, code = 429, "RATE_LIMIT_EXCEEDED"
+
+
+class QuotaExceeded(AppError):
+    status, code = 429, "QUOTA_EXCEEDED"
 
 
 class Unavailable(AppError):

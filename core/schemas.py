@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -282,3 +282,42 @@ class JobList(BaseModel):
     data: list[JobOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
     has_more: bool
+
+
+class RequestWindow(BaseModel):
+    limit: int = Field(description="job submissions per sliding minute")
+    used: int
+    remaining: int
+    window_s: int
+    reset_s: int = Field(description="seconds until the oldest submission in the window leaves it")
+
+
+class TokenWindow(BaseModel):
+    limit: int = Field(description="input + output tokens per UTC day")
+    used: int = Field(description="tokens of today's finished jobs (the usage ledger)")
+    reserved: int = Field(description="tokens held for queued and running jobs until they settle")
+    remaining: int
+    resets_at: datetime
+
+
+class ConcurrencyWindow(BaseModel):
+    limit: int = Field(description="jobs queued or running at once")
+    active: int
+    remaining: int
+
+
+class DayUsage(BaseModel):
+    day: date
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    jobs: int = Field(description="jobs that used tokens, charged to the day they were submitted")
+
+
+class UsageOut(BaseModel):
+    user: str
+    limits: QuotaOut
+    requests: RequestWindow
+    tokens: TokenWindow
+    concurrent_jobs: ConcurrencyWindow
+    days: list[DayUsage] = Field(description="per-day token use from the usage ledger, newest first")

@@ -21,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 
+from core.schemas import QuotaUpdate
 from core.settings import Settings
 from gemmaq.admin import create_user_with_key
 from gemmaq.embedded import free_port
@@ -39,6 +40,14 @@ tasks = ["text"]
 source = "echo"
 engine = "echo"
 description = "test-only echo variant with no worker"
+
+[variants.echo-held]
+family = "diagnostic"
+size = "0"
+tasks = ["text"]
+source = "echo"
+engine = "echo"
+description = "test-only echo variant that no worker ever serves: its jobs stay queued"
 """
 READY_TIMEOUT_S = 600  # a fresh machine converts the GGUF once (~1 min)
 
@@ -56,9 +65,10 @@ class Stack:
     def settings(self) -> Settings:
         return Settings(database_url=self.database_url, redis_url=self.redis_url, namespace=self.namespace)
 
-    def new_key(self, prefix: str = "user") -> str:
+    def new_key(self, prefix: str = "user", **quota: Any) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        return asyncio.run(create_user_with_key(self.settings(), name))
+        limits = QuotaUpdate(**quota) if quota else None
+        return asyncio.run(create_user_with_key(self.settings(), name, quota=limits))
 
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -66,7 +76,8 @@ class Stack:
 
     def sql(self, query: str, *args: object) -> list[tuple[object, ...]]:
         with psycopg.connect(self.database_url) as conn:
-            return conn.execute(query, args).fetchall()
+            cursor = conn.execute(query, args)
+            return cursor.fetchall() if cursor.description else []
 
     def gemmaq(self, *args: str, log: str | None = None) -> subprocess.Popen[bytes]:
         out = open(self.logs / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115

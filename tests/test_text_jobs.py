@@ -229,5 +229,5 @@ def test_worker_side_completion_is_conditional(stack: Stack, client: httpx.Clien
             session=session, job_id=job["id"], attempt=1, status="failed", result=None,
             error={"code": "X", "message": "y"}, metrics={"queue_ms": 1.0},
         )  # fmt: skip
-    assert again is False
+    assert again is None
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"

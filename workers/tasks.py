@@ -40,6 +40,7 @@ _db_retry = retry(
 def _claim(pool: VariantPool, job_id: str) -> Job | None:
     live = pool.live_workers()
     settings = pool.settings
+    charge = None
     with sync_sessionmaker(settings.db_url).begin() as session:
         job = jobs_repo.claim(
             session=session,
@@ -48,21 +49,36 @@ def _claim(pool: VariantPool, job_id: str) -> Job | None:
             live_workers=live,
             max_attempts=settings.max_attempts,
         )
-        if (
-            job is None
-            and live is not None
-            and jobs_repo.fail_orphaned(
+        if job is None and live is not None:
+            charge = jobs_repo.fail_orphaned(
                 session=session, job_id=job_id, live_workers=live, max_attempts=settings.max_attempts
             )
-        ):
-            log.warning("job.failed", code=errors.GENERATION_ERROR, reason="worker lost too often")
-        return job
+            if charge is not None:
+                log.warning("job.failed", code=errors.GENERATION_ERROR, reason="worker lost too often")
+        if job is None and charge is None:
+            # Already ended: settling again is a no-op, unless the worker that ended it died
+            # before it could release the job's quota slot.
+            charge = jobs_repo.terminal_charge(session=session, job_id=job_id)
+    if charge is not None:
+        _settle(pool, charge)
+    return job
 
 
 @_db_retry
 def _finish(pool: VariantPool, job: Job, **outcome: Any) -> bool:
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
-        return jobs_repo.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
+        charge = jobs_repo.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
+    if charge is not None:
+        _settle(pool, charge)
+    return charge is not None
+
+
+def _settle(pool: VariantPool, charge: jobs_repo.Charge) -> None:
+    """Release the job's concurrency slot and settle its tokens; idempotent, so once in effect."""
+    try:
+        pool.quotas.settle(user_id=charge.user_id, job_id=charge.job_id, day=charge.day, actual=charge.tokens)
+    except redis.RedisError:
+        log.warning("quota.settle_failed")
 
 
 def run_job(job_id: str) -> None:

@@ -9,12 +9,13 @@ import time
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import BrokerDep, RedisDep, SessionMakerDep, SettingsDep, UserDep, VariantsDep
+from api import quota as admission
+from api.deps import BrokerDep, QuotasDep, RedisDep, SessionMakerDep, SettingsDep, UserDep, VariantsDep
 from api.errors import responses
 from api.fleet import availability, live_workers
 from api.media import check_parts, inspect_inline, store_media
@@ -24,6 +25,7 @@ from core.queues import cancel_key, job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
+from db.ids import new_id
 from db.models import Job
 from db.repo import jobs as jobs_repo
 
@@ -101,13 +103,15 @@ async def _read(maker: async_sessionmaker[AsyncSession], user_id: str, job_id: s
 @router.post(
     "/jobs",
     status_code=status.HTTP_202_ACCEPTED,
-    responses=responses(401, 404, 409, 413, 415, 422, 503),
+    responses=responses(401, 403, 404, 409, 413, 415, 422, 429, 503),
     summary="Submit a job",
 )
 async def create_job(
     spec: JobCreate,
+    request: Request,
     response: Response,
     user: UserDep,
+    quota: QuotasDep,
     maker: SessionMakerDep,
     broker: BrokerDep,
     redis: RedisDep,
@@ -116,7 +120,11 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
 ) -> JobOut:
     """Queue a job. A repeat with the same `Idempotency-Key` and body returns the first job;
-    the same key with a different body is a 409. Inline media is checked and stored as files."""
+    the same key with a different body is a 409. Inline media is checked and stored as files.
+    Admission takes one request from the per-minute window, one concurrent-job slot and the
+    job's tokens (input estimate + `max_new_tokens`, settled to the real count when it ends)."""
+    limits = admission.limits_of(user, settings)
+    admission.check_variant(limits, spec.variant)
     variant = await _check_spec(spec, variants, redis, settings)
     request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
     if idempotency_key is not None:
@@ -127,14 +135,25 @@ async def create_job(
         if earlier is not None:
             return await _replay(earlier, request_hash, response, maker, user.id)
     inline = await inspect_inline(spec, settings)
+    reservation: admission.Reservation | None = None
     try:
         async with maker() as session, session.begin():
-            await store_media(
+            media = await store_media(
                 session=session,
                 user_id=user.id,
                 spec=spec,
                 inline=inline,
                 max_audio_seconds=WHISPER_WINDOW_S if variant.engine == "whisper" else None,
+            )
+            reservation = await admission.admit(
+                request=request,
+                session=session,
+                quota=quota,
+                limits=limits,
+                user=user,
+                job_id=new_id("job"),
+                spec=spec,
+                media=media,
             )
             job, created = await jobs_repo.create_job(
                 session=session,
@@ -142,14 +161,25 @@ async def create_job(
                 spec=spec,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
+                job_id=reservation.job_id,
+                charged_on=reservation.day,
+                reserved_tokens=reservation.tokens,
             )
             if not created:
                 raise _Replay(job)
-    except _Replay as replay:
-        return await _replay(replay.job, request_hash, response, maker, user.id)
+    except BaseException as exc:
+        if reservation is not None:  # nothing was queued: the slot and the tokens go back
+            await admission.release(quota, user.id, reservation)
+        if isinstance(exc, _Replay):
+            return await _replay(exc.job, request_hash, response, maker, user.id)
+        raise
     structlog.contextvars.bind_contextvars(job_id=job.id, variant=job.variant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    await _enqueue_or_withdraw(maker, broker, job)
+    try:
+        await _enqueue_or_withdraw(maker, broker, job)
+    except Unavailable:
+        await admission.release(quota, user.id, reservation)
+        raise
     log.info("job.queued", task=job.task, priority=job.priority, media=len(spec.input.media()))
     return jobs_repo.job_out(job, None)
 
@@ -263,6 +293,7 @@ async def cancel_job(
     job_id: JobIdPath,
     response: Response,
     user: UserDep,
+    quota: QuotasDep,
     maker: SessionMakerDep,
     redis: RedisDep,
     settings: SettingsDep,
@@ -271,8 +302,10 @@ async def cancel_job(
     between decoding steps (202); it ends `cancelled` with its partial output."""
     async with maker() as session, session.begin():
         cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
+    if cancelled is not None:
+        await admission.release(quota, user.id, cancelled)
     job = await _read(maker, user.id, job_id)
-    if cancelled:
+    if cancelled is not None:
         log.info("job.cancelled", job_id=job_id, variant=job.variant)
         await _notify_done(redis, settings, job_id)
         return job

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -17,11 +17,31 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from core.schemas import JobCreate, JobOut
+from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
 from db.ids import new_id
-from db.models import Job, JobMetric
+from db.models import Job, JobMetric, UsageLedger
 
 MAX_PAGE = 100
+TERMINAL = sorted(TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a job that reached a terminal state costs its owner: settled against the quota once."""
+
+    job_id: str
+    user_id: str
+    day: date
+    tokens: int
+
+
+def tokens_used(result: dict[str, Any] | None) -> tuple[int, int]:
+    usage = (result or {}).get("usage") or {}
+    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+
+
+def charge_of(job: Job) -> Charge:
+    return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=sum(tokens_used(job.result)))
 
 
 def job_out(job: Job, metric: JobMetric | None) -> JobOut:
@@ -64,11 +84,19 @@ async def find_idempotent(*, session: AsyncSession, user_id: str, idempotency_ke
 
 
 async def create_job(
-    *, session: AsyncSession, user_id: str, spec: JobCreate, idempotency_key: str | None, request_hash: str
+    *,
+    session: AsyncSession,
+    user_id: str,
+    spec: JobCreate,
+    idempotency_key: str | None,
+    request_hash: str,
+    job_id: str | None = None,
+    charged_on: date | None = None,
+    reserved_tokens: int = 0,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key already used, return that job instead."""
-    values = {
-        "id": new_id("job"),
+    values: dict[str, Any] = {
+        "id": job_id or new_id("job"),
         "user_id": user_id,
         "variant": spec.variant,
         "task": spec.task,
@@ -81,7 +109,10 @@ async def create_job(
         "idempotency_key": idempotency_key,
         "request_hash": request_hash,
         "attempts": 0,
+        "reserved_tokens": reserved_tokens,
     }
+    if charged_on is not None:
+        values["charged_on"] = charged_on
     stmt = pg_insert(Job).values(values).on_conflict_do_nothing().returning(Job.id)
     inserted = (await session.execute(stmt)).scalar_one_or_none()
     if inserted is not None:
@@ -158,18 +189,42 @@ async def list_jobs(
     return Page(jobs=jobs, next_cursor=_encode_cursor(jobs[-1]) if more and jobs else None)
 
 
-async def cancel_queued(*, session: AsyncSession, user_id: str, job_id: str) -> bool:
+async def cancel_queued(*, session: AsyncSession, user_id: str, job_id: str) -> Charge | None:
     """A queued job becomes cancelled here; its message is dropped when a worker sees it."""
-    result = await session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
-        .values(
-            status="cancelled",
-            finished_at=func.now(),
-            error={"code": "CANCELLED", "message": "cancelled by the caller before it ran"},
+    job = (
+        await session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
+            .values(
+                status="cancelled",
+                finished_at=func.now(),
+                error={"code": "CANCELLED", "message": "cancelled by the caller before it ran"},
+            )
+            .returning(Job)
         )
+    ).scalar_one_or_none()
+    return charge_of(job) if job is not None else None
+
+
+async def terminal_charges(*, session: AsyncSession, user_id: str, job_ids: list[str]) -> dict[str, Charge]:
+    """Of these jobs, the ones that ended, with what they cost (to release slots left held)."""
+    rows = await session.execute(
+        select(Job).where(Job.user_id == user_id, Job.id.in_(job_ids), Job.status.in_(TERMINAL))
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return {job.id: charge_of(job) for job in rows.scalars()}
+
+
+async def existing_ids(*, session: AsyncSession, job_ids: list[str]) -> set[str]:
+    return set((await session.execute(select(Job.id).where(Job.id.in_(job_ids)))).scalars())
+
+
+async def ledger(*, session: AsyncSession, user_id: str, since: date) -> list[UsageLedger]:
+    stmt = (
+        select(UsageLedger)
+        .where(UsageLedger.user_id == user_id, UsageLedger.day >= since)
+        .order_by(UsageLedger.day.desc())
+    )
+    return list((await session.execute(stmt)).scalars())
 
 
 # ---- worker side ---------------------------------------------------------------------------
@@ -197,9 +252,11 @@ def claim(
     return session.execute(stmt).scalar_one_or_none()
 
 
-def fail_orphaned(*, session: Session, job_id: str, live_workers: set[str], max_attempts: int) -> bool:
+def fail_orphaned(
+    *, session: Session, job_id: str, live_workers: set[str], max_attempts: int
+) -> Charge | None:
     """A running job whose workers died `max_attempts` times ends failed."""
-    done = session.execute(
+    job = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -212,9 +269,15 @@ def fail_orphaned(*, session: Session, job_id: str, live_workers: set[str], max_
             finished_at=func.now(),
             error={"code": "GENERATION_ERROR", "message": f"its worker was lost {max_attempts} times"},
         )
-        .returning(Job.id)
+        .returning(Job)
     ).scalar_one_or_none()
-    return done is not None
+    return charge_of(job) if job is not None else None
+
+
+def terminal_charge(*, session: Session, job_id: str) -> Charge | None:
+    """The job's cost if it has ended (a redelivered message of a finished job settles again, harmlessly)."""
+    job = session.execute(select(Job).where(Job.id == job_id, Job.status.in_(TERMINAL))).scalar_one_or_none()
+    return charge_of(job) if job is not None else None
 
 
 def finish(
@@ -226,20 +289,41 @@ def finish(
     result: dict[str, Any] | None,
     error: dict[str, Any] | None,
     metrics: dict[str, Any] | None,
-) -> bool:
-    """running → terminal, once. False when the job was already finished (a redelivery)."""
-    done = session.execute(
+) -> Charge | None:
+    """running → terminal, once, with its usage added to the ledger in the same transaction.
+    None when the job was already finished (a redelivery)."""
+    job = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
         .values(status=status, result=result, error=error, finished_at=func.now())
-        .returning(Job.id)
+        .returning(Job)
     ).scalar_one_or_none()
-    if done is None:
-        return False
+    if job is None:
+        return None
+    charge = charge_of(job)
+    if charge.tokens:
+        _add_usage(session, charge, *tokens_used(result))
     if metrics is not None:
         session.execute(
             pg_insert(JobMetric)
             .values(job_id=job_id, attempt=attempt, **metrics)
             .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
         )
-    return True
+    return charge
+
+
+def _add_usage(session: Session, charge: Charge, input_tokens: int, output_tokens: int) -> None:
+    insert = pg_insert(UsageLedger).values(
+        user_id=charge.user_id, day=charge.day, input_tokens=input_tokens, output_tokens=output_tokens, jobs=1
+    )
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[UsageLedger.user_id, UsageLedger.day],
+            set_={
+                "input_tokens": UsageLedger.input_tokens + insert.excluded.input_tokens,
+                "output_tokens": UsageLedger.output_tokens + insert.excluded.output_tokens,
+                "jobs": UsageLedger.jobs + 1,
+                "updated_at": func.now(),
+            },
+        )
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import contains_eager
 
 from core.schemas import QuotaOut, QuotaUpdate, UserOut
 from core.settings import Settings
@@ -75,15 +76,17 @@ async def authenticate(*, session: AsyncSession, key: str) -> User | None:
     digest = hash_key(key)
     row = (
         await session.execute(
-            select(ApiKey, User)
-            .join(User, User.id == ApiKey.user_id)
+            select(User, ApiKey.hash)
+            .join(ApiKey, ApiKey.user_id == User.id)
+            .outerjoin(User.quota)
+            .options(contains_eager(User.quota))
             .where(ApiKey.hash == digest, ApiKey.revoked_at.is_(None))
         )
     ).first()
     if row is None:
         return None
-    api_key, user = row
-    if not hmac.compare_digest(api_key.hash, digest):
+    user, stored = row
+    if not hmac.compare_digest(stored, digest):
         return None
     return user
 

@@ -16,6 +16,7 @@ import structlog
 import torch
 
 from core.queues import cancel_key, worker_key, worker_pattern
+from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from workers.runtime.batcher import Batcher
@@ -40,6 +41,7 @@ class VariantPool:
         self.device = device
         self.worker = worker
         self.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        self.quotas = SyncQuotas(self.redis, settings)
         self.states: dict[str, VariantState] = {}
         self._device_lock = threading.Lock()
         self._stop = threading.Event()

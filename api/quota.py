@@ -1,0 +1,175 @@
+"""Quota admission at the API: the caller's limits from PostgreSQL, the counters in Redis.
+
+`admit` runs inside the job's transaction, after its media is checked and before its row is
+written; whatever refuses or fails after a reservation gives it back through `release`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import NoReturn
+
+import structlog
+from fastapi import Request
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.media import MediaTotals
+from core import quotas
+from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited
+from core.quotas import AsyncQuotas, Limits, Snapshot
+from core.schemas import JobCreate
+from core.settings import Settings
+from db.models import User
+from db.repo import jobs as jobs_repo
+
+log = structlog.get_logger(__name__)
+
+# A slot whose job row is still missing this long after admission belonged to a request
+# that died between Redis and PostgreSQL; it is released.
+STALE_ADMISSION_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Reservation:
+    job_id: str
+    day: date
+    tokens: int
+
+
+def limits_of(user: User, settings: Settings) -> Limits:
+    quota = user.quota
+    if quota is None:
+        return Limits.defaults(settings)
+    return Limits(
+        requests_per_minute=quota.requests_per_minute,
+        tokens_per_day=quota.tokens_per_day,
+        max_concurrent_jobs=quota.max_concurrent_jobs,
+        max_input_bytes=quota.max_input_bytes,
+        allowed_variants=quota.allowed_variants,
+    )
+
+
+def check_variant(limits: Limits, variant: str) -> None:
+    if limits.allowed_variants is not None and variant not in limits.allowed_variants:
+        raise Forbidden(
+            f"your quota does not allow variant {variant!r}",
+            {"limit": "allowed_variants", "variant": variant, "allowed": limits.allowed_variants},
+        )
+
+
+def input_bytes(spec: JobCreate, media: MediaTotals) -> int:
+    text = spec.input.prompt or "".join(m.text() for m in spec.input.messages or [])
+    return len(text.encode()) + media.bytes
+
+
+def remember(request: Request, snapshot: Snapshot) -> None:
+    """The RateLimit-* headers the response will carry (see `RateLimitHeaders`)."""
+    request.state.ratelimit = snapshot.rate.headers()
+
+
+async def peek(request: Request, quota: AsyncQuotas, user: User, settings: Settings) -> None:
+    try:
+        snapshot = await quota.peek(user_id=user.id, limits=limits_of(user, settings), day=quotas.utc_day())
+    except RedisError:
+        log.warning("quota.peek_failed")
+        return
+    remember(request, snapshot)
+
+
+async def admit(
+    *,
+    request: Request,
+    session: AsyncSession,
+    quota: AsyncQuotas,
+    limits: Limits,
+    user: User,
+    job_id: str,
+    spec: JobCreate,
+    media: MediaTotals,
+) -> Reservation:
+    size = input_bytes(spec, media)
+    if size > limits.max_input_bytes:
+        raise PayloadTooLarge(
+            f"the job's input is {size} bytes; your quota allows {limits.max_input_bytes}",
+            {"limit": "max_input_bytes", "value": limits.max_input_bytes, "input_bytes": size},
+        )
+    tokens = spec.params.max_new_tokens + quotas.estimate_input_tokens(
+        text_bytes=size - media.bytes, images=media.images, audio_seconds=media.audio_seconds
+    )
+    day = quotas.utc_day()
+    swept = False
+    for _ in range(3):
+        outcome = await quota.admit(user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day)
+        remember(request, outcome.snapshot)
+        if outcome.outcome == quotas.SEED:
+            rows = await jobs_repo.ledger(session=session, user_id=user.id, since=day)
+            settled = sum(r.input_tokens + r.output_tokens for r in rows if r.day == day)
+            await quota.seed(user_id=user.id, day=day, settled=settled)
+            continue
+        if outcome.outcome == quotas.CONCURRENCY and not swept:
+            swept = True
+            if await _release_stale(session, quota, user.id, outcome.snapshot.now_ms):
+                continue
+        break
+    if outcome.outcome == quotas.OK:
+        return Reservation(job_id=job_id, day=day, tokens=tokens)
+    _refuse(outcome)
+
+
+def _refuse(outcome: quotas.Admission) -> NoReturn:
+    snapshot = outcome.snapshot
+    details = outcome.details
+    if outcome.outcome == quotas.RATE:
+        retry = max(1, snapshot.rate.reset_s)
+        raise RateLimited(
+            f"over {details['value']} job submissions per minute; retry in {retry} s",
+            details | {"retry_after_s": retry},
+            {"Retry-After": str(retry)},
+        )
+    if outcome.outcome == quotas.CONCURRENCY:
+        retry = quotas.CONCURRENCY_RETRY_S
+        raise QuotaExceeded(
+            f"{details['active']} of your jobs are queued or running; your quota allows {details['value']}",
+            details | {"retry_after_s": retry},
+            {"Retry-After": str(retry)},
+        )
+    retry = quotas.seconds_to_midnight(snapshot.now_ms)
+    raise QuotaExceeded(
+        f"this job would take up to {details['requested']} tokens; {details['charged']} of your "
+        f"{details['value']} tokens for today are used or reserved",
+        details | {"retry_after_s": retry},
+        {"Retry-After": str(retry)},
+    )
+
+
+async def _release_stale(session: AsyncSession, quota: AsyncQuotas, user_id: str, now_ms: int) -> int:
+    """Give back slots whose jobs ended without settling, or whose request died before its row was
+    written. Settling is idempotent, so a worker settling the same job meanwhile is harmless."""
+    holders = await quota.holders(user_id)
+    if not holders:
+        return 0
+    ended = await jobs_repo.terminal_charges(session=session, user_id=user_id, job_ids=list(holders))
+    old = [j for j, h in holders.items() if now_ms - h.admitted_ms > STALE_ADMISSION_MS and j not in ended]
+    missing = set(old) - await jobs_repo.existing_ids(session=session, job_ids=old) if old else set()
+    released = 0
+    for charge in ended.values():
+        released += await quota.settle(
+            user_id=user_id, job_id=charge.job_id, day=charge.day, actual=charge.tokens
+        )
+    for job_id in missing:
+        released += await quota.settle(user_id=user_id, job_id=job_id, day=holders[job_id].day, actual=0)
+    if released:
+        log.warning("quota.released_stale", slots=released)
+    return released
+
+
+async def release(quota: AsyncQuotas, user_id: str, charge: jobs_repo.Charge | Reservation) -> None:
+    """Settle a job that ended at the API (cancelled while queued, withdrawn, replayed) — once."""
+    day = charge.day
+    actual = charge.tokens if isinstance(charge, jobs_repo.Charge) else 0
+    try:
+        await quota.settle(user_id=user_id, job_id=charge.job_id, day=day, actual=actual)
+    except RedisError:
+        log.warning("quota.release_failed", job_id=charge.job_id)

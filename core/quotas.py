@@ -1,0 +1,299 @@
+"""Quota admission and settlement in Redis: each step one Lua script, so it is atomic across
+every API process and worker that shares the Redis.
+
+Keys, under the settings' namespace, per user:
+
+- ``quota:{user}:rate`` — sorted set of the submissions admitted in the last minute, scored
+  by Redis server time in ms (an exact sliding window).
+- ``quota:{user}:active`` — hash ``job_id → "tokens|day|admitted_ms"``: the jobs holding a
+  concurrency slot (queued or running) and the tokens each reserved on its day.
+- ``quota:{user}:tokens:{day}`` — tokens charged to that UTC day: settled usage plus open
+  reservations. PostgreSQL's usage ledger is the record of truth; this counter is seeded
+  from it when it is missing (a new day, a flushed Redis).
+
+A slot and its reservation are released by `settle`, which deletes the job's hash entry
+and adjusts the day counter only if the entry was still there: a second settle of the
+same job (a redelivered message, a retry after a crash) changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from core.settings import Settings
+
+WINDOW_MS = 60_000
+DAY_TTL_S = 3 * 86_400
+# A refused concurrent-jobs request: the earliest sensible retry (a slot frees when a job ends).
+CONCURRENCY_RETRY_S = 2
+# Admission estimates of input tokens; settlement replaces them with the real count.
+BYTES_PER_TOKEN = 4
+TOKENS_PER_IMAGE = 260
+TOKENS_PER_AUDIO_SECOND = 7
+TEMPLATE_TOKENS = 16
+
+OK, RATE, CONCURRENCY, TOKENS, SEED = 0, 1, 2, 3, 4
+
+_ADMIT = """
+local rate, active, tokens = KEYS[1], KEYS[2], KEYS[3]
+local rpm, max_jobs, per_day = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local job, reserve, day = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - tonumber(ARGV[7]))
+local used = redis.call('ZCARD', rate)
+local oldest = now
+if used > 0 then oldest = tonumber(redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')[2]) end
+local jobs = redis.call('HLEN', active)
+local charged = redis.call('GET', tokens)
+if used >= rpm then return {1, used, oldest, now, jobs, charged or -1} end
+if jobs >= max_jobs then return {2, used, oldest, now, jobs, charged or -1} end
+if not charged then return {4, used, oldest, now, jobs, -1} end
+charged = tonumber(charged)
+if charged + reserve > per_day then return {3, used, oldest, now, jobs, charged} end
+redis.call('ZADD', rate, now, job)
+redis.call('PEXPIRE', rate, tonumber(ARGV[7]))
+redis.call('HSET', active, job, reserve .. '|' .. day .. '|' .. now)
+redis.call('INCRBY', tokens, reserve)
+redis.call('EXPIRE', tokens, tonumber(ARGV[8]))
+return {0, used + 1, oldest, now, jobs + 1, charged + reserve}
+"""
+
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = now - tonumber(ARGV[1])
+local used = redis.call('ZCOUNT', KEYS[1], '(' .. since, '+inf')
+local oldest = now
+if used > 0 then
+  local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  oldest = tonumber(first[2])
+end
+return {used, oldest, now, redis.call('HLEN', KEYS[2]), redis.call('GET', KEYS[3]) or -1}
+"""
+
+_SETTLE = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local reserved = tonumber(string.match(entry, '^(%d+)'))
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - reserved)
+end
+return reserved
+"""
+
+_SEED = """
+local total = tonumber(ARGV[1])
+for _, entry in ipairs(redis.call('HVALS', KEYS[2])) do
+  local reserved, day = string.match(entry, '^(%d+)|([^|]+)|')
+  if day == ARGV[2] then total = total + tonumber(reserved) end
+end
+redis.call('SET', KEYS[1], total, 'NX', 'EX', tonumber(ARGV[3]))
+return total
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int
+    tokens_per_day: int
+    max_concurrent_jobs: int
+    max_input_bytes: int
+    allowed_variants: list[str] | None = None
+
+    @classmethod
+    def defaults(cls, settings: Settings) -> Limits:
+        return cls(
+            requests_per_minute=settings.quota_requests_per_minute,
+            tokens_per_day=settings.quota_tokens_per_day,
+            max_concurrent_jobs=settings.quota_max_concurrent_jobs,
+            max_input_bytes=settings.quota_max_input_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class RateState:
+    """The request window as the RateLimit-* headers tell it."""
+
+    limit: int
+    used: int
+    reset_s: int  # until the oldest admission in the window leaves it; 0 when the window is empty
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+            "RateLimit-Policy": f"{self.limit};w={WINDOW_MS // 1000}",
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one script saw: the window, the slots held and the tokens charged today."""
+
+    rate: RateState
+    now_ms: int
+    active_jobs: int
+    tokens_charged: int | None  # None: today's counter is not seeded yet
+
+
+@dataclass(frozen=True)
+class Admission:
+    outcome: int
+    snapshot: Snapshot
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Holder:
+    tokens: int
+    day: date
+    admitted_ms: int
+
+
+def utc_day(now: datetime | None = None) -> date:
+    return (now or datetime.now(UTC)).astimezone(UTC).date()
+
+
+def next_midnight(now_ms: int) -> datetime:
+    """When the day's token budget starts again (UTC)."""
+    now = datetime.fromtimestamp(now_ms / 1000, UTC)
+    return datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+
+
+def seconds_to_midnight(now_ms: int) -> int:
+    return max(1, math.ceil(next_midnight(now_ms).timestamp() - now_ms / 1000))
+
+
+def estimate_input_tokens(*, text_bytes: int, images: int, audio_seconds: float) -> int:
+    """An upper-leaning guess of the prompt's tokens before any tokenizer has seen it."""
+    return (
+        TEMPLATE_TOKENS
+        + math.ceil(text_bytes / BYTES_PER_TOKEN)
+        + images * TOKENS_PER_IMAGE
+        + math.ceil(audio_seconds * TOKENS_PER_AUDIO_SECOND)
+    )
+
+
+class QuotaKeys:
+    def __init__(self, settings: Settings, user_id: str) -> None:
+        self.rate = settings.key("quota", user_id, "rate")
+        self.active = settings.key("quota", user_id, "active")
+        self._tokens = settings.key("quota", user_id, "tokens")
+
+    def tokens(self, day: date) -> str:
+        return f"{self._tokens}:{day.isoformat()}"
+
+
+def _snapshot(limit: int, used: int, oldest: int, now: int, jobs: int, charged: Any) -> Snapshot:
+    reset = math.ceil(max(0, oldest + WINDOW_MS - now) / 1000) if used else 0
+    tokens = int(charged)
+    return Snapshot(
+        rate=RateState(limit=limit, used=int(used), reset_s=reset),
+        now_ms=int(now),
+        active_jobs=int(jobs),
+        tokens_charged=None if tokens < 0 else tokens,
+    )
+
+
+def _admission(limits: Limits, reply: list[Any], reserve: int) -> Admission:
+    outcome, used, oldest, now, jobs, charged = (int(v) for v in reply)
+    snapshot = _snapshot(limits.requests_per_minute, used, oldest, now, jobs, charged)
+    details: dict[str, Any] = {}
+    if outcome == RATE:
+        details = {"limit": "requests_per_minute", "value": limits.requests_per_minute, "used": used}
+    elif outcome == CONCURRENCY:
+        details = {"limit": "max_concurrent_jobs", "value": limits.max_concurrent_jobs, "active": jobs}
+    elif outcome == TOKENS:
+        details = {
+            "limit": "tokens_per_day",
+            "value": limits.tokens_per_day,
+            "charged": charged,
+            "requested": reserve,
+        }
+    return Admission(outcome=outcome, snapshot=snapshot, details=details)
+
+
+class AsyncQuotas:
+    """The API's side: admit, peek, seed and settle on an asyncio Redis client."""
+
+    def __init__(self, redis: AsyncRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._admit = redis.register_script(_ADMIT)
+        self._peek = redis.register_script(_PEEK)
+        self._settle = redis.register_script(_SETTLE)
+        self._seed = redis.register_script(_SEED)
+
+    def keys(self, user_id: str) -> QuotaKeys:
+        return QuotaKeys(self.settings, user_id)
+
+    async def admit(self, *, user_id: str, limits: Limits, job_id: str, reserve: int, day: date) -> Admission:
+        keys = self.keys(user_id)
+        reply = await self._admit(
+            keys=[keys.rate, keys.active, keys.tokens(day)],
+            args=[
+                limits.requests_per_minute,
+                limits.max_concurrent_jobs,
+                limits.tokens_per_day,
+                job_id,
+                reserve,
+                day.isoformat(),
+                WINDOW_MS,
+                DAY_TTL_S,
+            ],
+        )
+        return _admission(limits, reply, reserve)
+
+    async def seed(self, *, user_id: str, day: date, settled: int) -> None:
+        keys = self.keys(user_id)
+        await self._seed(keys=[keys.tokens(day), keys.active], args=[settled, day.isoformat(), DAY_TTL_S])
+
+    async def peek(self, *, user_id: str, limits: Limits, day: date) -> Snapshot:
+        keys = self.keys(user_id)
+        reply = await self._peek(keys=[keys.rate, keys.active, keys.tokens(day)], args=[WINDOW_MS])
+        used, oldest, now, jobs, charged = reply
+        return _snapshot(limits.requests_per_minute, int(used), int(oldest), int(now), int(jobs), charged)
+
+    async def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
+        keys = self.keys(user_id)
+        reserved = await self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
+        return int(reserved) >= 0
+
+    async def holders(self, user_id: str) -> dict[str, Holder]:
+        """The jobs holding a slot, with the day they reserved on and when (Redis ms)."""
+        entries = await self.redis.hgetall(self.keys(user_id).active)
+        out = {}
+        for key, value in entries.items():
+            tokens, day, admitted = _text(value).split("|")
+            out[_text(key)] = Holder(int(tokens), date.fromisoformat(day), int(admitted))
+        return out
+
+
+class SyncQuotas:
+    """The workers' side: settle when a job reaches a terminal state."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.settings = settings
+        self._settle = redis.register_script(_SETTLE)
+
+    def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
+        keys = QuotaKeys(self.settings, user_id)
+        reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
+        return int(reserved) >= 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
