@@ -65,10 +65,11 @@ def convert_gguf(variant: Variant, cache_root: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         gguf: Path = package.assemble(cache_root / "gguf" / package.MODEL_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **LOCAL)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent),
             gguf_file=gguf.name,
+            **LOCAL,
             dtype=torch.bfloat16,
             quantization_config=GgufConfig(dequantize=True),
         )
@@ -161,8 +162,12 @@ def quantization_config(variant: Variant) -> Any:
     )
 
 
+# Weights load from disk only, and never run code that ships beside them.
+LOCAL = {"local_files_only": True, "trust_remote_code": False}
+
+
 def model_kwargs(variant: Variant, device: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dtype": DTYPES[variant.dtype], "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[variant.dtype], **LOCAL}
     quant = quantization_config(variant)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -193,7 +198,7 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         return ProcessorEngine(
             name=variant.name,
             model=place(AutoModelForImageTextToText.from_pretrained(path, **kwargs), variant, device),
-            processor=AutoProcessor.from_pretrained(path, local_files_only=True),
+            processor=AutoProcessor.from_pretrained(path, **LOCAL),
             device=device,
             max_batch_size=variant.max_batch_size,
             max_input_tokens=variant.max_input_tokens,
@@ -206,14 +211,14 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         return WhisperEngine(
             name=variant.name,
             model=place(WhisperForConditionalGeneration.from_pretrained(path, **kwargs), variant, device),
-            processor=WhisperProcessor.from_pretrained(path, local_files_only=True),
+            processor=WhisperProcessor.from_pretrained(path, **LOCAL),
             device=device,
             max_batch_size=variant.max_batch_size,
             translate=variant.ct2_model != "whisper-tiny-en",
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
     return TextEngine(
