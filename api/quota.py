@@ -2,6 +2,7 @@
 
 `admit` runs inside the job's transaction, after its media is checked and before its row is
 written; whatever refuses or fails after a reservation gives it back through `release`.
+Slots a crash leaves held are released by the reconciler (workers/reconciler.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from db.models import User
 from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
-
-# A slot whose job row is still missing this long after admission belonged to a request
-# that died between Redis and PostgreSQL; it is released.
-STALE_ADMISSION_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -99,8 +96,7 @@ async def admit(
         text_bytes=size - media.bytes, images=media.images, audio_seconds=media.audio_seconds
     )
     day = quotas.utc_day()
-    swept = False
-    for _ in range(3):
+    for _ in range(2):
         outcome = await quota.admit(user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day)
         remember(request, outcome.snapshot)
         if outcome.outcome == quotas.SEED:
@@ -108,10 +104,6 @@ async def admit(
             settled = sum(r.input_tokens + r.output_tokens for r in rows if r.day == day)
             await quota.seed(user_id=user.id, day=day, settled=settled)
             continue
-        if outcome.outcome == quotas.CONCURRENCY and not swept:
-            swept = True
-            if await _release_stale(session, quota, user.id, outcome.snapshot.now_ms):
-                continue
         break
     if outcome.outcome == quotas.OK:
         return Reservation(job_id=job_id, day=day, tokens=tokens)
@@ -142,27 +134,6 @@ def _refuse(outcome: quotas.Admission) -> NoReturn:
         details | {"retry_after_s": retry},
         {"Retry-After": str(retry)},
     )
-
-
-async def _release_stale(session: AsyncSession, quota: AsyncQuotas, user_id: str, now_ms: int) -> int:
-    """Give back slots whose jobs ended without settling, or whose request died before its row was
-    written. Settling is idempotent, so a worker settling the same job meanwhile is harmless."""
-    holders = await quota.holders(user_id)
-    if not holders:
-        return 0
-    ended = await jobs_repo.terminal_charges(session=session, user_id=user_id, job_ids=list(holders))
-    old = [j for j, h in holders.items() if now_ms - h.admitted_ms > STALE_ADMISSION_MS and j not in ended]
-    missing = set(old) - await jobs_repo.existing_ids(session=session, job_ids=old) if old else set()
-    released = 0
-    for charge in ended.values():
-        released += await quota.settle(
-            user_id=user_id, job_id=charge.job_id, day=charge.day, actual=charge.tokens
-        )
-    for job_id in missing:
-        released += await quota.settle(user_id=user_id, job_id=job_id, day=holders[job_id].day, actual=0)
-    if released:
-        log.warning("quota.released_stale", slots=released)
-    return released
 
 
 async def release(quota: AsyncQuotas, user_id: str, charge: jobs_repo.Charge | Reservation) -> None:

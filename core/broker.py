@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from core.queues import RUN_JOB_TASK, variant_queue
+from core.queues import RUN_JOB_TASK, message_key, variant_queue
 from core.settings import Settings
 
 PRIORITY_STEPS = list(range(10))
+REDIS_CONNECT_TIMEOUT_S = 0.5
+REDIS_TIMEOUT_S = 5.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -46,14 +51,31 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings, name: str = "gemmaq") -> Celery:
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
+    app.conf.gemmaq_settings = settings
+    app.conf.gemmaq_markers = redis_client(settings)
     return app
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    """A synchronous client that gives up fast: callers answer 503 or retry on their own terms."""
+    return redis.Redis.from_url(
+        settings.broker_url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+# A marker outlives any sensible queue wait; the reconciler re-sends a job whose marker is gone.
+MESSAGE_MARKER_TTL_S = 7 * 86_400
+
+
 def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> None:
-    """Send the job id (nothing else) to its variant's queue.
+    """Send the job id (nothing else) to its variant's queue, and mark that it was sent.
 
     gemmaq's priority runs 0 (lowest) to 9 (highest); kombu's Redis transport
-    serves 0 first, so the value is flipped.
+    serves 0 first, so the value is flipped. A crash between the two steps leaves no
+    marker: the reconciler sends again, and the duplicate message is skipped by the claim.
     """
     app.send_task(
         RUN_JOB_TASK,
@@ -62,6 +84,9 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> Non
         priority=9 - priority,
         retry=False,
     )
+    settings: Settings = app.conf.gemmaq_settings
+    markers: redis.Redis = app.conf.gemmaq_markers
+    markers.set(message_key(settings, job_id), "1", ex=MESSAGE_MARKER_TTL_S)
 
 
 def queue_keys(settings: Settings, variant: str) -> list[str]:

@@ -27,3 +27,14 @@ def worker_key(settings: Settings, worker: str) -> str:
 
 def worker_pattern(settings: Settings) -> str:
     return settings.key("worker", "*")
+
+
+def lease_key(settings: Settings, job_id: str) -> str:
+    """Held by the worker running the job, renewed by its heartbeat; gone → the job is orphaned."""
+    return settings.key("lease", job_id)
+
+
+def message_key(settings: Settings, job_id: str) -> str:
+    """Set when the job's message is sent, cleared when a worker claims it: a queued job without
+    one has no message in the broker (lost between commit and send, or with a restarted Redis)."""
+    return settings.key("message", job_id)

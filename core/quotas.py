@@ -272,27 +272,28 @@ class AsyncQuotas:
         reserved = await self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
         return int(reserved) >= 0
 
-    async def holders(self, user_id: str) -> dict[str, Holder]:
-        """The jobs holding a slot, with the day they reserved on and when (Redis ms)."""
-        entries = await self.redis.hgetall(self.keys(user_id).active)
-        out = {}
-        for key, value in entries.items():
-            tokens, day, admitted = _text(value).split("|")
-            out[_text(key)] = Holder(int(tokens), date.fromisoformat(day), int(admitted))
-        return out
-
 
 class SyncQuotas:
-    """The workers' side: settle when a job reaches a terminal state."""
+    """The workers' and the reconciler's side: settle when a job reaches a terminal state."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.settings = settings
         self._settle = redis.register_script(_SETTLE)
 
     def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
+        """True when this call released the slot (False: it was released before)."""
         keys = QuotaKeys(self.settings, user_id)
         reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
         return int(reserved) >= 0
+
+
+def parse_holders(entries: dict[Any, Any]) -> dict[str, Holder]:
+    """An `active` hash as read from Redis: job id → what it reserved, on which day, and when."""
+    out = {}
+    for key, value in entries.items():
+        tokens, day, admitted = _text(value).split("|")
+        out[_text(key)] = Holder(int(tokens), date.fromisoformat(day), int(admitted))
+    return out
 
 
 def _text(value: bytes | str) -> str:

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
 Role = Literal["system", "user", "assistant"]
 
 MAX_MESSAGES = 50
@@ -141,6 +141,12 @@ class GenerationParams(BaseModel):
     top_k: int = Field(0, ge=0, le=1000, description="0 → no top-k cut")
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="end TIMEOUT after this long running; at most the variant's",
+    )
     stop: list[Annotated[SafeStr, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
@@ -168,6 +174,9 @@ class JobCreate(BaseModel):
     params: GenerationParams = Field(default_factory=GenerationParams)
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest")
     webhook_url: SafeStr | None = Field(None, max_length=2000)
+    expires_at: datetime | None = Field(
+        None, description="a job still queued at this time ends `expired` without running"
+    )
     metadata: dict[Annotated[SafeStr, Field(max_length=100)], Annotated[SafeStr, Field(max_length=1000)]] = (
         Field(default_factory=dict, max_length=32)
     )
@@ -230,6 +239,7 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    expires_at: datetime | None = None
     result: JobResult | None
     error: JobError | None
     metrics: JobMetrics | None

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 5.0
     # Attempts a job gets when its worker dies under it; then it ends failed.
     max_attempts: int = 3
+    # A running job's lease: renewed by its worker's heartbeat; a job whose lease stays gone
+    # this long is requeued by the reconciler (or failed after max_attempts).
+    lease_s: float = 15.0
+    reconcile_interval_s: float = 2.0
+    # A queued job whose broker message is missing this long after commit is enqueued again.
+    enqueue_grace_s: float = 10.0
+    # SIGTERM: the batch in hand gets this long to finish before the worker exits anyway.
+    shutdown_grace_s: float = 60.0
+    # Test-only fault injection points (see core/faults.py); never set in a deployment.
+    faults: list[str] = Field(default_factory=list)
 
     # Media limits, checked at the API before anything reaches a worker.
     media_max_image_bytes: int = 20 * 1024 * 1024

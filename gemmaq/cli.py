@@ -95,11 +95,20 @@ def worker(
 
 
 @app.command()
+def reconciler() -> None:
+    """Run the reconciler: requeue jobs of dead workers, resend lost messages, expire, free slots."""
+    from workers.reconciler import run_reconciler
+
+    run_reconciler(_settings())
+
+
+@app.command()
 def dev(
     variants: Annotated[str | None, typer.Option(help="variants for the worker")] = None,
     port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one)")] = None,
 ) -> None:
-    """The one command: servers (embedded unless GEMMAQ_* URLs are set), schema, a dev key, API and worker."""
+    """The one command: servers (embedded unless GEMMAQ_* URLs are set), schema, a dev key, API, worker
+    and reconciler."""
     from gemmaq.dev import run_dev
 
     run_dev(_settings(), variants=variants, port=port)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
 
 
 class JobFailed(Exception):

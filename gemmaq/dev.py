@@ -2,7 +2,7 @@
 
 Uses GEMMAQ_DATABASE_URL / GEMMAQ_REDIS_URL when set, else starts an embedded
 PostgreSQL and Redis under the data folder; migrates; makes a dev API key; runs
-the API and a worker as child processes and prints a curl to paste.
+the API, a worker and the reconciler as child processes and prints a curl to paste.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def run_dev(settings: Settings, *, variants: str | None, port: int | None) -> No
         me = [sys.executable, "-m", "gemmaq"]
         children.append(subprocess.Popen([*me, "api", "--host", "127.0.0.1", "--port", str(port)], env=env))
         children.append(subprocess.Popen([*me, "worker", "--variants", names], env=env))
+        children.append(subprocess.Popen([*me, "reconciler"], env=env))
         typer.echo(f"gemmaq: starting API on {url} and a worker for {names} (first start converts weights)…")
         _wait_ready(url, key, names.split(",")[0], children)
         _banner(url, key, names.split(",")[0])

@@ -128,6 +128,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "GEMMAQ_NAMESPACE": namespace,
             "GEMMAQ_VARIANTS_FILE": str(variants_file),
             "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+            "GEMMAQ_LEASE_S": "4",
+            "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
+            "GEMMAQ_ENQUEUE_GRACE_S": "3",
             "HF_HOME": str(empty_hf),  # so the real 4B+ variants are surely absent here
         }
         port = free_port()
@@ -143,6 +146,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             s.run_cli("migrate")
             admin_key = s.run_cli("users", "create", "admin", "--admin").strip().splitlines()[-1]
             s.gemmaq("api", "--port", str(port), log="api.log")
+            s.gemmaq("reconciler", log="reconciler.log")
             s.gemmaq(
                 "worker", "--variants", WORKER_VARIANTS, "--device", "cpu", "--name", f"{namespace}@test",
                 log="worker.log",

@@ -214,18 +214,14 @@ def test_health_and_readiness(stack: Stack) -> None:
 
 def test_worker_side_completion_is_conditional(stack: Stack, client: httpx.Client) -> None:
     """`finish` moves a job out of running once; a second call (a redelivery) changes nothing."""
-    from db.repo import jobs as jobs_repo
+    from db.repo import runs
     from db.session import sync_sessionmaker
 
     job = wait_job(client, submit(client, text_job("x", variant="echo"))["id"])
     maker = sync_sessionmaker(stack.settings().db_url)
     with maker.begin() as session:
-        live = {"w"}
-        assert (
-            jobs_repo.claim(session=session, job_id=job["id"], worker="w", live_workers=live, max_attempts=3)
-            is None
-        )
-        again = jobs_repo.finish(
+        assert runs.claim(session=session, job_id=job["id"], worker="w") is None
+        again = runs.finish(
             session=session, job_id=job["id"], attempt=1, status="failed", result=None,
             error={"code": "X", "message": "y"}, metrics={"queue_ms": 1.0},
         )  # fmt: skip

@@ -6,6 +6,7 @@ before anything imports torch).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import structlog
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from core.broker import make_celery
 from core.queues import RUN_JOB_TASK
@@ -64,6 +65,17 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
     def _ready(**_: object) -> None:
         pool.mark_consuming()
 
+    @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _drain(**_: object) -> None:
+        # SIGTERM: Celery stops consuming and waits for the tasks in hand. The batch running
+        # finishes; jobs waiting for a batch go back to the queue; past the grace period the
+        # worker exits anyway and the reconciler requeues what it still held.
+        log.info("worker.draining", grace_s=settings.shutdown_grace_s)
+        pool.drain()
+        timer = threading.Timer(settings.shutdown_grace_s, _give_up, args=(pool,))
+        timer.daemon = True
+        timer.start()
+
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _close(**_: object) -> None:
         pool.close()
@@ -82,6 +94,11 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
             "--loglevel=INFO",
         ]
     )
+
+
+def _give_up(pool: VariantPool) -> None:
+    log.warning("worker.grace_expired", in_hand=len(pool.in_hand()))
+    os._exit(1)
 
 
 def _idle_until_signal(pool: VariantPool) -> None:

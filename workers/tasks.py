@@ -6,20 +6,20 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import redis
 import structlog
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core import errors
-from core.queues import cancel_key, job_done_channel
+from core.broker import enqueue_job
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
 from db.models import Job
 from db.repo import files as files_repo
-from db.repo import jobs as jobs_repo
+from db.repo import runs
 from db.session import sync_sessionmaker
-from workers.runtime.base import Request, RequestError, Result
+from workers.outcome import announce, ended_elsewhere, settle
+from workers.runtime.base import Request, RequestError, Result, ShuttingDown
 from workers.runtime.media import file_ids, load_media
 from workers.runtime.pool import VariantPool
 
@@ -38,47 +38,44 @@ _db_retry = retry(
 
 @_db_retry
 def _claim(pool: VariantPool, job_id: str) -> Job | None:
-    live = pool.live_workers()
-    settings = pool.settings
-    charge = None
-    with sync_sessionmaker(settings.db_url).begin() as session:
-        job = jobs_repo.claim(
-            session=session,
-            job_id=job_id,
-            worker=pool.worker,
-            live_workers=live,
-            max_attempts=settings.max_attempts,
-        )
-        if job is None and live is not None:
-            charge = jobs_repo.fail_orphaned(
-                session=session, job_id=job_id, live_workers=live, max_attempts=settings.max_attempts
-            )
-            if charge is not None:
-                log.warning("job.failed", code=errors.GENERATION_ERROR, reason="worker lost too often")
-        if job is None and charge is None:
-            # Already ended: settling again is a no-op, unless the worker that ended it died
-            # before it could release the job's quota slot.
-            charge = jobs_repo.terminal_charge(session=session, job_id=job_id)
-    if charge is not None:
-        _settle(pool, charge)
+    with sync_sessionmaker(pool.settings.db_url).begin() as session:
+        job = runs.claim(session=session, job_id=job_id, worker=pool.worker)
+        ended = []
+        if job is None:
+            # Past its deadline: it expires here. Already ended: settling again is a no-op,
+            # unless the worker that ended it died before it could release the quota slot.
+            ended = runs.expire(session=session, job_ids=[job_id])
+            if not ended and (charge := runs.terminal_charge(session=session, job_id=job_id)):
+                ended = [charge]
+    for charge in ended:
+        ended_elsewhere(pool.redis, pool.quotas, pool.settings, charge)
     return job
 
 
 @_db_retry
 def _finish(pool: VariantPool, job: Job, **outcome: Any) -> bool:
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
-        charge = jobs_repo.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
+        charge = runs.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
     if charge is not None:
-        _settle(pool, charge)
+        settle(pool.quotas, charge)
     return charge is not None
 
 
-def _settle(pool: VariantPool, charge: jobs_repo.Charge) -> None:
-    """Release the job's concurrency slot and settle its tokens; idempotent, so once in effect."""
-    try:
-        pool.quotas.settle(user_id=charge.user_id, job_id=charge.job_id, day=charge.day, actual=charge.tokens)
-    except redis.RedisError:
-        log.warning("quota.settle_failed")
+@_db_retry
+def _put_back(pool: VariantPool, job: Job) -> None:
+    with sync_sessionmaker(pool.settings.db_url).begin() as session:
+        back = runs.put_back(session=session, job_id=job.id, attempt=job.attempts)
+    if back is not None:
+        enqueue_job(pool.broker, job_id=job.id, variant=job.variant, priority=job.priority)
+        log.info("job.returned", reason="the worker is shutting down")
+
+
+@_db_retry
+def _send_again(pool: VariantPool, job_id: str) -> None:
+    with sync_sessionmaker(pool.settings.db_url)() as session:
+        job = session.get(Job, job_id)
+    if job is not None and job.status == "queued":
+        enqueue_job(pool.broker, job_id=job.id, variant=job.variant, priority=job.priority)
 
 
 def run_job(job_id: str) -> None:
@@ -86,10 +83,22 @@ def run_job(job_id: str) -> None:
     assert pool is not None, "the worker pool is not started"
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id, worker=pool.worker)
-    job = _claim(pool, job_id)
-    if job is None:
-        log.info("job.skipped", reason="terminal, or held by a live worker")
+    if pool.draining:  # SIGTERM arrived: leave the job queued for another worker
+        _send_again(pool, job_id)
         return
+    pool.take_lease(job_id)
+    try:
+        job = _claim(pool, job_id)
+        if job is None:
+            log.info("job.skipped", reason="not queued: running elsewhere, ended or expired")
+            return
+        pool.message_taken(job_id)
+        _run(pool, job)
+    finally:
+        pool.drop_lease(job_id)
+
+
+def _run(pool: VariantPool, job: Job) -> None:
     structlog.contextvars.bind_contextvars(user_id=job.user_id, variant=job.variant, attempt=job.attempts)
     assert job.started_at is not None
     queue_ms = (job.started_at - job.created_at).total_seconds() * 1000
@@ -122,13 +131,17 @@ def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
         _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
     future = state.batcher.submit(request)
+    limit = min(request.params.timeout_s or state.variant.timeout_s, state.variant.timeout_s)
     try:
-        result = future.result(timeout=state.variant.timeout_s)
+        result = future.result(timeout=limit)
     except FutureTimeout:
         # Drop it from the batcher if it has not started; stop it between steps if it has.
         future.cancel()
         pool.request_cancel(job.id)
-        _fail(pool, job, errors.TIMEOUT, f"no result within {state.variant.timeout_s} s", queue_ms)
+        _fail(pool, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms)
+        return
+    except ShuttingDown:
+        _put_back(pool, job)
         return
     except RequestError as exc:
         _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
@@ -234,9 +247,5 @@ def _fail(pool: VariantPool, job: Job, code: str, message: str, queue_ms: float)
 
 
 def _announce(pool: VariantPool, job: Job, written: bool) -> None:
-    try:
-        pool.redis.delete(cancel_key(pool.settings, job.id))
-        if written:
-            pool.redis.publish(job_done_channel(pool.settings, job.id), "done")
-    except redis.RedisError:
-        log.warning("job.announce_failed")
+    if written:
+        announce(pool.redis, pool.settings, job.id)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 import structlog
@@ -19,6 +20,7 @@ from api.deps import BrokerDep, QuotasDep, RedisDep, SessionMakerDep, SettingsDe
 from api.errors import responses
 from api.fleet import availability, live_workers
 from api.media import check_parts, inspect_inline, store_media
+from core import faults
 from core.broker import enqueue_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
 from core.queues import cancel_key, job_done_channel
@@ -57,6 +59,15 @@ async def _check_spec(
         )
     if "max_new_tokens" not in spec.params.model_fields_set:  # the default fits every variant
         spec.params.max_new_tokens = min(spec.params.max_new_tokens, variant.max_new_tokens)
+    if spec.params.timeout_s is not None and spec.params.timeout_s > variant.timeout_s:
+        raise ValidationFailed(
+            f"params.timeout_s: at most {variant.timeout_s} for {variant.name}",
+            {"timeout_s": spec.params.timeout_s, "limit": variant.timeout_s},
+        )
+    if spec.expires_at is not None and spec.expires_at.tzinfo is None:
+        raise ValidationFailed("expires_at: give a time zone (e.g. 2026-01-01T00:00:00Z)")
+    if spec.expires_at is not None and spec.expires_at <= datetime.now(UTC):
+        raise ValidationFailed("expires_at: already past", {"expires_at": spec.expires_at.isoformat()})
     if spec.params.max_new_tokens > variant.max_new_tokens:
         raise ValidationFailed(
             f"params.max_new_tokens: at most {variant.max_new_tokens} for {variant.name}",
@@ -175,6 +186,7 @@ async def create_job(
         raise
     structlog.contextvars.bind_contextvars(job_id=job.id, variant=job.variant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    faults.crash_here(settings, faults.API_AFTER_COMMIT)
     try:
         await _enqueue_or_withdraw(maker, broker, job)
     except Unavailable:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from db.base import Base
 from db.ids import new_id
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 
 
 class Job(Base):
@@ -33,6 +33,7 @@ class Job(Base):
         UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
         Index("ix_jobs_user_created", "user_id", "created_at", "id"),
         Index("ix_jobs_queued", "status", "created_at", postgresql_where="status = 'queued'"),
+        Index("ix_jobs_running", "status", postgresql_where="status = 'running'"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "job"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -56,6 +57,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
 
 
 class JobMetric(Base):

@@ -1,7 +1,6 @@
-"""Job rows: created and read by the API (async), claimed and finished by workers (sync).
+"""Job rows on the API's side (async): created, read, listed, cancelled while queued.
 
-Every state change is a conditional UPDATE, so a redelivered message or a second
-worker can never move a job twice: a terminal status never changes again.
+What workers and the reconciler do to a job is in `db.repo.runs`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
 from db.ids import new_id
@@ -66,6 +64,7 @@ def job_out(job: Job, metric: JobMetric | None) -> JobOut:
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
+            "expires_at": job.expires_at,
             "result": job.result,
             "error": job.error,
             "metrics": metrics,
@@ -106,6 +105,7 @@ async def create_job(
         "params": spec.params.model_dump(mode="json"),
         "metadata": spec.metadata,
         "webhook_url": spec.webhook_url,
+        "expires_at": spec.expires_at,
         "idempotency_key": idempotency_key,
         "request_hash": request_hash,
         "attempts": 0,
@@ -206,18 +206,6 @@ async def cancel_queued(*, session: AsyncSession, user_id: str, job_id: str) -> 
     return charge_of(job) if job is not None else None
 
 
-async def terminal_charges(*, session: AsyncSession, user_id: str, job_ids: list[str]) -> dict[str, Charge]:
-    """Of these jobs, the ones that ended, with what they cost (to release slots left held)."""
-    rows = await session.execute(
-        select(Job).where(Job.user_id == user_id, Job.id.in_(job_ids), Job.status.in_(TERMINAL))
-    )
-    return {job.id: charge_of(job) for job in rows.scalars()}
-
-
-async def existing_ids(*, session: AsyncSession, job_ids: list[str]) -> set[str]:
-    return set((await session.execute(select(Job.id).where(Job.id.in_(job_ids)))).scalars())
-
-
 async def ledger(*, session: AsyncSession, user_id: str, since: date) -> list[UsageLedger]:
     stmt = (
         select(UsageLedger)
@@ -225,105 +213,3 @@ async def ledger(*, session: AsyncSession, user_id: str, since: date) -> list[Us
         .order_by(UsageLedger.day.desc())
     )
     return list((await session.execute(stmt)).scalars())
-
-
-# ---- worker side ---------------------------------------------------------------------------
-
-
-def claim(
-    *, session: Session, job_id: str, worker: str, live_workers: set[str] | None, max_attempts: int
-) -> Job | None:
-    """Take the job for this worker (attempt + 1), or None when it is terminal or held by a live worker.
-
-    A queued job is taken. A running job is taken again only when the worker that held it
-    is gone (its message came back after the worker died) — with `live_workers` None
-    (unknown) a running job is never taken.
-    """
-    taken = Job.status == "queued"
-    if live_workers is not None:
-        orphaned = and_(Job.status == "running", Job.worker.not_in(live_workers), Job.attempts < max_attempts)
-        taken = or_(taken, orphaned)
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, taken)
-        .values(status="running", started_at=func.now(), attempts=Job.attempts + 1, worker=worker)
-        .returning(Job)
-    )
-    return session.execute(stmt).scalar_one_or_none()
-
-
-def fail_orphaned(
-    *, session: Session, job_id: str, live_workers: set[str], max_attempts: int
-) -> Charge | None:
-    """A running job whose workers died `max_attempts` times ends failed."""
-    job = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == "running",
-            Job.worker.not_in(live_workers),
-            Job.attempts >= max_attempts,
-        )
-        .values(
-            status="failed",
-            finished_at=func.now(),
-            error={"code": "GENERATION_ERROR", "message": f"its worker was lost {max_attempts} times"},
-        )
-        .returning(Job)
-    ).scalar_one_or_none()
-    return charge_of(job) if job is not None else None
-
-
-def terminal_charge(*, session: Session, job_id: str) -> Charge | None:
-    """The job's cost if it has ended (a redelivered message of a finished job settles again, harmlessly)."""
-    job = session.execute(select(Job).where(Job.id == job_id, Job.status.in_(TERMINAL))).scalar_one_or_none()
-    return charge_of(job) if job is not None else None
-
-
-def finish(
-    *,
-    session: Session,
-    job_id: str,
-    attempt: int,
-    status: str,
-    result: dict[str, Any] | None,
-    error: dict[str, Any] | None,
-    metrics: dict[str, Any] | None,
-) -> Charge | None:
-    """running → terminal, once, with its usage added to the ledger in the same transaction.
-    None when the job was already finished (a redelivery)."""
-    job = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(status=status, result=result, error=error, finished_at=func.now())
-        .returning(Job)
-    ).scalar_one_or_none()
-    if job is None:
-        return None
-    charge = charge_of(job)
-    if charge.tokens:
-        _add_usage(session, charge, *tokens_used(result))
-    if metrics is not None:
-        session.execute(
-            pg_insert(JobMetric)
-            .values(job_id=job_id, attempt=attempt, **metrics)
-            .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
-        )
-    return charge
-
-
-def _add_usage(session: Session, charge: Charge, input_tokens: int, output_tokens: int) -> None:
-    insert = pg_insert(UsageLedger).values(
-        user_id=charge.user_id, day=charge.day, input_tokens=input_tokens, output_tokens=output_tokens, jobs=1
-    )
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=[UsageLedger.user_id, UsageLedger.day],
-            set_={
-                "input_tokens": UsageLedger.input_tokens + insert.excluded.input_tokens,
-                "output_tokens": UsageLedger.output_tokens + insert.excluded.output_tokens,
-                "jobs": UsageLedger.jobs + 1,
-                "updated_at": func.now(),
-            },
-        )
-    )

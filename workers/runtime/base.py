@@ -44,6 +44,10 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ShuttingDown(Exception):
+    """The worker is stopping and never started this request: it goes back to the queue."""
+
+
 class RequestError(Exception):
     """A request this engine refuses (too long, malformed); the job fails, the worker goes on."""
 

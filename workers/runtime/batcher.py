@@ -13,9 +13,12 @@ from concurrent.futures import Future
 
 import structlog
 
-from workers.runtime.base import CancelCheck, Engine, Request, Result
+from workers.runtime.base import CancelCheck, Engine, Request, Result, ShuttingDown
 
 log = structlog.get_logger(__name__)
+
+Item = tuple[Request, "Future[Result]"]
+_WAKE = object()  # put by `drain` so the loop notices at once
 
 
 class Batcher:
@@ -35,7 +38,8 @@ class Batcher:
         self.device_lock = device_lock
         self.cancelled = cancelled
         self._pending_load_ms = load_ms  # reported once, on the first batch after the load
-        self._queue: queue.Queue[tuple[Request, Future[Result]] | None] = queue.Queue()
+        self._queue: queue.Queue[Item | object | None] = queue.Queue()
+        self._draining = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{engine.name}", daemon=True)
         self._thread.start()
 
@@ -48,10 +52,16 @@ class Batcher:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def _collect(self, first: tuple[Request, Future[Result]]) -> list[tuple[Request, Future[Result]]]:
+    def drain(self) -> None:
+        """Start no more batches: the one running finishes, every request still waiting gets
+        `ShuttingDown` (its task puts the job back in the queue)."""
+        self._draining.set()
+        self._queue.put(_WAKE)
+
+    def _collect(self, first: Item) -> list[Item]:
         batch = [first]
         deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch_size:
+        while len(batch) < self.max_batch_size and not self._draining.is_set():
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
@@ -60,7 +70,8 @@ class Batcher:
             if item is None:
                 self._queue.put(None)
                 break
-            batch.append(item)
+            if item is not _WAKE:
+                batch.append(item)  # type: ignore[arg-type]
         return [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
@@ -68,8 +79,13 @@ class Batcher:
             first = self._queue.get()
             if first is None:
                 return
-            batch = self._collect(first)
-            if batch:
+            if first is _WAKE:
+                continue
+            batch = self._collect(first)  # type: ignore[arg-type]
+            if self._draining.is_set():
+                for _, future in batch:
+                    future.set_exception(ShuttingDown())
+            elif batch:
                 self._run(batch)
 
     def _run(self, batch: list[tuple[Request, Future[Result]]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import threading
 import time
@@ -15,7 +16,8 @@ import redis
 import structlog
 import torch
 
-from core.queues import cancel_key, worker_key, worker_pattern
+from core.broker import make_celery, redis_client
+from core.queues import cancel_key, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
@@ -23,6 +25,12 @@ from workers.runtime.batcher import Batcher
 from workers.runtime.loading import WeightsUnavailable, load_engine
 
 log = structlog.get_logger(__name__)
+
+# Delete a lease only if this worker still holds it.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass
@@ -40,13 +48,19 @@ class VariantPool:
         self.registry = registry
         self.device = device
         self.worker = worker
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        self.redis = redis_client(settings)
         self.quotas = SyncQuotas(self.redis, settings)
         self.states: dict[str, VariantState] = {}
         self._device_lock = threading.Lock()
         self._stop = threading.Event()
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
         self.consuming = False
+        # Jobs claimed here and not yet finished: their leases are renewed by the heartbeat.
+        self._in_hand: set[str] = set()
+        self._in_hand_lock = threading.Lock()
+        self._release = self.redis.register_script(_RELEASE_LEASE)
+        self.broker = make_celery(settings, name="gemmaq-worker-producer")  # to put jobs back
+        self.draining = False
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     # ---- loading -------------------------------------------------------------------------
@@ -114,16 +128,53 @@ class VariantPool:
         with contextlib.suppress(redis.RedisError):
             self.redis.set(cancel_key(self.settings, job_id), "1", ex=self.settings.visibility_timeout_s)
 
-    def live_workers(self) -> set[str] | None:
-        """Names of workers whose heartbeat is current (this one included); None if Redis is away."""
+    # ---- leases -------------------------------------------------------------------------
+
+    def take_lease(self, job_id: str) -> None:
+        """Before the claim: from here on the heartbeat keeps the job's lease alive."""
+        with self._in_hand_lock:
+            self._in_hand.add(job_id)
         try:
-            prefix = worker_key(self.settings, "")
-            names = {self.worker}
-            for key in self.redis.scan_iter(match=worker_pattern(self.settings), count=100):
-                names.add(key.decode()[len(prefix) :])
-            return names
+            self.redis.set(lease_key(self.settings, job_id), self.worker, ex=self._lease_ttl())
         except redis.RedisError:
-            return None
+            log.warning("lease.set_failed")  # the heartbeat sets it as soon as Redis answers
+
+    def drop_lease(self, job_id: str) -> None:
+        with self._in_hand_lock:
+            self._in_hand.discard(job_id)
+        with contextlib.suppress(redis.RedisError):
+            self._release(keys=[lease_key(self.settings, job_id)], args=[self.worker])
+
+    def message_taken(self, job_id: str) -> None:
+        """The job is claimed: its broker message has done its work (see core.queues.message_key)."""
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(message_key(self.settings, job_id))
+
+    def drain(self) -> None:
+        """SIGTERM: no new batches; requests waiting for one go back to the queue unstarted."""
+        self.draining = True
+        for state in self.states.values():
+            if state.batcher is not None:
+                state.batcher.drain()
+
+    def in_hand(self) -> list[str]:
+        with self._in_hand_lock:
+            return sorted(self._in_hand)
+
+    def _lease_ttl(self) -> int:
+        return max(1, math.ceil(self.settings.lease_s))
+
+    def _renew_leases(self) -> None:
+        jobs = self.in_hand()
+        if not jobs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.set(lease_key(self.settings, job_id), self.worker, ex=self._lease_ttl())
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("lease.renew_failed", jobs=len(jobs))
 
     # ---- heartbeat -----------------------------------------------------------------------
 
@@ -154,6 +205,7 @@ class VariantPool:
     def _beat(self) -> None:
         while not self._stop.is_set():
             self._publish()
+            self._renew_leases()
             self._stop.wait(self.settings.worker_heartbeat_s)
 
     def close(self) -> None:

@@ -1,0 +1,22 @@
+"""Fault injection for the fault-tolerance tests: `GEMMAQ_FAULTS='["api.after_commit"]'` makes
+the process SIGKILL itself at that point, exactly as a crash there would. Empty in a deployment."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import structlog
+
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Points the code passes through; a test names them in GEMMAQ_FAULTS.
+API_AFTER_COMMIT = "api.after_commit"  # the job row is committed, its message not yet sent
+
+
+def crash_here(settings: Settings, point: str) -> None:
+    if point in settings.faults:
+        log.warning("fault.injected", point=point)
+        os.kill(os.getpid(), signal.SIGKILL)
