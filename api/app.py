@@ -26,13 +26,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = async_engine(settings.db_url)
     app.state.sessionmaker = make_async_sessionmaker(engine)
-    # Give up fast (no retries): with Redis down a request is answered 503 in well under a second.
+    # Give up fast: one immediate retry (a pooled connection gone stale when Redis restarted
+    # reconnects), no backoff, so with Redis down a request is answered 503 in well under a second.
     app.state.redis = Redis.from_url(
         settings.broker_url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         health_check_interval=30,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1),
     )
     app.state.quotas = AsyncQuotas(app.state.redis, settings)
     app.state.broker = make_celery(settings, name="gemmaq-api")

@@ -57,12 +57,13 @@ def make_celery(settings: Settings, name: str = "gemmaq") -> Celery:
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A synchronous client that gives up fast: callers answer 503 or retry on their own terms."""
+    """A synchronous client that gives up fast (one immediate retry, for a connection gone stale
+    when Redis restarted): callers answer 503 or retry on their own terms."""
     return redis.Redis.from_url(
         settings.broker_url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1),
     )
 
 

@@ -17,8 +17,18 @@ def job_done_channel(settings: Settings, job_id: str) -> str:
 
 
 def cancel_key(settings: Settings, job_id: str) -> str:
-    """Set while a running job is asked to stop; the generation loop checks it between steps."""
+    """Set while a running job is asked to stop, to the time it was asked (epoch seconds);
+    the generation loop checks it between decoding steps."""
     return settings.key("cancel", job_id)
+
+
+def cancel_requested_at(value: bytes | str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0  # set by something else: stop at once
 
 
 def worker_key(settings: Settings, worker: str) -> str:

@@ -79,10 +79,14 @@ class Stack:
             cursor = conn.execute(query, args)
             return cursor.fetchall() if cursor.description else []
 
+    @staticmethod
+    def gemmaq_command() -> list[str]:
+        return [sys.executable, "-m", "gemmaq"]
+
     def gemmaq(self, *args: str, log: str | None = None) -> subprocess.Popen[bytes]:
         out = open(self.logs / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gemmaq", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            [*self.gemmaq_command(), *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
         self.processes.append(proc)
         return proc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
@@ -102,3 +103,25 @@ def test_job_whose_workers_keep_dying_ends_failed(stack: Stack, client: httpx.Cl
     job = wait_job(client, _orphan(stack, client, attempts=3), timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "GENERATION_ERROR"
     assert "lost" in job["error"]["message"]
+
+
+def test_queued_job_past_its_deadline_expires_without_running(stack: Stack, client: httpx.Client) -> None:
+    deadline = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    body = {"variant": "echo-held", "input": {"prompt": "too late"}, "expires_at": deadline}
+    queued = client.post("/v1/jobs", json=body)
+    assert queued.status_code == 202 and queued.json()["expires_at"] is not None
+    job = wait_job(client, queued.json()["id"], timeout=30)
+    assert job["status"] == "expired" and job["error"]["code"] == "EXPIRED" and job["started_at"] is None
+    assert client.get("/v1/usage").json()["concurrent_jobs"]["active"] == 0
+    past = client.post("/v1/jobs", json=body | {"expires_at": "2020-01-01T00:00:00Z"})
+    assert past.status_code == 422 and "expires_at" in past.json()["error"]["message"]
+
+
+def test_job_past_its_time_limit_ends_timeout(client: httpx.Client) -> None:
+    body = {"input": {"prompt": "Write a very long story about the sea."},
+            "params": {"max_new_tokens": 500, "timeout_s": 1}}  # fmt: skip
+    job = wait_job(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "TIMEOUT", job
+    assert job["finished_at"] is not None
+    over = client.post("/v1/jobs", json=body | {"params": {"timeout_s": 10_000}})
+    assert over.status_code == 422 and over.json()["error"]["details"]["limit"] == 600

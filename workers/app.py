@@ -6,12 +6,15 @@ before anything imports torch).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
+import redis
 import structlog
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
@@ -77,23 +80,45 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
         timer.start()
 
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _close(**_: object) -> None:
-        pool.close()
+    def _stopped(**_: object) -> None:
+        pool.consuming = False
 
     log.info("worker.ready", variants=[s.variant.name for s in warm], device=device, concurrency=concurrency)
-    app.worker_main(
-        [
-            "--quiet",
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency}",
-            f"--queues={','.join(s.variant.queue for s in warm)}",
-            f"--hostname={name}",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=INFO",
-        ]
-    )
+    argv = [
+        "--quiet",
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency}",
+        f"--queues={','.join(s.variant.queue for s in warm)}",
+        f"--hostname={name}",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel=INFO",
+    ]
+    try:
+        # The process owns the warm models; the Celery consumer is disposable. Celery's
+        # consumer can die on a broker restart (kombu raises while restoring its unacked
+        # messages, and the worker stops); the tasks it held finish, then a new consumer
+        # starts here once Redis answers — the models stay loaded.
+        while True:
+            with contextlib.suppress(SystemExit):
+                app.worker_main(argv)
+            if pool.draining:
+                break
+            log.warning("worker.consumer_lost", action="starting a new consumer when Redis answers")
+            _wait_for_redis(pool)
+    finally:
+        pool.close()
+
+
+def _wait_for_redis(pool: VariantPool) -> None:
+    while True:
+        try:
+            if pool.redis.ping():
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(1.0)
 
 
 def _give_up(pool: VariantPool) -> None:

@@ -52,11 +52,17 @@ class Reconciler:
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("reconciler.started", interval_s=self.settings.reconcile_interval_s)
+        waiting = False
         while not stop.is_set():
             try:
                 self.once()
+                if waiting:
+                    log.info("reconciler.resumed")
+                waiting = False
             except (OperationalError, redis.RedisError) as exc:
-                log.warning("reconciler.waiting", error=type(exc).__name__)  # back next round
+                if not waiting:  # once per outage, not once per round
+                    log.warning("reconciler.waiting", error=type(exc).__name__)
+                waiting = True
             stop.wait(self.settings.reconcile_interval_s)
         log.info("reconciler.stopped")
 

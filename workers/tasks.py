@@ -235,6 +235,7 @@ def _succeed(
         output_tokens=result.output_tokens,
         tokens_per_second=metrics["tokens_per_second"],
         batch_size=result.batch_size,
+        cancel_lag_steps=result.cancel_lag_steps,
     )
 
 

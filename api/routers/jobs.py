@@ -323,7 +323,7 @@ async def cancel_job(
         return job
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id!r} is already {job.status}", {"status": job.status})
-    await redis.set(cancel_key(settings, job_id), "1", ex=settings.visibility_timeout_s)
+    await redis.set(cancel_key(settings, job_id), time.time(), ex=settings.visibility_timeout_s)
     response.status_code = status.HTTP_202_ACCEPTED
     return job
 

@@ -41,6 +41,8 @@ class Result:
     peak_memory_bytes: int | None = None
     # Pre-processing inside the engine (processor / feature extraction), per request.
     preprocess_ms: float = 0.0
+    # Cancelled: decoding steps run between the cancel request and the stop (1 = the next step).
+    cancel_lag_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,8 +54,9 @@ class RequestError(Exception):
     """A request this engine refuses (too long, malformed); the job fails, the worker goes on."""
 
 
-# Asked between decoding steps: which of these job ids should stop now?
-CancelCheck = Callable[[Sequence[str]], list[bool]]
+# Asked between decoding steps: which of these job ids should stop now? For each, the time
+# (epoch seconds) its cancel was requested, or None.
+CancelCheck = Callable[[Sequence[str]], list[float | None]]
 
 
 class Engine(Protocol):

@@ -116,6 +116,7 @@ class Decoder:
                     inference_ms=inference_ms,
                     batch_size=len(batch),
                     peak_memory_bytes=peak,
+                    cancel_lag_steps=stopper.cancel_lag[row],
                     **(extra(row) if extra else {}),
                 )
             )

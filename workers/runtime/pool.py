@@ -17,7 +17,7 @@ import structlog
 import torch
 
 from core.broker import make_celery, redis_client
-from core.queues import cancel_key, lease_key, message_key, worker_key
+from core.queues import cancel_key, cancel_requested_at, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
@@ -117,16 +117,18 @@ class VariantPool:
 
     # ---- what task threads call ----------------------------------------------------------
 
-    def cancelled(self, job_ids: Sequence[str]) -> list[bool]:
+    def cancelled(self, job_ids: Sequence[str]) -> list[float | None]:
         try:
             values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
         except redis.RedisError:
-            return [False] * len(job_ids)
-        return [v is not None for v in values]
+            return [None] * len(job_ids)
+        return [cancel_requested_at(v) for v in values]
 
     def request_cancel(self, job_id: str) -> None:
         with contextlib.suppress(redis.RedisError):
-            self.redis.set(cancel_key(self.settings, job_id), "1", ex=self.settings.visibility_timeout_s)
+            self.redis.set(
+                cancel_key(self.settings, job_id), time.time(), ex=self.settings.visibility_timeout_s
+            )
 
     # ---- leases -------------------------------------------------------------------------
 

@@ -71,8 +71,6 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
 class RowStopper(StoppingCriteria):  # type: ignore[misc]
     """Called once per decoding step for the whole batch; returns which rows are done."""
 
-    CANCEL_EVERY = 4  # steps between cancel-flag checks
-
     def __init__(
         self,
         *,
@@ -81,7 +79,7 @@ class RowStopper(StoppingCriteria):  # type: ignore[misc]
         stops: Sequence[Sequence[str]],
         decode: Callable[[list[int]], str],
         job_ids: Sequence[str],
-        cancelled: Callable[[Sequence[str]], list[bool]],
+        cancelled: Callable[[Sequence[str]], list[float | None]],
         eos_ids: Sequence[int],
     ) -> None:
         # None: taken from the first call (encoder-decoder models start from a forced prefix).
@@ -95,6 +93,8 @@ class RowStopper(StoppingCriteria):  # type: ignore[misc]
         self.steps = 0
         self.first_token_at: float | None = None
         self.cancelled = [False] * len(job_ids)
+        self.cancel_lag: list[int | None] = [None] * len(job_ids)
+        self._step_times: list[float] = []  # wall clock of each step, to measure the cancel lag
         self.done = [False] * len(job_ids)
         # Tokens each row had generated when it was stopped here (None: eos or still open).
         self.lengths: list[int | None] = [None] * len(job_ids)
@@ -105,6 +105,7 @@ class RowStopper(StoppingCriteria):  # type: ignore[misc]
     ) -> torch.BoolTensor:
         self.steps += 1
         now = time.monotonic()
+        self._step_times.append(time.time())
         if self.first_token_at is None:
             self.first_token_at = now
         if self.prompt_len is None:
@@ -114,14 +115,14 @@ class RowStopper(StoppingCriteria):  # type: ignore[misc]
         for i in range(len(self.done)):
             if not self.done[i] and last[i] in self.eos_ids:  # generate ends this row itself
                 self.done[i], self.finished_at[i] = True, now
-        if self.steps % self.CANCEL_EVERY == 1:
-            open_rows = [i for i, d in enumerate(self.done) if not d]
-            if open_rows:
-                flags = self.cancelled_check([self.job_ids[i] for i in open_rows])
-                for i, flag in zip(open_rows, flags, strict=True):
-                    if flag:
-                        self.cancelled[i] = True
-                        self._stop(i, generated, now)
+        open_rows = [i for i, d in enumerate(self.done) if not d]
+        if open_rows:  # every step: one MGET, so a cancel stops the row at the next step
+            flags = self.cancelled_check([self.job_ids[i] for i in open_rows])
+            for i, requested in zip(open_rows, flags, strict=True):
+                if requested is not None:
+                    self.cancelled[i] = True
+                    self.cancel_lag[i] = sum(1 for t in self._step_times if t >= requested)
+                    self._stop(i, generated, now)
         for i, limit in enumerate(self.max_new):
             if self.done[i]:
                 continue

@@ -1,0 +1,286 @@
+"""Jobs survive crashes: killed workers and APIs, Redis and PostgreSQL going away, SIGTERM.
+
+These tests run on a PostgreSQL and a Redis of their own (gemmaq.servers), which they stop,
+kill and restart; the machine's shared services are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gemmaq.embedded import free_port
+from gemmaq.servers import PostgresProcess, RedisProcess
+from tests.conftest import ROOT, Stack, wait_job
+
+VARIANTS = "gemma-3-270m,echo"
+STORY = "Write a very long story about a lighthouse keeper and the sea."
+
+
+@dataclass
+class Faulty:
+    stack: Stack
+    pg: PostgresProcess
+    redis: RedisProcess
+    key: str
+
+    def worker(self, name: str, variants: str = VARIANTS) -> subprocess.Popen[bytes]:
+        proc = self.stack.gemmaq("worker", "--variants", variants, "--device", "cpu", "--name",
+                                 f"{name}@faults", log=f"worker-{name}.log")  # fmt: skip
+        self.stack.wait_worker(self.key, variants.split(","))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int) -> int:
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+        self.stack.processes.remove(proc)
+        return code
+
+    def client(self) -> httpx.Client:
+        return self.stack.client(self.key)
+
+    def submit(self, client: httpx.Client, prompt: str, variant: str = "gemma-3-270m", **params: Any) -> str:
+        body = {"variant": variant, "input": {"prompt": prompt}, "params": {"max_new_tokens": 32} | params}
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    def submit_batch(self, client: httpx.Client, prompts: list[str], **params: Any) -> list[str]:
+        """At once, so the worker's batcher (max_wait_ms raised here) gathers them into one batch."""
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(lambda p: self.submit(client, p, **params), prompts))
+
+    def audit(self, job_ids: list[str]) -> None:
+        """Exactly one result per job, usage in the ledger once, no slot left held."""
+        rows = self.stack.sql("SELECT id, status, result IS NOT NULL FROM jobs WHERE id = ANY(%s)", job_ids)
+        assert sorted(str(r[0]) for r in rows) == sorted(job_ids)
+        used = self.stack.sql(
+            "SELECT coalesce(sum((result->'usage'->>'input_tokens')::int"
+            " + (result->'usage'->>'output_tokens')::int), 0) FROM jobs WHERE result ? 'usage'"
+        )[0][0]
+        ledger = self.stack.sql("SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM usage_ledger")
+        assert ledger == [(used,)]
+        with self.client() as client:
+            deadline = time.monotonic() + 15
+            while client.get("/v1/usage").json()["concurrent_jobs"]["active"]:
+                assert time.monotonic() < deadline, "a concurrency slot leaked"
+                time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
+    folder = tmp_path_factory.mktemp("faults")
+    pg, rd = PostgresProcess(), RedisProcess(folder / "redis")
+    pg.start()
+    rd.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"}
+    variants = folder / "variants.toml"  # batches wait longer for their members: deterministic batches
+    variants.write_text(
+        (ROOT / "core" / "variants.toml").read_text().replace("max_wait_ms = 25", "max_wait_ms = 400")
+    )
+    stack = Stack(
+        url=f"http://127.0.0.1:{free_port()}",
+        database_url=pg.create_database("gemmaq"),
+        redis_url=rd.url,
+        namespace="faults",
+        env=env,
+        logs=folder,
+    )
+    stack.env |= {
+        "GEMMAQ_DATABASE_URL": stack.database_url,
+        "GEMMAQ_REDIS_URL": stack.redis_url,
+        "GEMMAQ_NAMESPACE": stack.namespace,
+        "GEMMAQ_VARIANTS_FILE": str(variants),
+        "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+        "GEMMAQ_LEASE_S": "3",
+        "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
+        "GEMMAQ_ENQUEUE_GRACE_S": "2",
+    }
+    try:
+        stack.run_cli("migrate")
+        key = stack.run_cli("users", "create", "tenant", "--admin").strip().splitlines()[-1]
+        stack.gemmaq("api", "--port", stack.url.rsplit(":", 1)[1], log="api.log")
+        stack.gemmaq("reconciler", log="reconciler.log")
+        yield Faulty(stack, pg, rd, key)
+    finally:
+        for proc in stack.processes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        pg.remove()
+        rd.stop()
+
+
+def _wait_running(client: httpx.Client, job_ids: list[str]) -> None:
+    deadline = time.monotonic() + 120
+    while any(client.get(f"/v1/jobs/{j}").json()["status"] != "running" for j in job_ids):
+        assert time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.1)
+
+
+def test_sigkill_mid_batch_every_job_still_succeeds_once(faulty: Faulty) -> None:
+    first = faulty.worker("a")
+    with faulty.client() as client:
+        jobs = faulty.submit_batch(client, [f"{STORY} Part {i}." for i in range(4)], max_new_tokens=96)
+        _wait_running(client, jobs)
+        time.sleep(1.0)  # some tokens into the batch
+        assert faulty.stop(first, signal.SIGKILL) == -signal.SIGKILL
+        second = faulty.worker("b")
+        done = [wait_job(client, j) for j in jobs]
+    for job in done:
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert job["metrics"]["worker"] == "b@faults" and job["result"]["usage"]["output_tokens"] > 0
+    counts = faulty.stack.sql(
+        "SELECT job_id, count(*) FROM job_metrics WHERE job_id = ANY(%s) GROUP BY 1", jobs
+    )
+    assert [c for _, c in counts] == [1, 1, 1, 1]  # the killed attempt wrote nothing
+    faulty.audit(jobs)
+    faulty.stop(second, signal.SIGTERM)
+
+
+def test_api_killed_between_commit_and_enqueue(faulty: Faulty) -> None:
+    worker = faulty.worker("c")
+    port = free_port()
+    crashing = subprocess.Popen(
+        [*faulty.stack.gemmaq_command(), "api", "--port", str(port)],
+        env=faulty.stack.env | {"GEMMAQ_FAULTS": '["api.after_commit"]'},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    marker = f"crash-{uuid.uuid4().hex[:8]}"
+    body = {"variant": "echo", "input": {"prompt": "survives the crash"}, "metadata": {"m": marker}}
+    with pytest.raises(httpx.HTTPError):  # the process dies before it answers
+        httpx.post(f"{url}/v1/jobs", json=body, headers={"Authorization": f"Bearer {faulty.key}"})
+    assert crashing.wait(timeout=30) == -signal.SIGKILL
+    job_id = str(faulty.stack.sql("SELECT id FROM jobs WHERE metadata->>'m' = %s", marker)[0][0])
+    with faulty.client() as client:
+        job = wait_job(client, job_id, timeout=60)
+    assert job["status"] == "succeeded" and job["result"]["text"] == "survives the crash"
+    resent = [e for e in _events(faulty.stack.logs / "reconciler.log") if e["event"] == "job.resent"]
+    assert any(e["job_id"] == job_id for e in resent)
+    faulty.audit([job_id])
+    faulty.stop(worker, signal.SIGTERM)
+
+
+def test_redis_outage_answers_503_fast_and_loses_no_accepted_job(faulty: Faulty) -> None:
+    worker = faulty.worker("d", "gemma-3-270m")  # holds 8 jobs: the other 6 wait in Redis
+    with faulty.client() as client:
+        accepted = faulty.submit_batch(
+            client, [f"{STORY} Chapter {i}." for i in range(14)], max_new_tokens=24
+        )
+        _wait_running(client, accepted[:1])
+        faulty.redis.stop()
+        outage_end = time.monotonic() + 10
+        refusals = 0
+        while time.monotonic() < outage_end:
+            started = time.monotonic()
+            response = client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "during"}})
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503 and response.json()["error"]["code"] == "UNAVAILABLE"
+            assert elapsed < 1.0, f"a refusal took {elapsed:.2f} s"
+            refusals += 1
+            time.sleep(0.3)
+        faulty.redis.start()  # empty: queued messages, leases and counters are gone
+        done = [wait_job(client, j, timeout=240) for j in accepted]
+        assert all(j["status"] == "succeeded" for j in done), [j["status"] for j in done]
+        deadline = time.monotonic() + 30
+        while True:  # the API recovers by itself
+            after = client.post(
+                "/v1/jobs", json={"input": {"prompt": "after"}, "params": {"max_new_tokens": 4}}
+            )
+            if after.status_code == 202:
+                break
+            assert time.monotonic() < deadline, after.text
+            time.sleep(0.5)
+        assert wait_job(client, after.json()["id"])["status"] == "succeeded"
+    assert refusals >= 10
+    resent = {
+        e["job_id"] for e in _events(faulty.stack.logs / "reconciler.log") if e["event"] == "job.resent"
+    }
+    assert resent & set(accepted), "the jobs whose messages Redis lost were never sent again"
+    faulty.audit([*accepted, after.json()["id"]])
+    faulty.stop(worker, signal.SIGTERM)
+
+
+def test_postgres_outage_while_the_worker_finishes_jobs(faulty: Faulty) -> None:
+    worker = faulty.worker("e")
+    with faulty.client() as client:
+        jobs = [faulty.submit(client, f"{STORY} Volume {i}.", max_new_tokens=64) for i in range(3)]
+        _wait_running(client, jobs)
+        faulty.pg.stop()
+        for path in (f"/v1/jobs/{jobs[0]}", "/v1/jobs"):
+            started = time.monotonic()
+            response = client.get(path)
+            assert response.status_code == 503 and response.json()["error"]["code"] == "UNAVAILABLE"
+            assert time.monotonic() - started < 1.0
+        time.sleep(8)  # the batch ends while PostgreSQL is away
+        faulty.pg.start()
+        done = [wait_job(client, j, timeout=180) for j in jobs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in done), done
+    assert worker.poll() is None, "the worker must ride out a database restart"
+    faulty.audit(jobs)
+    faulty.stop(worker, signal.SIGTERM)
+
+
+def test_cancel_stops_within_two_steps_and_batch_mates_finish(faulty: Faulty) -> None:
+    worker = faulty.worker("f")
+    with faulty.client() as client:
+        jobs = faulty.submit_batch(client, [f"{STORY} Book {i}." for i in range(3)], max_new_tokens=80)
+        _wait_running(client, jobs)
+        time.sleep(1.0)
+        assert client.post(f"/v1/jobs/{jobs[0]}/cancel").status_code == 202
+        done = [wait_job(client, j) for j in jobs]
+    assert done[0]["status"] == "cancelled" and done[0]["result"]["finish_reason"] == "cancelled"
+    for job in done[1:]:
+        assert job["status"] == "succeeded" and job["result"]["usage"]["output_tokens"] == 80
+        assert job["metrics"]["batch_size"] == 3
+    finished = [e for e in _events(faulty.stack.logs / "worker-f.log") if e.get("job_id") == jobs[0]
+                and e["event"] == "job.finished"]  # fmt: skip
+    assert finished and 1 <= finished[0]["cancel_lag_steps"] <= 2, finished
+    faulty.audit(jobs)
+    faulty.stop(worker, signal.SIGTERM)
+
+
+def test_sigterm_finishes_the_batch_and_hands_back_the_rest(faulty: Faulty) -> None:
+    first = faulty.worker("g")
+    with faulty.client() as client:
+        jobs = faulty.submit_batch(client, [f"{STORY} Tale {i}." for i in range(12)], max_new_tokens=48)
+        _wait_running(client, jobs[:1])
+        time.sleep(1.0)  # the first batch of 8 is decoding; the other 4 wait for the next
+        assert faulty.stop(first, signal.SIGTERM) == 0  # waits for the batch in hand
+        after_stop = {j: client.get(f"/v1/jobs/{j}").json() for j in jobs}
+        finished = [j for j, v in after_stop.items() if v["status"] == "succeeded"]
+        assert finished and all(after_stop[j]["metrics"]["worker"] == "g@faults" for j in finished)
+        assert len(finished) < len(jobs), "nothing was left to hand back"
+        assert all(v["status"] in ("succeeded", "queued") for v in after_stop.values()), after_stop
+        second = faulty.worker("h")
+        done = [wait_job(client, j) for j in jobs]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in done)
+    assert {j["metrics"]["worker"] for j in done if j["id"] not in finished} <= {"h@faults"}
+    faulty.audit(jobs)
+    faulty.stop(second, signal.SIGTERM)
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
