@@ -1,0 +1,303 @@
+"""Chaos run: push N jobs through gemmaq while killing workers and restarting Redis and PostgreSQL,
+then audit PostgreSQL and Redis.
+
+    .venv/bin/python bench/chaos.py --jobs 300 --faults 6
+
+It starts its own PostgreSQL and Redis (gemmaq.servers: pip-installed binaries, own ports and
+folders), an API, the reconciler and two workers (gemma-3-270m + echo, CPU), and never touches
+the machine's shared services. Every job is submitted with an Idempotency-Key and retried until
+the API answers 202, as a well-behaved client does through an outage. Faults, one at a time at
+random moments: SIGKILL of a worker (a new one starts), SIGTERM of a worker (likewise), Redis
+killed and restarted empty, PostgreSQL crashed (immediate stop) and restarted.
+
+The audit: jobs by status; jobs not terminal or never written (lost); jobs with more than one
+completed attempt (duplicates); the usage ledger against the sum of the jobs' usage; concurrency
+slots still held. Exit status 0 only when nothing is lost, nothing is duplicated, the ledger
+equals usage and no slot is held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gemmaq.embedded import free_port  # noqa: E402
+from gemmaq.servers import PostgresProcess, RedisProcess  # noqa: E402
+
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+NAMESPACE = "chaos"
+
+
+class Cluster:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pg = PostgresProcess()
+        self.redis = RedisProcess(folder / "redis")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.serial = 0
+        self.env: dict[str, str] = {}
+        self.key = ""
+
+    def start(self) -> None:
+        self.pg.start()
+        self.redis.start()
+        database = self.pg.create_database("gemmaq")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"
+        }
+        self.env = env | {
+            "GEMMAQ_DATABASE_URL": database,
+            "GEMMAQ_REDIS_URL": self.redis.url,
+            "GEMMAQ_NAMESPACE": NAMESPACE,
+            "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+            "GEMMAQ_LEASE_S": "3",
+            "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
+            "GEMMAQ_ENQUEUE_GRACE_S": "2",
+            "GEMMAQ_SHUTDOWN_GRACE_S": "30",
+        }
+        self.cli("migrate")
+        self.key = (
+            self.cli("users", "create", "chaos", "--requests-per-minute", "100000").strip().splitlines()[-1]
+        )
+        self.others.append(self.spawn("api", ["api", "--port", str(self.port)]))
+        self.others.append(self.spawn("reconciler", ["reconciler"]))
+        for _ in range(2):
+            self.add_worker()
+        self.wait_warm()
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "gemmaq", *args], env=self.env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(done.stderr)
+        return done.stdout
+
+    def spawn(self, log: str, args: list[str]) -> subprocess.Popen[bytes]:
+        out = (self.folder / f"{log}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", "gemmaq", *args], env=self.env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+    def add_worker(self) -> str:
+        self.serial += 1
+        name = f"w{self.serial}@chaos"
+        args = ["worker", "--variants", "gemma-3-270m,echo", "--device", "cpu", "--name", name]
+        self.workers[name] = self.spawn(f"worker-{self.serial}", args)
+        return name
+
+    def busy_worker(self, rng: random.Random, wait_s: float = 10) -> str:
+        """A worker that holds running jobs right now (any worker if none does within `wait_s`)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(self.env["GEMMAQ_DATABASE_URL"], connect_timeout=2) as conn:
+                    rows = conn.execute(
+                        "SELECT DISTINCT worker FROM jobs WHERE status = 'running'"
+                    ).fetchall()
+                busy = sorted({str(w) for (w,) in rows} & set(self.workers))
+                if busy:
+                    return rng.choice(busy)
+            except psycopg.Error:
+                pass
+            time.sleep(0.1)
+        return rng.choice(sorted(self.workers))
+
+    def wait_warm(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"Bearer {self.key}"}
+        while time.monotonic() < deadline:
+            try:
+                models = httpx.get(f"{self.url}/v1/models", headers=headers, timeout=5).json()["data"]
+                warm = {w["worker"] for m in models for w in m["workers"] if w["state"] == "warm"}
+                if warm >= set(self.workers):
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise SystemExit("workers did not become warm")
+
+    def stop(self) -> None:
+        for proc in [*self.workers.values(), *self.others]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        self.redis.stop()
+        self.pg.remove()
+
+
+def submit_all(cluster: Cluster, count: int, accepted: dict[int, str], done: threading.Event) -> None:
+    """Submit every job, retrying through outages with the same Idempotency-Key until it is 202."""
+    headers = {"Authorization": f"Bearer {cluster.key}"}
+    rng = random.Random(7)
+    with httpx.Client(base_url=cluster.url, headers=headers, timeout=10) as client:
+        for i in range(count):
+            real = rng.random() < 0.5
+            body: dict[str, Any] = {
+                "variant": "gemma-3-270m" if real else "echo",
+                "input": {"prompt": f"Chaos job {i}: the quick brown fox jumps over the lazy dog."},
+                "params": {"max_new_tokens": 32 if real else 16},
+                "metadata": {"chaos": str(i)},
+            }
+            while True:
+                try:
+                    response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"chaos-{i}"})
+                    if response.status_code == 202:
+                        accepted[i] = response.json()["id"]
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            time.sleep(rng.uniform(0.0, 0.12))
+    done.set()
+
+
+def inject(cluster: Cluster, faults: int, submitted: threading.Event, log: list[str]) -> None:
+    rng = random.Random(11)
+    kinds = [
+        "kill-worker",
+        "restart-redis",
+        "restart-postgres",
+        "term-worker",
+        "kill-worker",
+        "restart-redis",
+    ]
+    for n in range(faults):
+        time.sleep(rng.uniform(3, 8))
+        kind = kinds[n % len(kinds)]
+        started = time.monotonic()
+        if kind in ("kill-worker", "term-worker"):
+            name = cluster.busy_worker(rng)
+            proc = cluster.workers.pop(name)
+            proc.send_signal(signal.SIGKILL if kind == "kill-worker" else signal.SIGTERM)
+            proc.wait(timeout=120)
+            cluster.add_worker()
+            detail = name
+        elif kind == "restart-redis":
+            cluster.redis.stop()
+            time.sleep(rng.uniform(2, 5))
+            cluster.redis.start()
+            detail = "down, back empty"
+        else:
+            cluster.pg.stop()
+            time.sleep(rng.uniform(2, 5))
+            cluster.pg.start()
+            detail = "crashed, restarted"
+        took = time.monotonic() - started
+        log.append(f"{time.strftime('%H:%M:%S')} fault {n + 1}: {kind} ({detail}, {took:.1f} s)")
+        print(log[-1], flush=True)
+
+
+def audit(cluster: Cluster, accepted: dict[int, str], timeout: float) -> dict[str, Any]:
+    ids = list(accepted.values())
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(cluster.env["GEMMAQ_DATABASE_URL"]) as conn:
+            rows = conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (ids,)).fetchall()
+        statuses: dict[str, str] = {str(k): str(v) for k, v in rows}
+        open_jobs = [j for j in ids if statuses.get(j) not in TERMINAL]
+        if not open_jobs or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    def one(conn: psycopg.Connection[Any], query: str) -> int:
+        row = conn.execute(query).fetchone()
+        return int(row[0]) if row else 0
+
+    with psycopg.connect(cluster.env["GEMMAQ_DATABASE_URL"]) as conn:
+        completed = conn.execute(
+            "SELECT job_id, count(*) FROM job_metrics WHERE job_id = ANY(%s) AND output_tokens IS NOT NULL "
+            "GROUP BY job_id HAVING count(*) > 1",
+            (ids,),
+        ).fetchall()
+        usage = one(
+            conn,
+            "SELECT coalesce(sum((result->'usage'->>'input_tokens')::bigint"
+            " + (result->'usage'->>'output_tokens')::bigint), 0) FROM jobs WHERE result ? 'usage'",
+        )
+        ledger = one(conn, "SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM usage_ledger")
+        attempts = Counter(a for (a,) in conn.execute("SELECT attempts FROM jobs WHERE id = ANY(%s)", (ids,)))
+        rows_total = one(conn, "SELECT count(*) FROM jobs")
+    events: Counter[str] = Counter()
+    for log in cluster.folder.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                event = json.loads(line).get("event", "")
+                if event in ("job.requeued", "job.resent", "job.returned", "worker.consumer_lost"):
+                    events[event] += 1
+    time.sleep(3)  # the reconciler's sweep releases slots of jobs whose worker died before settling
+    client = redis.Redis.from_url(cluster.redis.url)
+    slots = sum(int(client.hlen(k)) for k in client.scan_iter(match=f"{NAMESPACE}:quota:*:active"))
+    return {
+        "accepted": len(ids),
+        "job_rows": rows_total,
+        "by_status": dict(Counter(statuses.get(j, "missing") for j in ids)),
+        "lost": len(open_jobs),
+        "duplicates": len(completed),
+        "attempts": dict(sorted(attempts.items())),
+        "usage_tokens": int(usage),
+        "ledger_tokens": int(ledger),
+        "open_concurrency_slots": slots,
+        "recoveries": dict(events),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--faults", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to end")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="gemmaq-chaos-"))
+    cluster = Cluster(folder)
+    started = time.monotonic()
+    try:
+        print(f"starting PostgreSQL, Redis, API, reconciler and 2 workers (logs in {folder})", flush=True)
+        cluster.start()
+        accepted: dict[int, str] = {}
+        submitted = threading.Event()
+        faults: list[str] = []
+        feeder = threading.Thread(target=submit_all, args=(cluster, args.jobs, accepted, submitted))
+        feeder.start()
+        inject(cluster, args.faults, submitted, faults)
+        feeder.join()
+        print(f"all {args.jobs} jobs accepted after {time.monotonic() - started:.0f} s; waiting for the last",
+              flush=True)  # fmt: skip
+        report = audit(cluster, accepted, args.timeout)
+    finally:
+        cluster.stop()
+    report |= {"faults": len(faults), "seconds": round(time.monotonic() - started, 1)}
+    print(json.dumps(report, indent=2))
+    ok = (
+        report["lost"] == 0
+        and report["duplicates"] == 0
+        and report["usage_tokens"] == report["ledger_tokens"]
+        and report["open_concurrency_slots"] == 0
+        and report["accepted"] == args.jobs
+        and report["faults"] >= args.faults
+    )
+    print("chaos audit:", "PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
