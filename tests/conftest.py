@@ -98,7 +98,10 @@ class Stack:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    def wait_worker(self, key: str, variants: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_worker(
+        self, key: str, variants: list[str], timeout: float = READY_TIMEOUT_S, name: str | None = None
+    ) -> None:
+        """Until every variant is warm on some worker (on the worker `name`, when given)."""
         deadline = time.monotonic() + timeout
         with self.client(key) as c:
             while time.monotonic() < deadline:
@@ -106,7 +109,15 @@ class Stack:
                     assert proc.poll() is None, f"a gemmaq process exited ({proc.args!r}); see {self.logs}"
                 try:
                     models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
-                    if all(any(w["state"] == "warm" for w in models[v]["workers"]) for v in variants):
+                    warm = [
+                        [
+                            w
+                            for w in models[v]["workers"]
+                            if w["state"] == "warm" and name in (None, w["worker"])
+                        ]
+                        for v in variants
+                    ]
+                    if all(warm):
                         return
                 except (httpx.HTTPError, KeyError):
                     pass

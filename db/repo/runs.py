@@ -8,7 +8,7 @@ job's usage reaches the ledger in the one transaction that ends it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -104,29 +104,48 @@ def queued_before(*, session: Session, cutoff: datetime, limit: int = 5000) -> l
 
 
 def requeue_lost(*, session: Session, job_id: str, attempt: int) -> Job | None:
-    """A running job whose lease lapsed (its worker died) is queued again for its next attempt."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(status="queued", worker=None)
-        .returning(Job)
-    )
-    return session.execute(stmt).scalar_one_or_none()
+    """A running job whose lease lapsed (its worker died) is queued again for its next attempt;
+    the lost attempt keeps a `job_metrics` row of its own (which worker, how long it held the job)."""
+    if not _record_lost_attempt(session, job_id, attempt):
+        return None
+    stmt = update(Job).where(Job.id == job_id).values(status="queued", worker=None).returning(Job)
+    return session.execute(stmt).scalar_one()
 
 
 def fail_lost(*, session: Session, job_id: str, attempt: int) -> Charge | None:
     """A running job whose workers were lost on every attempt ends failed."""
+    if not _record_lost_attempt(session, job_id, attempt):
+        return None
     job = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+        .where(Job.id == job_id)
         .values(
             status="failed",
             finished_at=func.now(),
             error={"code": GENERATION_ERROR, "message": f"its worker was lost on all {attempt} attempts"},
         )
         .returning(Job)
-    ).scalar_one_or_none()
-    return charge_of(job) if job is not None else None
+    ).scalar_one()
+    return charge_of(job)
+
+
+def _record_lost_attempt(session: Session, job_id: str, attempt: int) -> bool:
+    """Lock the job if it is still running this attempt, and write that attempt's metrics row."""
+    row = session.execute(
+        select(Job.worker, Job.started_at)
+        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+        .with_for_update()
+    ).first()
+    if row is None:
+        return False
+    worker, started = row
+    held_ms = (datetime.now(UTC) - started).total_seconds() * 1000 if started else None
+    session.execute(
+        pg_insert(JobMetric)
+        .values(job_id=job_id, attempt=attempt, worker=worker, total_ms=held_ms)
+        .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
+    )
+    return True
 
 
 def states(*, session: Session, job_ids: list[str]) -> dict[str, Job]:
