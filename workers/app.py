@@ -61,7 +61,9 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
         log.error("worker.nothing_to_serve", variants=list(variants))
         _idle_until_signal(pool)
         return
-    concurrency = sum(s.variant.max_batch_size for s in warm)
+    # Two batches' worth of task threads per variant: while one batch decodes, the next is
+    # claimed and waiting in the batcher, so the device never idles between batches.
+    concurrency = 2 * sum(s.variant.max_batch_size for s in warm)
     app = create_worker_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -41,6 +41,7 @@ JobIdPath = Annotated[str, "job id"]
 # the exact token count is checked by the worker's tokenizer.
 CHARS_PER_TOKEN_CEILING = 8
 WHISPER_WINDOW_S = 29.0  # one 30 s window, less the silence the engine puts around the clips
+WAIT_RECHECK_S = 5.0  # ?wait=N: how often a waiting request re-reads its job besides the done message
 
 
 async def _check_spec(
@@ -245,7 +246,8 @@ async def _wait_terminal(
     job_id: str,
     deadline: float,
 ) -> JobOut:
-    """Wake on the worker's done message; re-read at least every second in case one was missed."""
+    """Wake on the worker's done message; re-read every few seconds in case one was missed
+    (without pub/sub, every second)."""
     try:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(job_done_channel(settings, job_id))
@@ -257,7 +259,7 @@ async def _wait_terminal(
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL_STATUSES or remaining <= 0:
                 return job
-            timeout = min(remaining, 1.0)
+            timeout = min(remaining, 1.0 if pubsub is None else WAIT_RECHECK_S)
             if pubsub is None:
                 await asyncio.sleep(timeout)
                 continue
