@@ -1,7 +1,8 @@
 """Dynamic batching: task threads hand requests in; one thread per variant runs them as batches.
 
-A batch flushes when it holds `max_batch_size` requests or `max_wait_ms` after its
-first one arrived. Engines on one device take turns under the device lock.
+A batch flushes when it holds `max_batch_size` requests, or `max_wait_ms` after its latest
+arrival (at most 4 times `max_wait_ms` after the first). Engines on one device take turns
+under the device lock.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ log = structlog.get_logger(__name__)
 
 Item = tuple[Request, "Future[Result]"]
 _WAKE = object()  # put by `drain` so the loop notices at once
+MAX_WAIT_FACTOR = 4
 
 
 class Batcher:
@@ -59,8 +61,11 @@ class Batcher:
         self._queue.put(_WAKE)
 
     def _collect(self, first: Item) -> list[Item]:
+        """Gather up to `max_batch_size`: wait `max_wait` past the latest arrival (a burst keeps
+        filling the batch), never longer than `MAX_WAIT_FACTOR` times `max_wait` in all."""
         batch = [first]
-        deadline = time.monotonic() + self.max_wait
+        start = time.monotonic()
+        deadline = start + self.max_wait
         while len(batch) < self.max_batch_size and not self._draining.is_set():
             remaining = deadline - time.monotonic()
             try:
@@ -72,6 +77,7 @@ class Batcher:
                 break
             if item is not _WAKE:
                 batch.append(item)  # type: ignore[arg-type]
+                deadline = min(time.monotonic() + self.max_wait, start + self.max_wait * MAX_WAIT_FACTOR)
         return [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
