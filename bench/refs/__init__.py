@@ -1,0 +1,1 @@
+"""Reference implementations the overhead bench measures gemmaq against (never imported by gemmaq)."""
