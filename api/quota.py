@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.media import MediaTotals
 from core import quotas
-from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited
+from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
 from core.schemas import JobCreate
 from core.settings import Settings
@@ -107,6 +107,8 @@ async def admit(
         break
     if outcome.outcome == quotas.OK:
         return Reservation(job_id=job_id, day=day, tokens=tokens)
+    if outcome.outcome == quotas.SEED:  # the day's counter vanished twice in a row
+        raise Unavailable("the quota counters are being rebuilt; retry shortly")
     _refuse(outcome)
 
 

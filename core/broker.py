@@ -6,6 +6,7 @@ namespace prefix, so several deployments (or test runs) can share one Redis.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import redis
@@ -72,22 +73,31 @@ MESSAGE_MARKER_TTL_S = 7 * 86_400
 
 
 def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> None:
-    """Send the job id (nothing else) to its variant's queue, and mark that it was sent.
+    """Send the job id (nothing else) to its variant's queue, marked as sent.
 
-    gemmaq's priority runs 0 (lowest) to 9 (highest); kombu's Redis transport
-    serves 0 first, so the value is flipped. A crash between the two steps leaves no
-    marker: the reconciler sends again, and the duplicate message is skipped by the claim.
+    gemmaq's priority runs 0 (lowest) to 9 (highest); kombu's Redis transport serves 0
+    first, so the value is flipped. The marker goes first, so a worker's claim (which
+    clears it) always comes after it; a send that fails takes the marker back, and a marker
+    that cannot be written only means the reconciler sends the job once more (a duplicate
+    message is skipped by the claim).
     """
-    app.send_task(
-        RUN_JOB_TASK,
-        args=[job_id],
-        queue=variant_queue(variant),
-        priority=9 - priority,
-        retry=False,
-    )
     settings: Settings = app.conf.gemmaq_settings
     markers: redis.Redis = app.conf.gemmaq_markers
-    markers.set(message_key(settings, job_id), "1", ex=MESSAGE_MARKER_TTL_S)
+    marker = message_key(settings, job_id)
+    with contextlib.suppress(redis.RedisError):
+        markers.set(marker, "1", ex=MESSAGE_MARKER_TTL_S)
+    try:
+        app.send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=variant_queue(variant),
+            priority=9 - priority,
+            retry=False,
+        )
+    except Exception:
+        with contextlib.suppress(redis.RedisError):
+            markers.delete(marker)
+        raise
 
 
 def queue_keys(settings: Settings, variant: str) -> list[str]:

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import redis
 
 from core.broker import enqueue_job, make_celery
 from tests.conftest import Stack, wait_job
@@ -125,3 +126,25 @@ def test_job_past_its_time_limit_ends_timeout(client: httpx.Client) -> None:
     assert job["finished_at"] is not None
     over = client.post("/v1/jobs", json=body | {"params": {"timeout_s": 10_000}})
     assert over.status_code == 422 and over.json()["error"]["details"]["limit"] == 600
+
+
+def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client: httpx.Client) -> None:
+    """A second delivery while the job runs must not touch its lease (or the reconciler would
+    requeue a healthy job and throw its result away)."""
+    body = {"input": {"prompt": "Write a very long story about the sea."}, "params": {"max_new_tokens": 160}}
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    broker = make_celery(stack.settings())
+    for _ in range(2):
+        enqueue_job(broker, job_id=job_id, variant="gemma-3-270m", priority=5)
+    time.sleep(1.0)
+    lease = redis.Redis.from_url(stack.redis_url, decode_responses=True).get(
+        f"{stack.namespace}:lease:{job_id}"
+    )
+    assert isinstance(lease, str) and lease.startswith(f"{stack.namespace}@test/")
+    job = wait_job(client, job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job_id) == [(1,)]

@@ -109,6 +109,8 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
                 break
             log.warning("worker.consumer_lost", action="starting a new consumer when Redis answers")
             _wait_for_redis(pool)
+            if pool.draining:
+                break
     finally:
         pool.close()
 

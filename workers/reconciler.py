@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 import structlog
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from core import quotas
@@ -59,7 +60,7 @@ class Reconciler:
                 if waiting:
                     log.info("reconciler.resumed")
                 waiting = False
-            except (OperationalError, redis.RedisError) as exc:
+            except (OperationalError, redis.RedisError, KombuOperationalError) as exc:
                 if not waiting:  # once per outage, not once per round
                     log.warning("reconciler.waiting", error=type(exc).__name__)
                 waiting = True
@@ -155,7 +156,8 @@ class Reconciler:
         a row (the API died between admission and commit)."""
         pattern = self.settings.key("quota", "*", "active")
         released = 0
-        now_ms = int(time.time() * 1000)
+        seconds, micros = self.redis.time()  # the clock admission stamped the holders with
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
         for key in self.redis.scan_iter(match=pattern, count=200):
             user_id = key.decode().split(":")[-2]
             holders = quotas.parse_holders(self.redis.hgetall(key))

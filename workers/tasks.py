@@ -63,6 +63,8 @@ def _finish(pool: VariantPool, job: Job, **outcome: Any) -> bool:
 
 @_db_retry
 def _put_back(pool: VariantPool, job: Job) -> None:
+    # Let go of the lease first, or the delivery of the message sent below would see it held.
+    pool.release_lease(job.id)
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
         back = runs.put_back(session=session, job_id=job.id, attempt=job.attempts)
     if back is not None:
@@ -84,18 +86,30 @@ def run_job(job_id: str) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id, worker=pool.worker)
     if pool.draining:  # SIGTERM arrived: leave the job queued for another worker
-        _send_again(pool, job_id)
+        try:
+            _send_again(pool, job_id)
+        except Exception:
+            pool.message_taken(job_id)  # no marker: the reconciler sends it
+            raise
         return
-    pool.take_lease(job_id)
+    token = pool.take_lease(job_id)
+    if token is None:
+        log.info("job.skipped", reason="another delivery of this job holds its lease")
+        return
     try:
-        job = _claim(pool, job_id)
+        try:
+            job = _claim(pool, job_id)
+        except Exception:
+            # The message is acked all the same: without its marker the reconciler sends it again.
+            pool.message_taken(job_id)
+            raise
         if job is None:
-            log.info("job.skipped", reason="not queued: running elsewhere, ended or expired")
+            log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
         pool.message_taken(job_id)
         _run(pool, job)
     finally:
-        pool.drop_lease(job_id)
+        pool.drop_lease(job_id, token)
 
 
 def _run(pool: VariantPool, job: Job) -> None:
@@ -105,7 +119,9 @@ def _run(pool: VariantPool, job: Job) -> None:
     try:
         _run_claimed(pool, job, queue_ms)
     except OperationalError:
-        raise  # the database stayed away past the retries; the message is redelivered later
+        # The database stayed away past the retries: the task ends, the lease is dropped, and the
+        # reconciler requeues the job once the lease has stayed gone for lease_s.
+        raise
     except Exception as exc:
         # Whatever went wrong, a claimed job must not stay running: it fails, the worker goes on.
         log.error("job.crashed", error=type(exc).__name__)

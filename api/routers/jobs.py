@@ -211,7 +211,8 @@ async def _replay(
 
 
 async def _enqueue_or_withdraw(maker: async_sessionmaker[AsyncSession], broker: BrokerDep, job: Job) -> None:
-    """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503."""
+    """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503 —
+    unless a worker has taken it meanwhile (the message went out after all): then it stands."""
     try:
         await run_in_threadpool(
             enqueue_job, broker, job_id=job.id, variant=job.variant, priority=job.priority
@@ -219,8 +220,9 @@ async def _enqueue_or_withdraw(maker: async_sessionmaker[AsyncSession], broker: 
     except Exception as exc:
         log.error("job.enqueue_failed", error=type(exc).__name__)
         async with maker() as session, session.begin():
-            await session.delete(await session.merge(job))
-        raise Unavailable("the job queue is not answering; retry shortly") from exc
+            withdrawn = await jobs_repo.withdraw(session=session, job_id=job.id)
+        if withdrawn:
+            raise Unavailable("the job queue is not answering; retry shortly") from exc
 
 
 @router.get("/jobs/{job_id}", responses=responses(401, 404, 422), summary="Read a job")

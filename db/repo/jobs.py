@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -204,6 +204,12 @@ async def cancel_queued(*, session: AsyncSession, user_id: str, job_id: str) -> 
         )
     ).scalar_one_or_none()
     return charge_of(job) if job is not None else None
+
+
+async def withdraw(*, session: AsyncSession, job_id: str) -> bool:
+    """Delete a job whose message could not be sent — only while it is still queued."""
+    stmt = delete(Job).where(Job.id == job_id, Job.status == "queued").returning(Job.id)
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
 
 
 async def ledger(*, session: AsyncSession, user_id: str, since: date) -> list[UsageLedger]:

@@ -8,6 +8,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -26,9 +27,17 @@ from workers.runtime.loading import WeightsUnavailable, load_engine
 
 log = structlog.get_logger(__name__)
 
-# Delete a lease only if this worker still holds it.
+# Delete a lease only if this run still holds it.
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Renew a lease this run holds; set it again if it vanished (a restarted Redis); never take
+# one that another run holds.
+_RENEW_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if not held then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end
 return 0
 """
 
@@ -56,9 +65,10 @@ class VariantPool:
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
         self.consuming = False
         # Jobs claimed here and not yet finished: their leases are renewed by the heartbeat.
-        self._in_hand: set[str] = set()
+        self._in_hand: dict[str, str] = {}  # job id → this run's lease token
         self._in_hand_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
+        self._renew = self.redis.register_script(_RENEW_LEASE)
         self.broker = make_celery(settings, name="gemmaq-worker-producer")  # to put jobs back
         self.draining = False
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -132,23 +142,36 @@ class VariantPool:
 
     # ---- leases -------------------------------------------------------------------------
 
-    def take_lease(self, job_id: str) -> None:
-        """Before the claim: from here on the heartbeat keeps the job's lease alive."""
-        with self._in_hand_lock:
-            self._in_hand.add(job_id)
+    def take_lease(self, job_id: str) -> str | None:
+        """Before the claim: the job's lease, unique to this run, or None when another delivery of
+        the same job (here or on another worker) holds it — then this one must leave the job alone.
+        From here on the heartbeat keeps the lease alive."""
+        token = f"{self.worker}/{uuid.uuid4().hex}"
         try:
-            self.redis.set(lease_key(self.settings, job_id), self.worker, ex=self._lease_ttl())
+            if not self.redis.set(lease_key(self.settings, job_id), token, nx=True, ex=self._lease_ttl()):
+                return None
         except redis.RedisError:
-            log.warning("lease.set_failed")  # the heartbeat sets it as soon as Redis answers
-
-    def drop_lease(self, job_id: str) -> None:
+            log.warning("lease.set_failed")  # the claim is still safe; the heartbeat sets the lease
         with self._in_hand_lock:
-            self._in_hand.discard(job_id)
+            self._in_hand[job_id] = token
+        return token
+
+    def drop_lease(self, job_id: str, token: str) -> None:
+        with self._in_hand_lock:
+            if self._in_hand.get(job_id) == token:
+                del self._in_hand[job_id]
         with contextlib.suppress(redis.RedisError):
-            self._release(keys=[lease_key(self.settings, job_id)], args=[self.worker])
+            self._release(keys=[lease_key(self.settings, job_id)], args=[token])
+
+    def release_lease(self, job_id: str) -> None:
+        """Let go of a job this worker holds (it is being handed back unstarted)."""
+        token = self.in_hand().get(job_id)
+        if token is not None:
+            self.drop_lease(job_id, token)
 
     def message_taken(self, job_id: str) -> None:
-        """The job is claimed: its broker message has done its work (see core.queues.message_key)."""
+        """The job is claimed: its broker message has done its work (see core.queues.message_key).
+        Also called when a message is dropped unclaimed: the reconciler then sends the job again."""
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(message_key(self.settings, job_id))
 
@@ -159,9 +182,9 @@ class VariantPool:
             if state.batcher is not None:
                 state.batcher.drain()
 
-    def in_hand(self) -> list[str]:
+    def in_hand(self) -> dict[str, str]:
         with self._in_hand_lock:
-            return sorted(self._in_hand)
+            return dict(self._in_hand)
 
     def _lease_ttl(self) -> int:
         return max(1, math.ceil(self.settings.lease_s))
@@ -171,8 +194,8 @@ class VariantPool:
         if not jobs:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in jobs:
-            pipe.set(lease_key(self.settings, job_id), self.worker, ex=self._lease_ttl())
+        for job_id, token in jobs.items():
+            self._renew(keys=[lease_key(self.settings, job_id)], args=[token, self._lease_ttl()], client=pipe)
         try:
             pipe.execute()
         except redis.RedisError:
