@@ -191,6 +191,20 @@ def client(stack: Stack, key: str) -> Iterator[httpx.Client]:
         yield c
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until the API process at `url` answers /healthz (failing at once if it exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, f"the API process exited ({proc.returncode})"
+        assert time.monotonic() < deadline, f"the API at {url} did not start"
+        time.sleep(0.2)
+
+
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:

@@ -23,7 +23,7 @@ import pytest
 
 from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
-from tests.conftest import ROOT, Stack, wait_job
+from tests.conftest import ROOT, Stack, wait_healthy, wait_job
 
 VARIANTS = "gemma-3-270m,echo"
 STORY = "Write a very long story about a lighthouse keeper and the sea."
@@ -161,14 +161,7 @@ def test_api_killed_between_commit_and_enqueue(faulty: Faulty) -> None:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    wait_healthy(url, crashing)
     marker = f"crash-{uuid.uuid4().hex[:8]}"
     body = {"variant": "echo", "input": {"prompt": "survives the crash"}, "metadata": {"m": marker}}
     with pytest.raises(httpx.HTTPError):  # the process dies before it answers

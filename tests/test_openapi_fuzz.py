@@ -9,14 +9,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
-
 from gemmaq.embedded import free_port
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_healthy
 
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance"
 
@@ -30,15 +27,7 @@ def test_openapi_contract_holds_under_fuzzing(stack: Stack, tmp_path: Path) -> N
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.2)
+        wait_healthy(url, api)
         st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
         command = [st, "run", f"{url}/openapi.json", "--checks", CHECKS, "--no-color"]
         command += ["--max-examples", "25", "--seed", "7", "--request-timeout", "60"]

@@ -14,7 +14,7 @@ import redis
 
 from core.broker import enqueue_job, make_celery
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_job
+from tests.conftest import Stack, wait_healthy, wait_job
 
 HELD = "echo-held"  # no worker serves it: its jobs stay queued and hold their slot
 
@@ -44,15 +44,7 @@ def second_api(stack: Stack) -> Iterator[str]:
     port = free_port()
     proc = stack.gemmaq("api", "--port", str(port), log="api-second.log")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "the second API never started"
-        time.sleep(0.2)
+    wait_healthy(url, proc)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
