@@ -1,24 +1,32 @@
-"""Dynamic batching: task threads hand requests in; one thread per variant runs them as batches.
+"""Dynamic batching: task threads hand requests in; one thread per variant runs them.
 
-A batch flushes when it holds `max_batch_size` requests, or `max_wait_ms` after its latest
-arrival (at most 4 times `max_wait_ms` after the first). Engines on one device take turns
-under the device lock.
+Engines that decode step by step (text: `ContinuousEngine`) run continuous batching: a request
+joins the running batch at the next step when a slot is free, a finished one leaves at once.
+Other engines run static batches: a batch flushes when it holds `max_batch_size` requests, or
+`max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
+Either way an idle batcher waits like that for a burst before it starts, and engines on one
+device take turns under the device lock (per step, or per static batch).
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 
 import structlog
 
-from workers.runtime.base import CancelCheck, Engine, Request, Result, ShuttingDown
+from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
+from workers.runtime.continuous import ContinuousDecoder, ContinuousEngine
 
 log = structlog.get_logger(__name__)
 
 Item = tuple[Request, "Future[Result]"]
+Done = Sequence[tuple[object, Result | Exception]]
+Joiner = tuple["Future[Result]", Request, list[int]]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
 
@@ -62,7 +70,8 @@ class Batcher:
 
     def _collect(self, first: Item) -> list[Item]:
         """Gather up to `max_batch_size`: wait `max_wait` past the latest arrival (a burst keeps
-        filling the batch), never longer than `MAX_WAIT_FACTOR` times `max_wait` in all."""
+        filling the batch), never longer than `MAX_WAIT_FACTOR` times `max_wait` in all.
+        The requests that were not cancelled meanwhile are marked running."""
         batch = [first]
         start = time.monotonic()
         deadline = start + self.max_wait
@@ -81,6 +90,9 @@ class Batcher:
         return [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
+        if isinstance(self.engine, ContinuousEngine):
+            self._continuous(self.engine, self.engine.stream())
+            return
         while True:
             first = self._queue.get()
             if first is None:
@@ -115,3 +127,67 @@ class Batcher:
             else:
                 outcome.load_ms = load_ms
                 future.set_result(outcome)
+
+    # ---- continuous batching ---------------------------------------------------------------
+
+    def _continuous(self, engine: ContinuousEngine, stream: ContinuousDecoder) -> None:
+        waiting: collections.deque[Item] = collections.deque()
+        while True:
+            if not stream.rows and not waiting:  # idle: block, then gather a burst
+                first = self._queue.get()
+                if first is None:
+                    return
+                if first is _WAKE:
+                    continue
+                waiting.extend(self._collect(first))  # type: ignore[arg-type]
+            while True:  # whatever else arrived, without waiting
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    return
+                if item is not _WAKE and item[1].set_running_or_notify_cancel():  # type: ignore[index]
+                    waiting.append(item)  # type: ignore[arg-type]
+            if self._draining.is_set():
+                while waiting:
+                    waiting.popleft()[1].set_exception(ShuttingDown())
+            joiners: list[Joiner] = []
+            while waiting and len(joiners) < stream.free:
+                request, future = waiting.popleft()
+                if future.cancelled():
+                    continue
+                try:
+                    joiners.append((future, request, engine.encode(request)))
+                except RequestError as exc:
+                    future.set_exception(exc)
+            self._deliver(self._join(stream, joiners))
+            if stream.rows:
+                self._deliver(self._step(stream))
+
+    def _join(self, stream: ContinuousDecoder, joiners: list[Joiner]) -> Done:
+        if not joiners:
+            return []
+        try:
+            with self.device_lock:
+                return stream.join(joiners)
+        except Exception as exc:
+            log.exception("batch.join_failed", variant=self.engine.name, joining=len(joiners))
+            return [(future, exc) for future, _, _ in joiners]
+
+    def _step(self, stream: ContinuousDecoder) -> Done:
+        try:
+            with self.device_lock:
+                return stream.step(self.cancelled)
+        except Exception as exc:
+            log.exception("batch.step_failed", variant=self.engine.name, batch_size=len(stream.rows))
+            return [(key, exc) for key in stream.abandon()]
+
+    def _deliver(self, done: Done) -> None:
+        for key, outcome in done:
+            future: Future[Result] = key  # type: ignore[assignment]
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+                continue
+            outcome.load_ms, self._pending_load_ms = self._pending_load_ms, None
+            future.set_result(outcome)

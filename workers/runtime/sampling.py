@@ -22,15 +22,33 @@ def needs_sampler(params: Sequence[GenerationParams]) -> bool:
     return any(p.temperature > 0 or p.repetition_penalty != 1.0 for p in params)
 
 
+def sample_row(
+    scores: torch.Tensor, params: GenerationParams, generator: torch.Generator, seen: torch.Tensor
+) -> int:
+    """One row's next token from its float scores: repetition penalty over the `seen` ids, then
+    greedy, or temperature, top-k and top-p and a draw from the row's own generator."""
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+        old = scores.gather(0, seen)
+        scores = scores.scatter(0, seen, torch.where(old < 0, old * penalty, old / penalty))
+    if params.temperature == 0:
+        return int(scores.argmax())
+    logits = scores / max(params.temperature, 1e-5)
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # Keep the smallest head whose mass reaches top_p (the first token always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[0])
+
+
 class RowSampler(LogitsProcessor):  # type: ignore[misc]
     def __init__(self, params: Sequence[GenerationParams], device: torch.device) -> None:
-        self.temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-        self.top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-        self.any_top_p = any(p.top_p < 1.0 for p in params)
-        self.top_k = [p.top_k for p in params]
-        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
-        self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
-        self.greedy = [p.temperature == 0 for p in params]
+        self.params = list(params)
         self.generators = []
         for p in params:
             g = torch.Generator(device=device)
@@ -39,30 +57,10 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
 
     def __call__(self, input_ids: torch.LongTensor, raw_scores: torch.FloatTensor) -> torch.FloatTensor:
         scores: torch.Tensor = raw_scores.float()
-        if self.any_penalty:
-            seen = torch.gather(scores, 1, input_ids)
-            seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-            scores = scores.scatter(1, input_ids, seen)
         chosen = torch.argmax(scores, dim=-1)
-        if not all(self.greedy):
-            logits = scores / self.temperature.clamp(min=1e-5)
-            vocab = logits.shape[-1]
-            for row, k in enumerate(self.top_k):
-                if 0 < k < vocab:
-                    kth = torch.topk(logits[row], k).values[-1]
-                    logits[row] = logits[row].masked_fill(logits[row] < kth, float("-inf"))
-            if self.any_top_p:
-                sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-                sorted_probs = sorted_logits.softmax(dim=-1)
-                # Keep the smallest head whose mass reaches top_p (the first token always stays).
-                drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
-                drop_sorted &= self.top_p < 1.0  # rows with top_p = 1 keep every token
-                drop = drop_sorted.scatter(1, order, drop_sorted)
-                logits = logits.masked_fill(drop, float("-inf"))
-            probs = logits.softmax(dim=-1)
-            for row, greedy in enumerate(self.greedy):
-                if not greedy:
-                    chosen[row] = torch.multinomial(probs[row], 1, generator=self.generators[row])[0]
+        for row, p in enumerate(self.params):
+            if p.temperature > 0 or p.repetition_penalty != 1.0:
+                chosen[row] = sample_row(scores[row], p, self.generators[row], input_ids[row])
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out  # type: ignore[return-value]

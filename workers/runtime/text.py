@@ -9,6 +9,7 @@ import torch
 
 from core.tool_calls import tool_prompt
 from workers.runtime.base import CancelCheck, Request, RequestError, Result
+from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
 
 # Gemma's turn format, for tokenizers that ship without a template (the 270M GGUF's).
@@ -123,14 +124,22 @@ class TextEngine:
             )
         return ids
 
+    def stream(self) -> ContinuousDecoder:
+        """A running batch that requests join and leave between steps (continuous batching)."""
+        return ContinuousDecoder(self.decoder, max_rows=self.max_batch_size)
+
     def warmup(self) -> None:
-        """One short generation, so the first real batch does not pay for lazy initialisation."""
+        """One short generation through the running-batch path, so the first real request does not
+        pay for lazy initialisation."""
         from core.schemas import GenerationParams
 
         warm = Request(
             job_id="warmup", messages=None, prompt="Hello", params=GenerationParams(max_new_tokens=2)
         )
-        self.generate([warm], lambda ids: [False] * len(ids))
+        stream = self.stream()
+        stream.join([(None, warm, self.encode(warm))])
+        while stream.rows:
+            stream.step(lambda ids: [None] * len(ids))
 
     def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
         results: list[Result | Exception] = []
