@@ -33,11 +33,11 @@ def states_of(variant: str, workers: list[dict[str, Any]]) -> list[dict[str, Any
 def availability(variant: Variant, registry: VariantRegistry, workers: list[dict[str, Any]]) -> str | None:
     """None when the variant can run, else why not.
 
-    A worker that serves (or is loading) the variant is proof enough, whatever this
-    API host holds; otherwise the weights must be present here.
+    A worker that serves the variant (warm, loading, or cold: it loads it when a job comes) is
+    proof enough, whatever this API host holds; otherwise the weights must be present here.
     """
     states = states_of(variant.name, workers)
-    if any(s["state"] in ("warm", "loading") for s in states):
+    if any(s["state"] in ("warm", "loading", "cold") for s in states):
         return None
     if states:
         return str(states[0].get("reason") or "no worker could load it")

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3600
     max_wait_s: float = 60.0
     worker_heartbeat_s: float = 5.0
+    # Memory a worker fills with warm variants (MiB); None → 90% of the GPU's memory, or half
+    # the host's RAM on CPU. Least recently used variants are evicted to load others.
+    worker_memory_mb: int | None = Field(default=None, ge=1)
     # Attempts a job gets when its worker dies under it; then it ends failed.
     max_attempts: int = 3
     # A running job's lease: renewed by its worker's heartbeat; a job whose lease stays gone
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("database_url", "redis_url", "variants_file", mode="before")
+    @field_validator("database_url", "redis_url", "variants_file", "worker_memory_mb", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

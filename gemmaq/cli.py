@@ -69,8 +69,15 @@ def worker(
     gpu: Annotated[int | None, typer.Option(help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (ignored with --gpu)")] = "auto",
     name: Annotated[str | None, typer.Option(help="worker name; default <device>@<host>")] = None,
+    memory_mb: Annotated[
+        int | None,
+        typer.Option(min=1, help="memory for warm variants (MiB); default GEMMAQ_WORKER_MEMORY_MB or auto"),
+    ] = None,
+    preload: Annotated[
+        str | None, typer.Option(help="variants to load at start (default: all that fit); others on demand")
+    ] = None,
 ) -> None:
-    """Run a worker: pin its device, load its variants, keep them warm, batch their jobs."""
+    """Run a worker: pin its device, keep its variants warm within a memory budget, batch their jobs."""
     if "torch" in sys.modules:  # pinning only works before torch sees the devices
         raise typer.BadParameter("torch was imported before the device was pinned")
     if gpu is not None:
@@ -90,8 +97,16 @@ def worker(
         device = "cuda:0"
     from workers.app import run_worker
 
-    names = [v.strip() for v in (variants or settings.default_variant).split(",") if v.strip()]
-    run_worker(settings, names, device=device, name=name)
+    names = _names(variants or settings.default_variant)
+    if memory_mb is not None:
+        settings = settings.model_copy(update={"worker_memory_mb": memory_mb})
+    run_worker(
+        settings, names, device=device, name=name, preload=None if preload is None else _names(preload)
+    )
+
+
+def _names(csv: str) -> list[str]:
+    return [v.strip() for v in csv.split(",") if v.strip()]
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The Celery worker: pins its device, loads its variants, then consumes their queues.
+"""The Celery worker: pins its device, warms its variants, then consumes their queues.
 
 `run_worker` must be reached with CUDA_VISIBLE_DEVICES already set (the CLI does it
 before anything imports torch).
@@ -40,9 +40,18 @@ def default_worker_name(device: str) -> str:
     return f"{label}@{socket.gethostname()}"
 
 
-def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name: str | None = None) -> None:
+def run_worker(
+    settings: Settings,
+    variants: Sequence[str],
+    *,
+    device: str,
+    name: str | None = None,
+    preload: Sequence[str] | None = None,
+) -> None:
+    """Serve `variants`: load those of `preload` (default: all) that fit the memory budget now,
+    the others when their first job arrives."""
     registry = load_variants(settings.variants_file)
-    unknown = [v for v in variants if v not in registry]
+    unknown = [v for v in (*variants, *(preload or ())) if v not in registry]
     if unknown:
         raise SystemExit(f"unknown variants: {', '.join(unknown)} (known: {', '.join(registry.names())})")
     longest = max(registry.get(v).timeout_s for v in variants)  # type: ignore[union-attr]
@@ -55,15 +64,15 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
     structlog.contextvars.bind_contextvars(worker=name)
     pool = VariantPool(settings, registry, device=device, worker=name)
     tasks.POOL = pool
-    pool.start(variants)
-    warm = pool.warm()
-    if not warm:
+    pool.start(variants, preload)
+    served = pool.servable()
+    if not served:
         log.error("worker.nothing_to_serve", variants=list(variants))
         _idle_until_signal(pool)
         return
     # Two batches' worth of task threads per variant: while one batch decodes, the next is
     # claimed and waiting in the batcher, so the device never idles between batches.
-    concurrency = 2 * sum(s.variant.max_batch_size for s in warm)
+    concurrency = 2 * sum(s.variant.max_batch_size for s in served)
     app = create_worker_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -85,17 +94,24 @@ def run_worker(settings: Settings, variants: Sequence[str], *, device: str, name
     def _stopped(**_: object) -> None:
         pool.consuming = False
 
-    log.info("worker.ready", variants=[s.variant.name for s in warm], device=device, concurrency=concurrency)
+    log.info(
+        "worker.ready",
+        variants=[s.variant.name for s in served],
+        warm=[s.variant.name for s in pool.cache.warm()],
+        device=device,
+        concurrency=concurrency,
+        memory_budget_mb=round(pool.cache.budget / 2**20, 1),
+    )
     argv = [
         "--quiet",
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency}",
-        f"--queues={','.join(s.variant.queue for s in warm)}",
+        f"--queues={','.join(s.variant.queue for s in served)}",
         f"--hostname={name}",
         "--without-gossip",
         "--without-mingle",
-        "--loglevel=INFO",
+        f"--loglevel={settings.log_level.upper()}",
     ]
     try:
         # The process owns the warm models; the Celery consumer is disposable. Celery's

@@ -137,7 +137,7 @@ def _run(pool: VariantPool, job: Job) -> None:
 def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
     started = time.monotonic()
     state = pool.states.get(job.variant)
-    if state is None or state.batcher is None:
+    if state is None or state.state == "unavailable":
         reason = state.reason if state else "this worker does not serve the variant"
         _fail(pool, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
@@ -146,7 +146,7 @@ def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
     except RequestError as exc:
         _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
-    future = state.batcher.submit(request)
+    future = pool.submit(job.variant, request)  # a cold variant loads first, within the limit
     limit = min(request.params.timeout_s or state.variant.timeout_s, state.variant.timeout_s)
     try:
         result = future.result(timeout=limit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from api.deps import RedisDep, SettingsDep, UserDep, VariantsDep
@@ -17,10 +17,17 @@ router = APIRouter(tags=["models"])
 
 
 class WorkerState(BaseModel):
+    """One worker's view of the variant: `warm` (resident), `cold` (served, loaded when a job
+    comes), `loading`, or `unavailable` (with the reason)."""
+
     worker: str
     device: str
-    state: Literal["loading", "warm", "unavailable"]
+    state: Literal["loading", "warm", "cold", "unavailable"]
     reason: str | None = None
+    last_used_at: float | None = Field(None, description="epoch seconds of its latest job on this worker")
+    resident_mb: float | None = Field(None, description="memory it occupies while warm, as measured")
+    memory_mb: float | None = Field(None, description="what the worker's memory budget counts for it")
+    load_ms: float | None = Field(None, description="its latest load on this worker")
 
 
 class ModelOut(BaseModel):

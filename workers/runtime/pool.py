@@ -1,4 +1,4 @@
-"""The worker's variants: loaded when it starts, kept warm, each behind its own batcher."""
+"""The worker's runtime state: its warm variants (workers.runtime.cache), job leases, heartbeat."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from concurrent.futures import Future
 
 import redis
 import structlog
-import torch
 
 from core.broker import make_celery, redis_client
 from core.queues import cancel_key, cancel_requested_at, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
-from core.variants import Variant, VariantRegistry
-from workers.runtime.batcher import Batcher
-from workers.runtime.loading import WeightsUnavailable, load_engine
+from core.variants import VariantRegistry
+from workers.runtime import memory
+from workers.runtime.base import Request, Result
+from workers.runtime.cache import VariantCache, VariantState
+from workers.runtime.loading import load_engine
 
 log = structlog.get_logger(__name__)
 
@@ -42,15 +42,6 @@ return 0
 """
 
 
-@dataclass
-class VariantState:
-    variant: Variant
-    state: Literal["loading", "warm", "unavailable"] = "loading"
-    reason: str | None = None
-    load_ms: float | None = None
-    batcher: Batcher | None = None
-
-
 class VariantPool:
     def __init__(self, settings: Settings, registry: VariantRegistry, *, device: str, worker: str) -> None:
         self.settings = settings
@@ -59,8 +50,17 @@ class VariantPool:
         self.worker = worker
         self.redis = redis_client(settings)
         self.quotas = SyncQuotas(self.redis, settings)
-        self.states: dict[str, VariantState] = {}
         self._device_lock = threading.Lock()
+        budget = settings.worker_memory_mb
+        self.cache = VariantCache(
+            registry,
+            device=device,
+            budget_bytes=budget * memory.MB if budget is not None else memory.default_budget_bytes(device),
+            device_lock=self._device_lock,
+            cancelled=self.cancelled,
+            load=lambda v: load_engine(v, registry, device=device, cache_root=settings.model_cache),
+            on_change=self._publish,
+        )
         self._stop = threading.Event()
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
         self.consuming = False
@@ -73,57 +73,26 @@ class VariantPool:
         self.draining = False
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
-    # ---- loading -------------------------------------------------------------------------
+    # ---- variants (see workers.runtime.cache) ---------------------------------------------
 
-    def start(self, names: Sequence[str]) -> None:
-        for name in names:
-            variant = self.registry.get(name)
-            assert variant is not None, name
-            self.states[name] = VariantState(variant)
+    @property
+    def states(self) -> dict[str, VariantState]:
+        return self.cache.states
+
+    def start(self, names: Sequence[str], preload: Sequence[str] | None = None) -> None:
         self._heartbeat.start()
-        for state in self.states.values():
-            self._load(state)
+        self.cache.start(names, preload)
 
-    def _load(self, state: VariantState) -> None:
-        v = state.variant
-        start = time.perf_counter()
-        try:
-            engine = load_engine(v, self.registry, device=self.device, cache_root=self.settings.model_cache)
-            engine.warmup()
-        except WeightsUnavailable as exc:
-            state.state, state.reason = "unavailable", str(exc)
-            log.error("variant.unavailable", variant=v.name, reason=state.reason)
-            return
-        except Exception as exc:
-            state.state, state.reason = "unavailable", f"failed to load: {type(exc).__name__}: {exc}"
-            log.exception("variant.load_failed", variant=v.name)
-            return
-        state.load_ms = (time.perf_counter() - start) * 1000
-        state.batcher = Batcher(
-            engine,
-            max_batch_size=v.max_batch_size,
-            max_wait_ms=v.max_wait_ms,
-            device_lock=self._device_lock,
-            cancelled=self.cancelled,
-            load_ms=state.load_ms,
-        )
-        state.state = "warm"
-        log.info(
-            "variant.loaded",
-            variant=v.name,
-            device=self.device,
-            load_ms=round(state.load_ms, 1),
-            memory_bytes=self.memory_bytes(),
-        )
-        self._publish()
+    def servable(self) -> list[VariantState]:
+        """Variants whose jobs this worker takes: warm, or cold and loaded when a job comes."""
+        return self.cache.servable()
 
-    def warm(self) -> list[VariantState]:
-        return [s for s in self.states.values() if s.state == "warm"]
+    def submit(self, variant: str, request: Request) -> Future[Result]:
+        """Hand a request to its variant, loading the variant first if it is cold."""
+        return self.cache.submit(variant, request)
 
     def memory_bytes(self) -> int | None:
-        if self.device.startswith("cuda"):
-            return int(torch.cuda.memory_allocated(torch.device(self.device)))
-        return None
+        return memory.allocated(self.device)
 
     # ---- what task threads call ----------------------------------------------------------
 
@@ -178,9 +147,7 @@ class VariantPool:
     def drain(self) -> None:
         """SIGTERM: no new batches; requests waiting for one go back to the queue unstarted."""
         self.draining = True
-        for state in self.states.values():
-            if state.batcher is not None:
-                state.batcher.drain()
+        self.cache.drain()
 
     def in_hand(self) -> dict[str, str]:
         with self._in_hand_lock:
@@ -204,14 +171,18 @@ class VariantPool:
     # ---- heartbeat -----------------------------------------------------------------------
 
     def _publish(self) -> None:
+        variants = self.cache.report()
+        for report in variants.values():
+            if report["state"] == "warm" and not self.consuming:
+                report["state"] = "loading"
         body = {
             "worker": self.worker,
             "host": socket.gethostname(),
             "device": self.device,
-            "variants": {
-                name: {"state": self._reported(s), "reason": s.reason} for name, s in self.states.items()
-            },
+            "variants": variants,
             "memory_bytes": self.memory_bytes(),
+            "memory_budget_mb": round(self.cache.budget / memory.MB, 1),
+            "memory_used_mb": round(self.cache.used() / memory.MB, 1),
             "at": time.time(),
         }
         ttl = max(int(self.settings.worker_heartbeat_s * 3), 2)
@@ -219,9 +190,6 @@ class VariantPool:
             self.redis.set(worker_key(self.settings, self.worker), json.dumps(body), ex=ttl)
         except redis.RedisError:
             log.warning("worker.heartbeat_failed")
-
-    def _reported(self, state: VariantState) -> str:
-        return "loading" if state.state == "warm" and not self.consuming else state.state
 
     def mark_consuming(self) -> None:
         self.consuming = True
@@ -235,8 +203,6 @@ class VariantPool:
 
     def close(self) -> None:
         self._stop.set()
-        for state in self.states.values():
-            if state.batcher is not None:
-                state.batcher.stop()
+        self.cache.close()
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(worker_key(self.settings, self.worker))
