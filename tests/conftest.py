@@ -49,6 +49,30 @@ source = "echo"
 engine = "echo"
 description = "test-only echo variant that no worker ever serves: its jobs stay queued"
 """
+
+
+def cache_test_variants(model_cache: Path) -> str:
+    """Whisper tiny.en and base again under other names (their converted weights mounted by
+    path; `ct2_model` only says which model it is): only the workers of
+    tests/test_variant_cache.py serve them."""
+    return "".join(
+        f"""
+[variants.cache-{name}]
+family = "whisper"
+size = "test"
+tasks = ["audio"]
+source = "hf"
+path = "{model_cache / name}"
+engine = "whisper"
+ct2_model = "{name}"
+dtype = "float32"
+memory_mb = {mb}
+description = "test-only copy of {name} for the variant cache tests"
+"""
+        for name, mb in (("whisper-tiny-en", 200), ("whisper-base", 300))
+    )
+
+
 READY_TIMEOUT_S = 600  # a fresh machine converts the GGUF once (~1 min)
 
 
@@ -129,7 +153,11 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     scratch = tmp_path_factory.mktemp("stack")
     variants_file = scratch / "variants.toml"
-    variants_file.write_text((ROOT / "core" / "variants.toml").read_text() + EXTRA_VARIANTS)
+    variants_file.write_text(
+        (ROOT / "core" / "variants.toml").read_text()
+        + EXTRA_VARIANTS
+        + cache_test_variants(Settings().model_cache)
+    )
     empty_hf = scratch / "hf"
     empty_hf.mkdir()
     with test_servers(scratch) as (admin_pg, redis_url), scratch_database(admin_pg) as database_url:
