@@ -40,12 +40,14 @@ def prompts(count: int) -> list[str]:
     return [f"Here is a long essay about {TOPICS[i % len(TOPICS)]}, part {i + 1}:\n\n" for i in range(count)]
 
 
-def run_system(cluster: Cluster, texts: list[str], new_tokens: int) -> dict[str, Any]:
+def run_system(cluster: Cluster, texts: list[str], new_tokens: int | list[int]) -> dict[str, Any]:
+    """All the texts submitted at once (`new_tokens` for each, or one limit per text)."""
     headers = {"Authorization": f"Bearer {cluster.key}"}
+    limits = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(texts)
     with httpx.Client(base_url=cluster.url, headers=headers, timeout=600) as client:
 
-        def one(text: str) -> dict[str, Any]:
-            body = {"input": {"prompt": text}, "params": {"max_new_tokens": new_tokens}}
+        def one(text: str, limit: int = 8) -> dict[str, Any]:
+            body = {"input": {"prompt": text}, "params": {"max_new_tokens": limit}}
             job_id = client.post("/v1/jobs", json=body).json()["id"]
             while True:
                 job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
@@ -56,7 +58,7 @@ def run_system(cluster: Cluster, texts: list[str], new_tokens: int) -> dict[str,
         one("Warm-up.")
         started = time.perf_counter()
         with ThreadPoolExecutor(len(texts)) as pool:
-            jobs = list(pool.map(one, texts))
+            jobs = list(pool.map(one, texts, limits))
         seconds = time.perf_counter() - started
     assert all(j["status"] == "succeeded" for j in jobs), [j["status"] for j in jobs]
     tokens = sum(j["result"]["usage"]["output_tokens"] for j in jobs)
@@ -69,13 +71,14 @@ def run_system(cluster: Cluster, texts: list[str], new_tokens: int) -> dict[str,
     }
 
 
-def load_model() -> tuple[Any, Any]:
-    import torch
+def load_model(dtype: Any = None) -> tuple[Any, Any]:
+    """gemma-3-270m's converted weights and tokenizer (left padding), in the worker's CPU dtype
+    unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.settings import Settings
     from core.variants import load_variants
-    from workers.runtime.loading import LOCAL, weights_dir
+    from workers.runtime.loading import DTYPES, LOCAL, weights_dir
 
     settings = Settings()
     registry = load_variants(None)
@@ -85,7 +88,7 @@ def load_model() -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, attn_implementation="sdpa", **LOCAL
+        path, dtype=dtype or DTYPES[variant.dtype], attn_implementation="sdpa", **LOCAL
     )
     return model.eval(), tokenizer
 

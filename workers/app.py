@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from core.broker import make_celery
 from core.queues import RUN_JOB_TASK
 from core.settings import Settings
-from core.variants import load_variants
+from core.variants import Variant, load_variants
 from workers import tasks
 from workers.runtime.pool import VariantPool
 
@@ -38,6 +38,20 @@ def create_worker_app(settings: Settings) -> Celery:
 def default_worker_name(device: str) -> str:
     label = device.replace("cuda:", "gpu").replace(":", "")
     return f"{label}@{socket.gethostname()}"
+
+
+# Jobs a continuously batched variant holds beyond its slots: ready to join when a row ends.
+CONTINUOUS_HEADROOM = 2
+
+
+def task_threads(variant: Variant) -> int:
+    """Task threads (and so broker messages in hand) for one variant. A text variant batches
+    continuously: its slots plus a couple waiting, so a job that arrives later (another user's)
+    is not stuck behind a worker-side backlog. Static engines get two batches' worth: while one
+    batch runs, the next is claimed and waiting, so the device never idles between batches."""
+    if variant.engine == "text":
+        return variant.max_batch_size + CONTINUOUS_HEADROOM
+    return 2 * variant.max_batch_size
 
 
 def run_worker(
@@ -70,9 +84,7 @@ def run_worker(
         log.error("worker.nothing_to_serve", variants=list(variants))
         _idle_until_signal(pool)
         return
-    # Two batches' worth of task threads per variant: while one batch decodes, the next is
-    # claimed and waiting in the batcher, so the device never idles between batches.
-    concurrency = 2 * sum(s.variant.max_batch_size for s in served)
+    concurrency = sum(task_threads(s.variant) for s in served)
     app = create_worker_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -99,7 +99,7 @@ class ContinuousDecoder:
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 cache_position=torch.arange(width, device=self.device),
                 use_cache=True,
                 logits_to_keep=1,
@@ -140,7 +140,7 @@ class ContinuousDecoder:
                     input_ids=last.unsqueeze(1),
                     attention_mask=self.mask,
                     position_ids=self.positions.unsqueeze(1),
-                    past_key_values=self.cache,
+                    cache=self.cache,
                     cache_position=torch.tensor([self.mask.shape[1] - 1], device=self.device),
                     use_cache=True,
                 ).logits[:, -1, :]
