@@ -43,8 +43,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No task events unless something watches: Flower turns them on in the workers while it
+        # runs (its --enable_events, on by default); otherwise they are a Redis publish per
+        # task state for no reader.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "task_default_queue": f"{settings.namespace}.default",
     }
 

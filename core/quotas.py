@@ -89,6 +89,10 @@ end
 return reserved
 """
 
+# A job that ended: its cancel flag (KEYS[3]) cleared and its done message published on ARGV[3],
+# then settled as above — one round trip for all the bookkeeping of a job's end.
+_END = "redis.call('DEL', KEYS[3])\nredis.call('PUBLISH', ARGV[3], 'done')\n" + _SETTLE
+
 _SEED = """
 local total = tonumber(ARGV[1])
 for _, entry in ipairs(redis.call('HVALS', KEYS[2])) do
@@ -279,11 +283,25 @@ class SyncQuotas:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.settings = settings
         self._settle = redis.register_script(_SETTLE)
+        self._end = redis.register_script(_END)
 
-    def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
-        """True when this call released the slot (False: it was released before)."""
+    def settle(
+        self,
+        *,
+        user_id: str,
+        job_id: str,
+        day: date,
+        actual: int,
+        cancel: str | None = None,
+        done: str | None = None,
+    ) -> bool:
+        """True when this call released the slot (False: it was released before). With `cancel`
+        and `done`, the same script deletes that key and publishes on that channel."""
         keys = QuotaKeys(self.settings, user_id)
-        reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
+        if cancel is None or done is None:
+            reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
+        else:
+            reserved = self._end(keys=[keys.active, keys.tokens(day), cancel], args=[job_id, actual, done])
         return int(reserved) >= 0
 
 

@@ -16,6 +16,16 @@ def sync_engine(url: str) -> Engine:
 
 
 @functools.cache
+def autocommit_engine(url: str) -> Engine:
+    """For work that is one statement (a job's claim, its finish): each its own transaction, in
+    one round trip (no BEGIN, no COMMIT). No pre-ping either: its callers retry on
+    OperationalError, and the error that a stale connection raises invalidates the pool."""
+    return create_engine(
+        url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20, hide_parameters=True
+    )
+
+
+@functools.cache
 def sync_sessionmaker(url: str) -> sessionmaker:  # type: ignore[type-arg]
     return sessionmaker(sync_engine(url), expire_on_commit=False)
 

@@ -16,23 +16,18 @@ from db.repo.jobs import Charge
 log = structlog.get_logger(__name__)
 
 
-def settle(quotas: SyncQuotas, charge: Charge) -> None:
-    """Release the job's concurrency slot and settle its tokens; idempotent, so once in effect."""
+def ended(quotas: SyncQuotas, settings: Settings, charge: Charge) -> None:
+    """Release the job's concurrency slot and settle its tokens (idempotent, so once in effect),
+    clear its cancel flag and publish its done message: one Redis script."""
     try:
-        quotas.settle(user_id=charge.user_id, job_id=charge.job_id, day=charge.day, actual=charge.tokens)
+        quotas.settle(
+            user_id=charge.user_id,
+            job_id=charge.job_id,
+            day=charge.day,
+            actual=charge.tokens,
+            cancel=cancel_key(settings, charge.job_id),
+            done=job_done_channel(settings, charge.job_id),
+        )
     except redis.RedisError:
-        log.warning("quota.settle_failed", job_id=charge.job_id)  # the reconciler's sweep retries
-
-
-def announce(client: redis.Redis, settings: Settings, job_id: str) -> None:
-    try:
-        client.delete(cancel_key(settings, job_id))
-        client.publish(job_done_channel(settings, job_id), "done")
-    except redis.RedisError:
-        log.warning("job.announce_failed", job_id=job_id)
-
-
-def ended_elsewhere(client: redis.Redis, quotas: SyncQuotas, settings: Settings, charge: Charge) -> None:
-    """A job that ended without running here (expired, lost, finished by another worker)."""
-    settle(quotas, charge)
-    announce(client, settings, charge.job_id)
+        # The reconciler's sweep releases the slot; waiters re-read the job every few seconds.
+        log.warning("job.settle_failed", job_id=charge.job_id)

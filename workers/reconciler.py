@@ -33,7 +33,7 @@ from core.settings import Settings
 from db.repo import runs
 from db.repo.jobs import charge_of
 from db.session import sync_sessionmaker
-from workers.outcome import ended_elsewhere
+from workers.outcome import ended
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ class Reconciler:
                 if charge is not None:
                     failed += 1
                     log.warning("job.failed", job_id=job.id, reason="worker lost", attempts=job.attempts)
-                    ended_elsewhere(self.redis, self.quotas, self.settings, charge)
+                    ended(self.quotas, self.settings, charge)
                 continue
             with self.maker.begin() as session:
                 back = runs.requeue_lost(session=session, job_id=job.id, attempt=job.attempts)
@@ -146,7 +146,7 @@ class Reconciler:
             charges = runs.expire(session=session)
         for charge in charges:
             log.info("job.expired", job_id=charge.job_id)
-            ended_elsewhere(self.redis, self.quotas, self.settings, charge)
+            ended(self.quotas, self.settings, charge)
         return len(charges)
 
     # ---- quota slots --------------------------------------------------------------------

@@ -17,8 +17,9 @@ from core.tool_calls import parse_tool_calls
 from db.models import Job
 from db.repo import files as files_repo
 from db.repo import runs
-from db.session import sync_sessionmaker
-from workers.outcome import announce, ended_elsewhere, settle
+from db.repo.runs import Claimed
+from db.session import autocommit_engine, sync_sessionmaker
+from workers.outcome import ended
 from workers.runtime.base import Request, RequestError, Result, ShuttingDown
 from workers.runtime.media import file_ids, load_media
 from workers.runtime.pool import VariantPool
@@ -37,32 +38,35 @@ _db_retry = retry(
 
 
 @_db_retry
-def _claim(pool: VariantPool, job_id: str) -> Job | None:
+def _claim(pool: VariantPool, job_id: str) -> Claimed | None:
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        job = runs.claim(session=connection, job_id=job_id, worker=pool.worker)
+    if job is not None:
+        return job
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
-        job = runs.claim(session=session, job_id=job_id, worker=pool.worker)
-        ended = []
-        if job is None:
-            # Past its deadline: it expires here. Already ended: settling again is a no-op,
-            # unless the worker that ended it died before it could release the quota slot.
-            ended = runs.expire(session=session, job_ids=[job_id])
-            if not ended and (charge := runs.terminal_charge(session=session, job_id=job_id)):
-                ended = [charge]
-    for charge in ended:
-        ended_elsewhere(pool.redis, pool.quotas, pool.settings, charge)
-    return job
+        # Past its deadline: it expires here. Already ended: settling again is a no-op,
+        # unless the worker that ended it died before it could release the quota slot.
+        charges = runs.expire(session=session, job_ids=[job_id])
+        if not charges and (charge := runs.terminal_charge(session=session, job_id=job_id)):
+            charges = [charge]
+    for charge in charges:
+        ended(pool.quotas, pool.settings, charge)
+    return None
 
 
 @_db_retry
-def _finish(pool: VariantPool, job: Job, **outcome: Any) -> bool:
-    with sync_sessionmaker(pool.settings.db_url).begin() as session:
-        charge = runs.finish(session=session, job_id=job.id, attempt=job.attempts, **outcome)
+def _finish(pool: VariantPool, job: Claimed, **outcome: Any) -> bool:
+    """The outcome, the ledger and the metrics in one statement; then, once, the quota slot is
+    released, the cancel flag cleared and the waiters woken (one Redis script)."""
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        charge = runs.finish(session=connection, job_id=job.id, attempt=job.attempts, **outcome)
     if charge is not None:
-        settle(pool.quotas, charge)
+        ended(pool.quotas, pool.settings, charge)
     return charge is not None
 
 
 @_db_retry
-def _put_back(pool: VariantPool, job: Job) -> None:
+def _put_back(pool: VariantPool, job: Claimed) -> None:
     # Let go of the lease first, or the delivery of the message sent below would see it held.
     pool.release_lease(job.id)
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
@@ -112,9 +116,8 @@ def run_job(job_id: str) -> None:
         pool.drop_lease(job_id, token)
 
 
-def _run(pool: VariantPool, job: Job) -> None:
+def _run(pool: VariantPool, job: Claimed) -> None:
     structlog.contextvars.bind_contextvars(user_id=job.user_id, variant=job.variant, attempt=job.attempts)
-    assert job.started_at is not None
     queue_ms = (job.started_at - job.created_at).total_seconds() * 1000
     try:
         _run_claimed(pool, job, queue_ms)
@@ -134,7 +137,7 @@ def _run(pool: VariantPool, job: Job) -> None:
         )
 
 
-def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
+def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
     started = time.monotonic()
     state = pool.states.get(job.variant)
     if state is None or state.state == "unavailable":
@@ -169,7 +172,7 @@ def _run_claimed(pool: VariantPool, job: Job, queue_ms: float) -> None:
     _succeed(pool, job, request, result, queue_ms, started)
 
 
-def _request(pool: VariantPool, job: Job, started: float) -> Request:
+def _request(pool: VariantPool, job: Claimed, started: float) -> Request:
     """The job as the engine takes it: media read from PostgreSQL and decoded on this thread."""
     messages = job.input.get("messages")
     tools = job.input.get("tools")
@@ -221,7 +224,7 @@ def _metrics(
 
 
 def _succeed(
-    pool: VariantPool, job: Job, request: Request, result: Result, queue_ms: float, started: float
+    pool: VariantPool, job: Claimed, request: Request, result: Result, queue_ms: float, started: float
 ) -> None:
     cancelled = result.finish_reason == "cancelled"
     finish_reason: str = result.finish_reason
@@ -243,7 +246,6 @@ def _succeed(
     written = _finish(
         pool, job, status="cancelled" if cancelled else "succeeded", result=body, error=error, metrics=metrics
     )
-    _announce(pool, job, written)
     log.info(
         "job.finished",
         status="cancelled" if cancelled else "succeeded",
@@ -255,14 +257,8 @@ def _succeed(
     )
 
 
-def _fail(pool: VariantPool, job: Job, code: str, message: str, queue_ms: float) -> None:
+def _fail(pool: VariantPool, job: Claimed, code: str, message: str, queue_ms: float) -> None:
     metrics = _metrics(pool, queue_ms, time.monotonic(), None)
     error = {"code": code, "message": message}
     written = _finish(pool, job, status="failed", result=None, error=error, metrics=metrics)
-    _announce(pool, job, written)
     log.warning("job.failed", code=code, written=written)
-
-
-def _announce(pool: VariantPool, job: Job, written: bool) -> None:
-    if written:
-        announce(pool.redis, pool.settings, job.id)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Connection, Select, Table, bindparam, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -20,19 +20,45 @@ from db.models import Job, JobMetric, UsageLedger
 from db.repo.jobs import TERMINAL as TERMINAL
 from db.repo.jobs import Charge, charge_of, tokens_used
 
-_NOT_EXPIRED = or_(Job.expires_at.is_(None), Job.expires_at > func.now())
+# The two statements every job runs are built once (SQLAlchemy then reuses their compiled form)
+# and each is one round trip: on an autocommit connection, one statement is one transaction.
+_jobs = cast(Table, Job.__table__)
+_metrics = cast(Table, JobMetric.__table__)
+_ledger = cast(Table, UsageLedger.__table__)
 
 
-def claim(*, session: Session, job_id: str, worker: str) -> Job | None:
+@dataclass(frozen=True)
+class Claimed:
+    """A job as its worker took it: what running it needs."""
+
+    id: str
+    user_id: str
+    variant: str
+    priority: int
+    attempts: int
+    input: dict[str, Any]
+    params: dict[str, Any]
+    created_at: datetime
+    started_at: datetime
+
+
+_CLAIM = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job_id"),
+        _jobs.c.status == "queued",
+        or_(_jobs.c.expires_at.is_(None), _jobs.c.expires_at > func.now()),
+    )
+    .values(status="running", started_at=func.now(), attempts=_jobs.c.attempts + 1, worker=bindparam("by"))
+    .returning(*(_jobs.c[name] for name in Claimed.__dataclass_fields__))
+)
+
+
+def claim(*, session: Session | Connection, job_id: str, worker: str) -> Claimed | None:
     """Take a queued job for this worker (attempt + 1); None when it is not queued (running
     elsewhere, terminal) or its deadline has passed."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued", _NOT_EXPIRED)
-        .values(status="running", started_at=func.now(), attempts=Job.attempts + 1, worker=worker)
-        .returning(Job)
-    )
-    return session.execute(stmt).scalar_one_or_none()
+    row = session.execute(_CLAIM, {"job_id": job_id, "by": worker}).first()
+    return Claimed(*row) if row is not None else None
 
 
 def expire(*, session: Session, job_ids: list[str] | None = None) -> list[Charge]:
@@ -155,9 +181,69 @@ def states(*, session: Session, job_ids: list[str]) -> dict[str, Job]:
 # ---- finishing -----------------------------------------------------------------------------
 
 
+def _finish_statement(with_metrics: bool) -> Select[Any]:
+    """running → terminal, the usage added to the ledger and the attempt's metrics row written:
+    one statement (data-modifying CTEs), so one transaction and one round trip."""
+    done = (
+        update(_jobs)
+        .where(
+            _jobs.c.id == bindparam("job_id"),
+            _jobs.c.status == "running",
+            _jobs.c.attempts == bindparam("attempt"),
+        )
+        .values(
+            status=bindparam("to", type_=_jobs.c.status.type),
+            result=bindparam("body", type_=_jobs.c.result.type),
+            error=bindparam("problem", type_=_jobs.c.error.type),
+            finished_at=func.now(),
+        )
+        .returning(_jobs.c.user_id, _jobs.c.charged_on)
+        .cte("done")
+    )
+    spent = pg_insert(_ledger).from_select(
+        ["user_id", "day", "input_tokens", "output_tokens", "jobs"],
+        select(
+            done.c.user_id,
+            done.c.charged_on,
+            bindparam("spent_in", type_=_ledger.c.input_tokens.type),
+            bindparam("spent_out", type_=_ledger.c.output_tokens.type),
+            literal(1),
+        ).where(bindparam("charged", type_=_ledger.c.jobs.type) > 0),
+    )
+    usage = spent.on_conflict_do_update(
+        index_elements=[_ledger.c.user_id, _ledger.c.day],
+        set_={
+            "input_tokens": _ledger.c.input_tokens + spent.excluded.input_tokens,
+            "output_tokens": _ledger.c.output_tokens + spent.excluded.output_tokens,
+            "jobs": _ledger.c.jobs + 1,
+            "updated_at": func.now(),
+        },
+    ).cte("usage")
+    ctes = [usage]
+    if with_metrics:
+        columns = ["job_id", "attempt", *METRIC_COLUMNS]
+        values = [
+            bindparam("job_id", type_=_metrics.c.job_id.type),
+            bindparam("attempt", type_=_metrics.c.attempt.type),
+            *(bindparam(f"m_{c}", type_=_metrics.c[c].type) for c in METRIC_COLUMNS),
+        ]
+        metric = (
+            pg_insert(_metrics)
+            .from_select(columns, select(*values).select_from(done))
+            .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
+            .cte("metric")
+        )
+        ctes.append(metric)
+    return select(done.c.user_id, done.c.charged_on).add_cte(*ctes)
+
+
+METRIC_COLUMNS = tuple(c.name for c in _metrics.c if c.name not in ("id", "job_id", "attempt", "created_at"))
+_FINISH = {with_metrics: _finish_statement(with_metrics) for with_metrics in (False, True)}
+
+
 def finish(
     *,
-    session: Session,
+    session: Session | Connection,
     job_id: str,
     attempt: int,
     status: str,
@@ -167,38 +253,23 @@ def finish(
 ) -> Charge | None:
     """running → terminal, once, with its usage added to the ledger in the same transaction.
     None when the job was already finished (a redelivery)."""
-    job = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(status=status, result=result, error=error, finished_at=func.now())
-        .returning(Job)
-    ).scalar_one_or_none()
-    if job is None:
-        return None
-    charge = charge_of(job)
-    if charge.tokens:
-        _add_usage(session, charge, *tokens_used(result))
+    input_tokens, output_tokens = tokens_used(result)
+    params: dict[str, Any] = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "to": status,
+        "body": result,
+        "problem": error,
+        "spent_in": input_tokens,
+        "spent_out": output_tokens,
+        "charged": input_tokens + output_tokens,
+    }
     if metrics is not None:
-        session.execute(
-            pg_insert(JobMetric)
-            .values(job_id=job_id, attempt=attempt, **metrics)
-            .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
-        )
-    return charge
-
-
-def _add_usage(session: Session, charge: Charge, input_tokens: int, output_tokens: int) -> None:
-    insert = pg_insert(UsageLedger).values(
-        user_id=charge.user_id, day=charge.day, input_tokens=input_tokens, output_tokens=output_tokens, jobs=1
-    )
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=[UsageLedger.user_id, UsageLedger.day],
-            set_={
-                "input_tokens": UsageLedger.input_tokens + insert.excluded.input_tokens,
-                "output_tokens": UsageLedger.output_tokens + insert.excluded.output_tokens,
-                "jobs": UsageLedger.jobs + 1,
-                "updated_at": func.now(),
-            },
-        )
-    )
+        unknown = set(metrics) - set(METRIC_COLUMNS)
+        assert not unknown, f"not job_metrics columns: {sorted(unknown)}"
+        params |= {f"m_{c}": metrics.get(c) for c in METRIC_COLUMNS}
+    row = session.execute(_FINISH[metrics is not None], params).first()
+    if row is None:
+        return None
+    user_id, day = row
+    return Charge(job_id=job_id, user_id=user_id, day=day, tokens=input_tokens + output_tokens)
