@@ -77,7 +77,8 @@ def main() -> None:
     base = registry.get("gemma-3-270m")
     assert base is not None
     sizes = [int(b) for b in args.batches.split(",")]
-    print(f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}, {args.new_tokens} new tokens")
+    gpu = torch.cuda.get_device_name(args.device)
+    print(f"{gpu}, torch {torch.__version__}, {args.new_tokens} new tokens")
     print(f"\n{'precision':<9} {'batch':>5} {'engine tok/s':>13} {'generate tok/s':>15} {'peak MiB':>9}")
     for precision in ("none", "int8", "nf4"):
         variant = base.model_copy(update={"quantization": precision, "max_batch_size": max(sizes)})
