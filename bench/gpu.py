@@ -43,7 +43,7 @@ def engine_rate(engine: Any, batch: int, new_tokens: int) -> float:
     done = list(stream.join([(r.job_id, r, engine.encode(r)) for r in requests]))
     while stream.rows:
         done += stream.step(never_cancelled)
-    tokens = sum(result.output_tokens for _, result in done)
+    tokens: int = sum(result.output_tokens for _, result in done)
     return tokens / (time.perf_counter() - started)
 
 
