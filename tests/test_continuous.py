@@ -1,0 +1,130 @@
+"""The continuous decoder on the real Gemma 3 270M weights (float32, so batched and alone agree exactly):
+rows that join a running batch at different steps, leave it early, are cancelled or sample with seeds
+get what they would get alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from core.schemas import GenerationParams
+from core.settings import Settings
+from core.variants import load_variants
+from workers.runtime.base import Request, Result
+from workers.runtime.continuous import ContinuousDecoder
+from workers.runtime.generation import Decoder
+from workers.runtime.loading import LOCAL, weights_dir
+
+PROMPTS = [
+    "The capital city of Germany is Berlin. The capital city of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "A long list of animals that live in the forest, with a few words about each one:",
+    "1, 2, 3,",
+    "Hello",
+]
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Iterator[Decoder]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    registry = load_variants(None)
+    variant = registry.get("gemma-3-270m")
+    assert variant is not None
+    path = weights_dir(variant, registry, Settings().model_cache)
+    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
+    )
+    yield Decoder(model=model.eval(), tokenizer=tokenizer, device=torch.device("cpu"))
+
+
+def request(i: int, **params: Any) -> Request:
+    return Request(job_id=f"job{i}", messages=None, prompt=PROMPTS[i], params=GenerationParams(**params))
+
+
+def ids(decoder: Decoder, r: Request) -> list[int]:
+    assert r.prompt is not None
+    return list(decoder.tokenizer(r.prompt)["input_ids"])
+
+
+def alone(decoder: Decoder, r: Request) -> str:
+    stream = ContinuousDecoder(decoder, max_rows=1)
+    return run(stream, [r])[r.job_id].text
+
+
+def never(job_ids: Sequence[str]) -> list[float | None]:
+    return [None] * len(job_ids)
+
+
+def run(
+    stream: ContinuousDecoder, requests: Sequence[Request], *, join_every: int = 3
+) -> dict[object, Result]:
+    """Join the requests a few steps apart (as many as fit), step until all are done."""
+    pending, results, steps = list(requests), dict[object, Result](), 0
+    while pending or stream.rows:
+        if pending and stream.free and steps % join_every == 0:
+            joining, pending = pending[: stream.free], pending[stream.free :]
+            results.update(stream.join([(r.job_id, r, ids(stream.decoder, r)) for r in joining]))
+        if stream.rows:
+            results.update(stream.step(never))
+        steps += 1
+    return results
+
+
+def test_rows_joining_and_leaving_get_what_they_get_alone(decoder: Decoder) -> None:
+    lengths = [20, 40, 6, 30, 25, 12]
+    requests = [request(i, max_new_tokens=n) for i, n in enumerate(lengths)]
+    expected = {r.job_id: alone(decoder, r) for r in requests}
+    # Three slots for six requests: rows join at different steps and refill freed slots.
+    results = run(ContinuousDecoder(decoder, max_rows=3), requests, join_every=2)
+    assert {j: r.text for j, r in results.items()} == expected
+    for r in requests:
+        result = results[r.job_id]
+        assert result.output_tokens == r.params.max_new_tokens or result.finish_reason == "stop"
+        assert result.input_tokens == len(ids(decoder, r))
+    assert max(r.batch_size for r in results.values()) == 3
+    # The same first row through HF's own generate: the decoder matches it token for token.
+    first = requests[0]
+    with torch.inference_mode():
+        out = decoder.model.generate(
+            torch.tensor([ids(decoder, first)]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=decoder.eos_ids,
+        )
+    assert decoder.decode(out[0, len(ids(decoder, first)) :].tolist()) == expected[first.job_id]
+
+
+def test_stop_strings_and_a_cancel_end_only_their_own_row(decoder: Decoder) -> None:
+    stop = request(4, max_new_tokens=40, stop=[" 6"])
+    victim = request(1, max_new_tokens=200)
+    mate = request(0, max_new_tokens=20)
+    flags: dict[str, float] = {}
+    stream = ContinuousDecoder(decoder, max_rows=4)
+    results = dict(stream.join([(r.job_id, r, ids(decoder, r)) for r in (stop, victim, mate)]))
+    for step in range(60):
+        if step == 5:
+            flags[victim.job_id] = 0.0  # requested before every step that follows
+        results.update(stream.step(lambda job_ids: [flags.get(j) for j in job_ids]))
+        if not stream.rows:
+            break
+    assert results[stop.job_id].finish_reason == "stop"
+    assert results[stop.job_id].text.strip().endswith("5,") and " 6" not in results[stop.job_id].text
+    assert results[victim.job_id].finish_reason == "cancelled"
+    assert 4 <= results[victim.job_id].output_tokens <= 7
+    assert results[mate.job_id].text == alone(decoder, mate)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(decoder: Decoder) -> None:
+    sampled = request(1, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    first = alone(decoder, sampled)
+    mates = [request(i, max_new_tokens=10 + i) for i in (0, 2, 3)]
+    results = run(ContinuousDecoder(decoder, max_rows=4), [*mates, sampled], join_every=1)
+    assert results[sampled.job_id].text == first
+    other_seed = request(1, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=99)
+    assert alone(decoder, other_seed) != first
