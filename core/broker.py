@@ -6,11 +6,17 @@ namespace prefix, so several deployments (or test runs) can share one Redis.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from typing import Any
 
 import redis
 from celery import Celery
+from kombu import serialization
+from kombu.utils import json as kombu_json
+from kombu.utils.uuid import uuid
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -100,6 +106,53 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> Non
     except Exception:
         with contextlib.suppress(redis.RedisError):
             markers.delete(marker)
+        raise
+
+
+def task_message(app: Celery, *, job_id: str, variant: str, priority: int) -> tuple[str, str]:
+    """The Redis list and the message that `enqueue_job`'s `send_task` pushes for this job: Celery's
+    task protocol 2 (built by Celery) in the kombu Redis transport's envelope (JSON, the body
+    base64), for a producer that sends on an asyncio Redis client (`send_job`).
+    tests/test_worker.py checks it against what kombu sends."""
+    settings: Settings = app.conf.gemmaq_settings
+    step = 9 - priority  # kombu serves 0 first
+    task_id = uuid()
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        task_id, RUN_JOB_TASK, args=[job_id], reply_to=app.thread_oid, ignore_result=None
+    )
+    content_type, encoding, data = serialization.dumps(body, serializer="json")  # type: ignore[no-untyped-call]
+    delivery = {"exchange": "", "routing_key": variant_queue(variant)}
+    message = {
+        "body": base64.b64encode(data.encode() if isinstance(data, str) else data).decode(),
+        "content-encoding": encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": properties
+        | {
+            "delivery_mode": 2,
+            "delivery_info": delivery,
+            "priority": step,
+            "body_encoding": "base64",
+            "delivery_tag": uuid(),
+        },
+    }
+    return queue_keys(settings, variant)[step], kombu_json.dumps(message)  # type: ignore[no-untyped-call]
+
+
+async def send_job(redis: AsyncRedis, app: Celery, *, job_id: str, variant: str, priority: int) -> None:
+    """`enqueue_job` for the API's event loop: the marker and the message in one MULTI/EXEC, so
+    both are written or neither, in one round trip (no thread, no kombu producer)."""
+    settings: Settings = app.conf.gemmaq_settings
+    queue, message = task_message(app, job_id=job_id, variant=variant, priority=priority)
+    marker = message_key(settings, job_id)
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(marker, "1", ex=MESSAGE_MARKER_TTL_S)
+            pipe.lpush(queue, message)
+            await pipe.execute()
+    except Exception:
+        with contextlib.suppress(redis_errors.RedisError):  # it may have gone through after all
+            await redis.delete(marker)
         raise
 
 

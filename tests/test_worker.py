@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import redis
 
-from core.broker import enqueue_job, make_celery
+from core.broker import enqueue_job, make_celery, task_message
 from tests.conftest import Stack, wait_job
 
 
@@ -148,3 +149,27 @@ def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client
     job = wait_job(client, job_id)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
     assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job_id) == [(1,)]
+
+
+def test_the_api_sends_the_message_kombu_would(stack: Stack) -> None:
+    """The API pushes task messages itself (core.broker.send_job): each must be what kombu sends."""
+    settings = stack.settings().model_copy(update={"namespace": f"message-{uuid.uuid4().hex[:8]}"})
+    app = make_celery(settings)
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        enqueue_job(app, job_id="job_same", variant="echo", priority=7)
+        queue, ours = task_message(app, job_id="job_same", variant="echo", priority=7)
+        theirs = client.lindex(queue, 0)
+        assert theirs is not None, f"kombu did not push to {queue}"
+        assert _shape(ours) == _shape(theirs)
+    finally:
+        client.delete(*client.keys(f"{settings.namespace}:*"))
+
+
+def _shape(raw: str | bytes) -> dict[str, object]:
+    """A task message with its ids blanked and its body decoded."""
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    message["headers"] |= {"id": "-", "root_id": "-"}
+    message["properties"] |= {"correlation_id": "-", "delivery_tag": "-"}
+    return dict(message)
