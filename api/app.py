@@ -10,9 +10,12 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from api.auth import Authenticator
 from api.errors import install_error_handlers
+from api.fleet_view import FleetView
 from api.limits import BodyLimit, RateLimitHeaders
 from api.routers import admin, files, health, jobs, models, usage
+from api.waiting import DoneListener
 from core import __version__
 from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery
 from core.quotas import AsyncQuotas
@@ -26,6 +29,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = async_engine(settings.db_url)
     app.state.sessionmaker = make_async_sessionmaker(engine)
+    # Same pool; for reads and single-statement writes: no BEGIN, COMMIT or ROLLBACK round trips.
+    app.state.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     # Give up fast: one immediate retry (a pooled connection gone stale when Redis restarted
     # reconnects), no backoff, so with Redis down a request is answered 503 in well under a second.
     app.state.redis = Redis.from_url(
@@ -36,10 +41,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         retry=Retry(NoBackoff(), 1),
     )
     app.state.quotas = AsyncQuotas(app.state.redis, settings)
+    app.state.auth = Authenticator(app.state.sessionmaker, app.state.redis, app.state.quotas, settings)
+    app.state.fleet = FleetView(app.state.redis, settings)
+    app.state.done = DoneListener(app.state.redis, settings)
+    app.state.done.start()
     app.state.broker = make_celery(settings, name="gemmaq-api")
     try:
         yield
     finally:
+        await app.state.done.stop()
         await app.state.redis.aclose()
         await engine.dispose()
 

@@ -1,4 +1,7 @@
-"""Dependencies as Annotated aliases: settings, sessions, Redis, the broker, the caller."""
+"""Dependencies as Annotated aliases: settings, sessions, Redis, the broker, the caller.
+
+Every one is `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
+per dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -10,48 +13,65 @@ from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api import quota as quota_admission
+from api.auth import Authenticator
+from api.fleet_view import FleetView
+from api.quota import remember
+from api.waiting import DoneListener
 from core.errors import Unauthorized
 from core.quotas import AsyncQuotas
 from core.settings import Settings
 from core.variants import VariantRegistry
 from db.models import User
-from db.repo import users as users_repo
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+async def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     return maker
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with get_sessionmaker(request)() as session:
+    async with (await get_sessionmaker(request))() as session:
         yield session
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
 
 
-def get_broker(request: Request) -> Celery:
+async def get_broker(request: Request) -> Celery:
     broker: Celery = request.app.state.broker
     return broker
 
 
-def get_quotas(request: Request) -> AsyncQuotas:
+async def get_quotas(request: Request) -> AsyncQuotas:
     quotas: AsyncQuotas = request.app.state.quotas
     return quotas
 
 
-def get_variants(request: Request) -> VariantRegistry:
+async def get_autocommit(request: Request) -> AsyncEngine:
+    engine: AsyncEngine = request.app.state.autocommit
+    return engine
+
+
+async def get_fleet(request: Request) -> FleetView:
+    fleet: FleetView = request.app.state.fleet
+    return fleet
+
+
+async def get_done(request: Request) -> DoneListener:
+    done: DoneListener = request.app.state.done
+    return done
+
+
+async def get_variants(request: Request) -> VariantRegistry:
     variants: VariantRegistry = request.app.state.variants
     return variants
 
@@ -59,6 +79,10 @@ def get_variants(request: Request) -> VariantRegistry:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 SessionMakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
+# Connections of this engine run each statement as its own transaction (one round trip).
+AutocommitDep = Annotated[AsyncEngine, Depends(get_autocommit)]
+FleetDep = Annotated[FleetView, Depends(get_fleet)]
+DoneDep = Annotated[DoneListener, Depends(get_done)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 BrokerDep = Annotated[Celery, Depends(get_broker)]
 VariantsDep = Annotated[VariantRegistry, Depends(get_variants)]
@@ -68,19 +92,18 @@ _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq u
 
 
 async def authenticate(
-    request: Request,
-    maker: SessionMakerDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> User:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    async with maker() as session:
-        user = await users_repo.authenticate(session=session, key=credentials.credentials)
-    if user is None:
+    auth: Authenticator = request.app.state.auth
+    caller = await auth(credentials.credentials)
+    if caller is None:
         raise Unauthorized("invalid or revoked API key")
-    structlog.contextvars.bind_contextvars(user_id=user.id)
-    await quota_admission.peek(request, get_quotas(request), user, get_settings_dep(request))
-    return user
+    structlog.contextvars.bind_contextvars(user_id=caller.user.id)
+    if caller.snapshot is not None:
+        remember(request, caller.snapshot)
+    return caller.user
 
 
 UserDep = Annotated[User, Depends(authenticate)]

@@ -28,6 +28,9 @@ class MediaTotals:
     bytes: int
 
 
+NO_MEDIA = MediaTotals(images=0, audio_seconds=0.0, bytes=0)
+
+
 @dataclass
 class InlineMedia:
     part: ImagePart | AudioPart

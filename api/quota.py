@@ -1,7 +1,7 @@
 """Quota admission at the API: the caller's limits from PostgreSQL, the counters in Redis.
 
-`admit` runs inside the job's transaction, after its media is checked and before its row is
-written; whatever refuses or fails after a reservation gives it back through `release`.
+`admit` runs after the job's media is checked (inside the transaction that stores it) and before
+its row is written; whatever refuses or fails after a reservation gives it back through `release`.
 Slots a crash leaves held are released by the reconciler (workers/reconciler.py).
 """
 
@@ -14,14 +14,14 @@ from typing import NoReturn
 import structlog
 from fastapi import Request
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.auth import limits_of as limits_of
 from api.media import MediaTotals
 from core import quotas
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
 from core.schemas import JobCreate
-from core.settings import Settings
 from db.models import User
 from db.repo import jobs as jobs_repo
 
@@ -33,19 +33,6 @@ class Reservation:
     job_id: str
     day: date
     tokens: int
-
-
-def limits_of(user: User, settings: Settings) -> Limits:
-    quota = user.quota
-    if quota is None:
-        return Limits.defaults(settings)
-    return Limits(
-        requests_per_minute=quota.requests_per_minute,
-        tokens_per_day=quota.tokens_per_day,
-        max_concurrent_jobs=quota.max_concurrent_jobs,
-        max_input_bytes=quota.max_input_bytes,
-        allowed_variants=quota.allowed_variants,
-    )
 
 
 def check_variant(limits: Limits, variant: str) -> None:
@@ -66,19 +53,10 @@ def remember(request: Request, snapshot: Snapshot) -> None:
     request.state.ratelimit = snapshot.rate.headers()
 
 
-async def peek(request: Request, quota: AsyncQuotas, user: User, settings: Settings) -> None:
-    try:
-        snapshot = await quota.peek(user_id=user.id, limits=limits_of(user, settings), day=quotas.utc_day())
-    except RedisError:
-        log.warning("quota.peek_failed")
-        return
-    remember(request, snapshot)
-
-
 async def admit(
     *,
     request: Request,
-    session: AsyncSession,
+    maker: async_sessionmaker[AsyncSession],
     quota: AsyncQuotas,
     limits: Limits,
     user: User,
@@ -100,7 +78,8 @@ async def admit(
         outcome = await quota.admit(user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day)
         remember(request, outcome.snapshot)
         if outcome.outcome == quotas.SEED:
-            rows = await jobs_repo.ledger(session=session, user_id=user.id, since=day)
+            async with maker() as session:
+                rows = await jobs_repo.ledger(session=session, user_id=user.id, since=day)
             settled = sum(r.input_tokens + r.output_tokens for r in rows if r.day == day)
             await quota.seed(user_id=user.id, day=day, settled=settled)
             continue

@@ -48,3 +48,9 @@ def message_key(settings: Settings, job_id: str) -> str:
     """Set when the job's message is sent, cleared when a worker claims it: a queued job without
     one has no message in the broker (lost between commit and send, or with a restarted Redis)."""
     return settings.key("message", job_id)
+
+
+def key_epoch_key(settings: Settings) -> str:
+    """A random value that API processes check their in-memory key cache against (api/auth.py);
+    revoking a key or changing a quota writes a new one."""
+    return settings.key("auth", "epoch")

@@ -75,7 +75,16 @@ if used > 0 then
   local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   oldest = tonumber(first[2])
 end
-return {used, oldest, now, redis.call('HLEN', KEYS[2]), redis.call('GET', KEYS[3]) or -1}
+local reply = {used, oldest, now, redis.call('HLEN', KEYS[2]), redis.call('GET', KEYS[3]) or -1}
+if KEYS[4] then  -- the API key epoch (core/queues.py), read in the same trip; set when missing
+  local epoch = redis.call('GET', KEYS[4])
+  if not epoch then
+    epoch = ARGV[2]
+    redis.call('SET', KEYS[4], epoch)
+  end
+  reply[6] = epoch
+end
+return reply
 """
 
 _SETTLE = """
@@ -212,6 +221,11 @@ def _snapshot(limit: int, used: int, oldest: int, now: int, jobs: int, charged: 
     )
 
 
+def _peeked(limits: Limits, reply: list[Any]) -> Snapshot:
+    used, oldest, now, jobs, charged = reply[:5]
+    return _snapshot(limits.requests_per_minute, int(used), int(oldest), int(now), int(jobs), charged)
+
+
 def _admission(limits: Limits, reply: list[Any], reserve: int) -> Admission:
     outcome, used, oldest, now, jobs, charged = (int(v) for v in reply)
     snapshot = _snapshot(limits.requests_per_minute, used, oldest, now, jobs, charged)
@@ -268,8 +282,17 @@ class AsyncQuotas:
     async def peek(self, *, user_id: str, limits: Limits, day: date) -> Snapshot:
         keys = self.keys(user_id)
         reply = await self._peek(keys=[keys.rate, keys.active, keys.tokens(day)], args=[WINDOW_MS])
-        used, oldest, now, jobs, charged = reply
-        return _snapshot(limits.requests_per_minute, int(used), int(oldest), int(now), int(jobs), charged)
+        return _peeked(limits, reply)
+
+    async def peek_epoch(
+        self, *, user_id: str, limits: Limits, day: date, epoch_key: str, fresh: str
+    ) -> tuple[Snapshot, str]:
+        """`peek` and, in the same round trip, the value at `epoch_key` (set to `fresh` if none)."""
+        keys = self.keys(user_id)
+        reply = await self._peek(
+            keys=[keys.rate, keys.active, keys.tokens(day), epoch_key], args=[WINDOW_MS, fresh]
+        )
+        return _peeked(limits, reply), _text(reply[5])
 
     async def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
         keys = self.keys(user_id)

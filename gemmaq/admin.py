@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.auth import MAX_AGE_S, renew_key_epoch
+from core.broker import REDIS_CONNECT_TIMEOUT_S
 from core.schemas import QuotaUpdate, UserOut
 from core.settings import Settings
 from db.repo import users as users_repo
 from db.session import async_engine, make_async_sessionmaker
+
+log = structlog.get_logger(__name__)
 
 
 @asynccontextmanager
@@ -51,9 +58,23 @@ async def create_key(settings: Settings, name: str) -> str:
         return await users_repo.create_key(session=session, user=user)
 
 
+async def keys_changed(settings: Settings) -> None:
+    """Running API processes read their callers' keys and quotas again (see api/auth.py)."""
+    try:
+        redis = Redis.from_url(settings.broker_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        async with redis:
+            await renew_key_epoch(redis, settings)
+    except (RedisError, RuntimeError) as exc:
+        # Running API processes then see the change within MAX_AGE_S.
+        log.warning("auth.epoch_renew_failed", error=type(exc).__name__, max_age_s=MAX_AGE_S)
+
+
 async def revoke_key(settings: Settings, prefix: str) -> int:
     async with transaction(settings) as session:
-        return await users_repo.revoke_key(session=session, prefix=prefix)
+        count = await users_repo.revoke_key(session=session, prefix=prefix)
+    if count:
+        await keys_changed(settings)
+    return count
 
 
 async def set_quota(settings: Settings, name: str, changes: QuotaUpdate) -> UserOut:
@@ -62,7 +83,9 @@ async def set_quota(settings: Settings, name: str, changes: QuotaUpdate) -> User
         if user is None:
             raise SystemExit(f"no user {name!r}")
         await users_repo.set_quota(session=session, user=user, changes=changes)
-        return (await users_repo.describe(session=session, users=[user]))[0]
+        out = (await users_repo.describe(session=session, users=[user]))[0]
+    await keys_changed(settings)
+    return out
 
 
 async def list_users(settings: Settings) -> list[UserOut]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 from tests.conftest import Stack
@@ -65,3 +67,16 @@ def test_cli_users_and_keys(stack: Stack) -> None:
         assert_envelope(c.get("/v1/jobs"), 401, "UNAUTHORIZED")
     with stack.client(second) as c:
         assert c.get("/v1/jobs").status_code == 200
+
+
+def test_a_quota_change_applies_at_once_to_a_key_in_use(stack: Stack) -> None:
+    """API processes keep keys in memory; a quota change (CLI or API) still holds from the next request."""
+    admin_key = stack.run_cli("users", "create", f"admin-{uuid.uuid4().hex[:6]}", "--admin").strip()
+    echo = {"variant": "echo", "input": {"prompt": "cached"}}
+    with stack.client(stack.new_key("cached")) as caller, stack.client(admin_key.splitlines()[-1]) as admin:
+        assert caller.post("/v1/jobs", json=echo).status_code == 202  # the key is in memory now
+        name = caller.get("/v1/usage").json()["user"]
+        stack.run_cli("users", "set-quota", name, "--allowed-variants", "gemma-3-270m")
+        assert_envelope(caller.post("/v1/jobs", json=echo), 403, "FORBIDDEN")
+        admin.patch(f"/v1/admin/users/{name}/quota", json={"allowed_variants": None}).raise_for_status()
+        assert caller.post("/v1/jobs", json=echo).status_code == 202

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Depends, status
+from redis.exceptions import RedisError
 
-from api.deps import SessionMakerDep, SettingsDep, UserDep
+from api.auth import MAX_AGE_S, renew_key_epoch
+from api.deps import RedisDep, SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from core.errors import Conflict, Forbidden, NotFound
 from core.schemas import KeyCreated, QuotaUpdate, UserCreate, UserOut
@@ -21,6 +24,7 @@ async def require_admin(user: UserDep) -> User:
 
 
 AdminDep = Annotated[User, Depends(require_admin)]
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], responses=responses(401, 403))
 
 
@@ -57,11 +61,27 @@ async def _named(maker: SessionMakerDep, name: str) -> User:
     return user
 
 
+async def _keys_changed(redis: RedisDep, settings: SettingsDep) -> None:
+    """Every API process reads its callers' keys and quotas again (see api/auth.py)."""
+    try:
+        await renew_key_epoch(redis, settings)
+    except RedisError:
+        log.warning("auth.epoch_renew_failed", max_age_s=MAX_AGE_S)
+
+
 @router.patch("/users/{name}/quota", responses=responses(404, 422), summary="Change a user's quota")
-async def set_quota(name: str, changes: QuotaUpdate, admin: AdminDep, maker: SessionMakerDep) -> UserOut:
+async def set_quota(
+    name: str,
+    changes: QuotaUpdate,
+    admin: AdminDep,
+    maker: SessionMakerDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+) -> UserOut:
     user = await _named(maker, name)
     async with maker() as session, session.begin():
         await users_repo.set_quota(session=session, user=user, changes=changes)
+    await _keys_changed(redis, settings)
     async with maker() as session:
         return (await users_repo.describe(session=session, users=[user]))[0]
 
@@ -77,9 +97,13 @@ async def create_key(name: str, admin: AdminDep, maker: SessionMakerDep) -> KeyC
 
 
 @router.post("/keys/{prefix}/revoke", responses=responses(404), summary="Revoke a key by its visible prefix")
-async def revoke_key(prefix: str, admin: AdminDep, maker: SessionMakerDep) -> dict[str, int]:
+async def revoke_key(
+    prefix: str, admin: AdminDep, maker: SessionMakerDep, redis: RedisDep, settings: SettingsDep
+) -> dict[str, int]:
     async with maker() as session, session.begin():
         count = await users_repo.revoke_key(session=session, prefix=prefix)
+    if count:
+        await _keys_changed(redis, settings)
     if not count:
         raise NotFound(f"no active key with prefix {prefix!r}")
     return {"revoked": count}

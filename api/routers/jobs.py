@@ -12,23 +12,34 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from api import quota as admission
-from api.deps import BrokerDep, QuotasDep, RedisDep, SessionMakerDep, SettingsDep, UserDep, VariantsDep
+from api.deps import (
+    AutocommitDep,
+    BrokerDep,
+    DoneDep,
+    FleetDep,
+    QuotasDep,
+    RedisDep,
+    SessionMakerDep,
+    SettingsDep,
+    UserDep,
+    VariantsDep,
+)
 from api.errors import responses
-from api.fleet import availability, live_workers
-from api.media import check_parts, inspect_inline, store_media
+from api.fleet import availability
+from api.fleet_view import FleetView
+from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
 from core import faults
-from core.broker import enqueue_job
+from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
 from core.queues import cancel_key, job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from db.ids import new_id
-from db.models import Job
 from db.repo import jobs as jobs_repo
 
 router = APIRouter(tags=["jobs"])
@@ -45,7 +56,7 @@ WAIT_RECHECK_S = 5.0  # ?wait=N: how often a waiting request re-reads its job be
 
 
 async def _check_spec(
-    spec: JobCreate, variants: VariantRegistry, redis: RedisDep, settings: Settings
+    spec: JobCreate, variants: VariantRegistry, fleet: FleetView, settings: Settings
 ) -> Variant:
     variant = variants.get(spec.variant)
     if variant is None:
@@ -90,7 +101,9 @@ async def _check_spec(
                 "Whisper translates into English only (whisper-tiny-en not at all)",
                 {"variant": variant.name, "target_language": spec.params.target_language},
             )
-    problem = availability(variant, variants, await live_workers(redis, settings))
+    problem = availability(variant, variants, await fleet.workers())
+    if problem is not None:  # refused only on a fresh read of the heartbeats
+        problem = availability(variant, variants, await fleet.workers(fresh=True))
     if problem is not None:
         raise Unavailable(f"variant {variant.name!r} cannot run here: {problem}", {"variant": variant.name})
     return variant
@@ -99,17 +112,16 @@ async def _check_spec(
 class _Replay(Exception):
     """The Idempotency-Key was taken meanwhile: roll back what this request wrote, answer the first job."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: RowMapping) -> None:
         self.job = job
 
 
-async def _read(maker: async_sessionmaker[AsyncSession], user_id: str, job_id: str) -> JobOut:
-    async with maker() as session:
-        job = await jobs_repo.get_job(session=session, user_id=user_id, job_id=job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}")
-        metrics = await jobs_repo.latest_metrics(session=session, job_ids=[job.id])
-        return jobs_repo.job_out(job, metrics.get(job.id))
+async def _read(autocommit: AsyncEngine, user_id: str, job_id: str) -> JobOut:
+    async with autocommit.connect() as connection:
+        job = await jobs_repo.get_job(session=connection, user_id=user_id, job_id=job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return jobs_repo.job_out(job)
 
 
 @router.post(
@@ -125,8 +137,10 @@ async def create_job(
     user: UserDep,
     quota: QuotasDep,
     maker: SessionMakerDep,
+    autocommit: AutocommitDep,
     broker: BrokerDep,
     redis: RedisDep,
+    fleet: FleetDep,
     settings: SettingsDep,
     variants: VariantsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
@@ -137,90 +151,96 @@ async def create_job(
     job's tokens (input estimate + `max_new_tokens`, settled to the real count when it ends)."""
     limits = admission.limits_of(user, settings)
     admission.check_variant(limits, spec.variant)
-    variant = await _check_spec(spec, variants, redis, settings)
+    variant = await _check_spec(spec, variants, fleet, settings)
     request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
     if idempotency_key is not None:
-        async with maker() as session:
+        async with autocommit.connect() as connection:
             earlier = await jobs_repo.find_idempotent(
-                session=session, user_id=user.id, idempotency_key=idempotency_key
+                session=connection, user_id=user.id, idempotency_key=idempotency_key
             )
         if earlier is not None:
-            return await _replay(earlier, request_hash, response, maker, user.id)
+            return await _replay(earlier, request_hash, response, autocommit, user.id)
     inline = await inspect_inline(spec, settings)
+    job_id = new_id("job")
     reservation: admission.Reservation | None = None
+
+    async def admit(media: MediaTotals) -> admission.Reservation:
+        nonlocal reservation
+        reservation = await admission.admit(
+            request=request, maker=maker, quota=quota, limits=limits, user=user, job_id=job_id, spec=spec,
+            media=media,
+        )  # fmt: skip
+        return reservation
+
+    async def insert(db: AsyncSession | AsyncConnection, granted: admission.Reservation) -> RowMapping:
+        job, created = await jobs_repo.create_job(
+            session=db, user_id=user.id, spec=spec, idempotency_key=idempotency_key,
+            request_hash=request_hash, job_id=job_id, charged_on=granted.day, reserved_tokens=granted.tokens,
+        )  # fmt: skip
+        if not created:
+            raise _Replay(job)
+        return job
+
     try:
-        async with maker() as session, session.begin():
-            media = await store_media(
-                session=session,
-                user_id=user.id,
-                spec=spec,
-                inline=inline,
-                max_audio_seconds=WHISPER_WINDOW_S if variant.engine == "whisper" else None,
-            )
-            reservation = await admission.admit(
-                request=request,
-                session=session,
-                quota=quota,
-                limits=limits,
-                user=user,
-                job_id=new_id("job"),
-                spec=spec,
-                media=media,
-            )
-            job, created = await jobs_repo.create_job(
-                session=session,
-                user_id=user.id,
-                spec=spec,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                job_id=reservation.job_id,
-                charged_on=reservation.day,
-                reserved_tokens=reservation.tokens,
-            )
-            if not created:
-                raise _Replay(job)
+        if spec.input.media():  # its files and its row: one transaction
+            async with maker() as session, session.begin():
+                media = await store_media(
+                    session=session, user_id=user.id, spec=spec, inline=inline,
+                    max_audio_seconds=WHISPER_WINDOW_S if variant.engine == "whisper" else None,
+                )  # fmt: skip
+                job = await insert(session, await admit(media))
+        else:  # its row alone: one statement
+            granted = await admit(NO_MEDIA)
+            async with autocommit.connect() as connection:
+                job = await insert(connection, granted)
     except BaseException as exc:
         if reservation is not None:  # nothing was queued: the slot and the tokens go back
             await admission.release(quota, user.id, reservation)
         if isinstance(exc, _Replay):
-            return await _replay(exc.job, request_hash, response, maker, user.id)
+            return await _replay(exc.job, request_hash, response, autocommit, user.id)
         raise
-    structlog.contextvars.bind_contextvars(job_id=job.id, variant=job.variant)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    assert reservation is not None
+    structlog.contextvars.bind_contextvars(job_id=job_id, variant=spec.variant)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
     faults.crash_here(settings, faults.API_AFTER_COMMIT)
     try:
-        await _enqueue_or_withdraw(maker, broker, job)
+        await _enqueue_or_withdraw(maker, redis, broker, job_id, spec.variant, spec.priority)
     except Unavailable:
         await admission.release(quota, user.id, reservation)
         raise
-    log.info("job.queued", task=job.task, priority=job.priority, media=len(spec.input.media()))
-    return jobs_repo.job_out(job, None)
+    log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
+    return jobs_repo.job_out(job)
 
 
 async def _replay(
-    job: Job, request_hash: str, response: Response, maker: SessionMakerDep, user_id: str
+    job: RowMapping, request_hash: str, response: Response, autocommit: AsyncEngine, user_id: str
 ) -> JobOut:
-    if job.request_hash != request_hash:
+    if job["request_hash"] != request_hash:
         raise Conflict(
             "this Idempotency-Key was used for a different request",
-            {"idempotency_key": job.idempotency_key, "job_id": job.id},
+            {"idempotency_key": job["idempotency_key"], "job_id": job["id"]},
         )
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = f"/v1/jobs/{job['id']}"
     response.headers["Idempotent-Replayed"] = "true"
-    return await _read(maker, user_id, job.id)
+    return await _read(autocommit, user_id, job["id"])
 
 
-async def _enqueue_or_withdraw(maker: async_sessionmaker[AsyncSession], broker: BrokerDep, job: Job) -> None:
+async def _enqueue_or_withdraw(
+    maker: async_sessionmaker[AsyncSession],
+    redis: RedisDep,
+    broker: BrokerDep,
+    job_id: str,
+    variant: str,
+    priority: int,
+) -> None:
     """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503 —
     unless a worker has taken it meanwhile (the message went out after all): then it stands."""
     try:
-        await run_in_threadpool(
-            enqueue_job, broker, job_id=job.id, variant=job.variant, priority=job.priority
-        )
+        await send_job(redis, broker, job_id=job_id, variant=variant, priority=priority)
     except Exception as exc:
         log.error("job.enqueue_failed", error=type(exc).__name__)
         async with maker() as session, session.begin():
-            withdrawn = await jobs_repo.withdraw(session=session, job_id=job.id)
+            withdrawn = await jobs_repo.withdraw(session=session, job_id=job_id)
         if withdrawn:
             raise Unavailable("the job queue is not answering; retry shortly") from exc
 
@@ -229,56 +249,30 @@ async def _enqueue_or_withdraw(maker: async_sessionmaker[AsyncSession], broker: 
 async def get_job(
     job_id: JobIdPath,
     user: UserDep,
-    maker: SessionMakerDep,
-    redis: RedisDep,
-    settings: SettingsDep,
+    autocommit: AutocommitDep,
+    done: DoneDep,
     wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds for a terminal state")] = 0,
 ) -> JobOut:
-    job = await _read(maker, user.id, job_id)
-    if wait <= 0 or job.status in TERMINAL_STATUSES:
-        return job
-    return await _wait_terminal(maker, redis, settings, user.id, job_id, time.monotonic() + wait)
-
-
-async def _wait_terminal(
-    maker: async_sessionmaker[AsyncSession],
-    redis: RedisDep,
-    settings: Settings,
-    user_id: str,
-    job_id: str,
-    deadline: float,
-) -> JobOut:
-    """Wake on the worker's done message; re-read every few seconds in case one was missed
-    (without pub/sub, every second)."""
-    try:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(job_done_channel(settings, job_id))
-    except RedisError:
-        pubsub = None
-    try:
+    if wait <= 0:
+        return await _read(autocommit, user.id, job_id)
+    deadline = time.monotonic() + wait
+    # Watching starts before the first read, so a done message published after it wakes us.
+    async with done.watch(job_id) as finished:
         while True:
-            job = await _read(maker, user_id, job_id)
+            job = await _read(autocommit, user.id, job_id)
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL_STATUSES or remaining <= 0:
                 return job
-            timeout = min(remaining, 1.0 if pubsub is None else WAIT_RECHECK_S)
-            if pubsub is None:
-                await asyncio.sleep(timeout)
-                continue
-            try:
-                await pubsub.get_message(timeout=timeout)
-            except RedisError:
-                await asyncio.sleep(timeout)
-    finally:
-        if pubsub is not None:
-            with contextlib.suppress(RedisError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, done.recheck_s())):
+                    await finished.wait()
+            finished.clear()
 
 
 @router.get("/jobs", responses=responses(401, 422), summary="List your jobs, newest first")
 async def list_jobs(
     user: UserDep,
-    maker: SessionMakerDep,
+    autocommit: AutocommitDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     variant: Annotated[str | None, Query(max_length=100)] = None,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
@@ -288,13 +282,12 @@ async def list_jobs(
         position = jobs_repo.decode_cursor(cursor) if cursor else None
     except ValueError as exc:
         raise ValidationFailed("cursor: not a cursor this API handed out", {"cursor": cursor}) from exc
-    async with maker() as session:
+    async with autocommit.connect() as connection:
         page = await jobs_repo.list_jobs(
-            session=session, user_id=user.id, status=status_, variant=variant, cursor=position, limit=limit
+            session=connection, user_id=user.id, status=status_, variant=variant, cursor=position, limit=limit
         )
-        metrics = await jobs_repo.latest_metrics(session=session, job_ids=[j.id for j in page.jobs])
     return JobList(
-        data=[jobs_repo.job_out(j, metrics.get(j.id)) for j in page.jobs],
+        data=[jobs_repo.job_out(j) for j in page.jobs],
         next_cursor=page.next_cursor,
         has_more=page.next_cursor is not None,
     )
@@ -311,6 +304,7 @@ async def cancel_job(
     user: UserDep,
     quota: QuotasDep,
     maker: SessionMakerDep,
+    autocommit: AutocommitDep,
     redis: RedisDep,
     settings: SettingsDep,
 ) -> JobOut:
@@ -320,7 +314,7 @@ async def cancel_job(
         cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
     if cancelled is not None:
         await admission.release(quota, user.id, cancelled)
-    job = await _read(maker, user.id, job_id)
+    job = await _read(autocommit, user.id, job_id)
     if cancelled is not None:
         log.info("job.cancelled", job_id=job_id, variant=job.variant)
         await _notify_done(redis, settings, job_id)

@@ -9,11 +9,11 @@ import base64
 import json
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import RowMapping, Table, and_, bindparam, delete, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
 from db.ids import new_id
@@ -42,49 +42,58 @@ def charge_of(job: Job) -> Charge:
     return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=sum(tokens_used(job.result)))
 
 
-def job_out(job: Job, metric: JobMetric | None) -> JobOut:
+# What the API reads of a job: its columns and its latest attempt's metrics (columns `m_*`), in
+# one query. Statements are built once, so SQLAlchemy reuses their compiled form.
+_jobs = cast(Table, Job.__table__)
+_metrics = cast(Table, JobMetric.__table__)
+METRICS = tuple(c.name for c in _metrics.c if c.name not in ("id", "job_id", "created_at"))
+_OUT = (
+    "id", "status", "variant", "task", "priority", "created_at", "started_at", "finished_at", "expires_at",
+    "result", "error", "metadata", "attempts",
+)  # fmt: skip
+_latest = (
+    select(*(_metrics.c[c] for c in METRICS))
+    .where(_metrics.c.job_id == _jobs.c.id)
+    .order_by(_metrics.c.attempt.desc())
+    .limit(1)
+    .lateral("latest")
+)
+_READ = select(*(_jobs.c[c] for c in _OUT), *(_latest.c[c].label(f"m_{c}") for c in METRICS)).select_from(
+    _jobs.outerjoin(_latest, true())
+)
+
+
+def job_out(job: RowMapping) -> JobOut:
+    """A row of `_READ` (or one with the `_OUT` columns and no metrics) as the API shows it."""
     metrics = None
-    if metric is not None:
-        metrics = {
-            c: getattr(metric, c)
-            for c in (
-                "attempt", "queue_ms", "load_ms", "time_to_first_token_ms", "inference_ms", "total_ms",
-                "input_tokens", "output_tokens", "tokens_per_second", "batch_size", "images", "audio_clips",
-                "audio_seconds", "preprocess_ms", "peak_memory_bytes",
-                "worker", "device",
-            )
-        }  # fmt: skip
-    return JobOut.model_validate(
-        {
-            "id": job.id,
-            "status": job.status,
-            "variant": job.variant,
-            "task": job.task,
-            "priority": job.priority,
-            "created_at": job.created_at,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-            "expires_at": job.expires_at,
-            "result": job.result,
-            "error": job.error,
-            "metrics": metrics,
-            "metadata": job.metadata_,
-            "attempts": job.attempts,
-        }
-    )
+    if job.get("m_attempt") is not None:
+        metrics = {c: job[f"m_{c}"] for c in METRICS}
+    return JobOut.model_validate({c: job[c] for c in _OUT} | {"metrics": metrics})
 
 
 # ---- API side ------------------------------------------------------------------------------
 
 
-async def find_idempotent(*, session: AsyncSession, user_id: str, idempotency_key: str) -> Job | None:
-    stmt = select(Job).where(Job.user_id == user_id, Job.idempotency_key == idempotency_key)
-    return (await session.execute(stmt)).scalar_one_or_none()
+_INSERT = (
+    pg_insert(_jobs)
+    .on_conflict_do_nothing()
+    .returning(*(_jobs.c[c] for c in (*_OUT, "idempotency_key", "request_hash")))
+)
+_IDEMPOTENT = select(*(_jobs.c[c] for c in (*_OUT, "idempotency_key", "request_hash"))).where(
+    _jobs.c.user_id == bindparam("user_id"), _jobs.c.idempotency_key == bindparam("key")
+)
+
+
+async def find_idempotent(
+    *, session: AsyncSession | AsyncConnection, user_id: str, idempotency_key: str
+) -> RowMapping | None:
+    rows = await session.execute(_IDEMPOTENT, {"user_id": user_id, "key": idempotency_key})
+    return rows.mappings().first()
 
 
 async def create_job(
     *,
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     user_id: str,
     spec: JobCreate,
     idempotency_key: str | None,
@@ -92,8 +101,9 @@ async def create_job(
     job_id: str | None = None,
     charged_on: date | None = None,
     reserved_tokens: int = 0,
-) -> tuple[Job, bool]:
-    """Insert a queued job; with an idempotency key already used, return that job instead."""
+) -> tuple[RowMapping, bool]:
+    """Insert a queued job (one statement, its row returned); with an idempotency key already
+    used, return that job instead. Rows carry the `_OUT` columns, the key and the request hash."""
     values: dict[str, Any] = {
         "id": job_id or new_id("job"),
         "user_id": user_id,
@@ -113,45 +123,32 @@ async def create_job(
     }
     if charged_on is not None:
         values["charged_on"] = charged_on
-    stmt = pg_insert(Job).values(values).on_conflict_do_nothing().returning(Job.id)
-    inserted = (await session.execute(stmt)).scalar_one_or_none()
+    inserted = (await session.execute(_INSERT, values)).mappings().first()
     if inserted is not None:
-        return await _get(session, Job.id == inserted), True
-    existing = await _get(session, and_(Job.user_id == user_id, Job.idempotency_key == idempotency_key))
+        return inserted, True
+    assert idempotency_key is not None  # nothing else can conflict with a new id
+    existing = await find_idempotent(session=session, user_id=user_id, idempotency_key=idempotency_key)
+    assert existing is not None
     return existing, False
 
 
-async def _get(session: AsyncSession, where: Any) -> Job:
-    return (await session.execute(select(Job).where(where))).scalar_one()
+_GET = _READ.where(_jobs.c.id == bindparam("job_id"), _jobs.c.user_id == bindparam("user_id"))
 
 
-async def get_job(*, session: AsyncSession, user_id: str, job_id: str) -> Job | None:
-    stmt = (
-        select(Job).where(Job.id == job_id, Job.user_id == user_id).execution_options(populate_existing=True)
-    )
-    return (await session.execute(stmt)).scalar_one_or_none()
-
-
-async def latest_metrics(*, session: AsyncSession, job_ids: list[str]) -> dict[str, JobMetric]:
-    if not job_ids:
-        return {}
-    rows = await session.execute(
-        select(JobMetric)
-        .where(JobMetric.job_id.in_(job_ids))
-        .order_by(JobMetric.job_id, JobMetric.attempt.desc())
-        .distinct(JobMetric.job_id)
-    )
-    return {m.job_id: m for m in rows.scalars()}
+async def get_job(*, session: AsyncSession | AsyncConnection, user_id: str, job_id: str) -> RowMapping | None:
+    """The caller's job with its latest metrics (one query); None when it is not theirs."""
+    rows = await session.execute(_GET, {"job_id": job_id, "user_id": user_id})
+    return rows.mappings().first()
 
 
 @dataclass(frozen=True)
 class Page:
-    jobs: list[Job]
+    jobs: list[RowMapping]
     next_cursor: str | None
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+def _encode_cursor(job: RowMapping) -> str:
+    raw = json.dumps([job["created_at"].isoformat(), job["id"]]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -167,23 +164,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 async def list_jobs(
     *,
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     user_id: str,
     status: str | None,
     variant: str | None,
     cursor: tuple[datetime, str] | None,
     limit: int,
 ) -> Page:
-    stmt = select(Job).where(Job.user_id == user_id)
+    """The caller's jobs, newest first, each with its latest metrics."""
+    stmt = _READ.where(_jobs.c.user_id == user_id)
     if status:
-        stmt = stmt.where(Job.status == status)
+        stmt = stmt.where(_jobs.c.status == status)
     if variant:
-        stmt = stmt.where(Job.variant == variant)
+        stmt = stmt.where(_jobs.c.variant == variant)
     if cursor:
         created, job_id = cursor
-        stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = list((await session.execute(stmt)).scalars())
+        stmt = stmt.where(
+            or_(_jobs.c.created_at < created, and_(_jobs.c.created_at == created, _jobs.c.id < job_id))
+        )
+    stmt = stmt.order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc()).limit(limit + 1)
+    jobs = list((await session.execute(stmt)).mappings())
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return Page(jobs=jobs, next_cursor=_encode_cursor(jobs[-1]) if more and jobs else None)

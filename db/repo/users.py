@@ -70,8 +70,12 @@ async def create_key(*, session: AsyncSession, user: User, name: str | None = No
     return key
 
 
+def well_formed(key: str) -> bool:
+    return key.startswith(KEY_PREFIX) and len(key) <= 200
+
+
 async def authenticate(*, session: AsyncSession, key: str) -> User | None:
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not well_formed(key):
         return None
     digest = hash_key(key)
     row = (

@@ -1,0 +1,103 @@
+"""`GET /v1/jobs/{id}?wait=N`: the done messages workers publish, heard once per API process.
+
+One pattern subscription per process (`DoneListener`) wakes whichever requests wait on the job
+whose message arrives, so a waiting request costs Redis nothing of its own. While the listener is
+not subscribed (Redis away, reconnecting), waiters re-read their job every second instead of
+every `RECHECK_S`; when it subscribes again, every waiter re-reads (messages may have been missed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from core.queues import job_done_channel
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RECHECK_S = 5.0  # how often a waiter re-reads its job besides the done message
+POLL_S = 1.0  # ... while the listener is not subscribed
+RETRY_S = 0.5  # between the listener's attempts to subscribe
+
+
+class DoneListener:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self._pattern = job_done_channel(settings, "*")
+        self._prefix = len(self._pattern) - 1
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="done-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when the job's done message arrives (or when the listener subscribes
+        again); registered before the caller reads the job, so no message falls in between."""
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    def recheck_s(self) -> float:
+        return RECHECK_S if self.subscribed else POLL_S
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._listen()
+            except RedisError as exc:
+                if self.subscribed:
+                    log.warning("job.done_listener_lost", error=type(exc).__name__)
+            self.subscribed = False
+            await asyncio.sleep(RETRY_S)
+
+    async def _listen(self) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.psubscribe(self._pattern)
+            while True:
+                message = await pubsub.get_message(timeout=RECHECK_S)
+                if message is None:
+                    continue
+                if message["type"] == "pmessage":
+                    self._wake(_text(message["channel"])[self._prefix :])
+                elif message["type"] == "psubscribe":  # Redis confirms: from here on, nothing is missed
+                    self.subscribed = True
+                    self._wake_all()  # whatever was published while nobody listened
+        finally:
+            with contextlib.suppress(RedisError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
