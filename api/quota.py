@@ -33,6 +33,7 @@ class Reservation:
     job_id: str
     day: date
     tokens: int
+    in_flight: int = 1  # the user's jobs admitted and not ended, this one included
 
 
 def check_variant(limits: Limits, variant: str) -> None:
@@ -85,7 +86,7 @@ async def admit(
             continue
         break
     if outcome.outcome == quotas.OK:
-        return Reservation(job_id=job_id, day=day, tokens=tokens)
+        return Reservation(job_id=job_id, day=day, tokens=tokens, in_flight=outcome.snapshot.active_jobs)
     if outcome.outcome == quotas.SEED:  # the day's counter vanished twice in a row
         raise Unavailable("the quota counters are being rebuilt; retry shortly")
     _refuse(outcome)

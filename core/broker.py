@@ -21,9 +21,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.queues import RUN_JOB_TASK, message_key, variant_queue
+from core.scheduling import BROKER_STEPS, TRANSPORT, broker_step
 from core.settings import Settings
 
-PRIORITY_STEPS = list(range(10))
+PRIORITY_STEPS = BROKER_STEPS  # (priority, fair share) steps: core/scheduling.py
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 5.0
 
@@ -31,6 +32,8 @@ REDIS_TIMEOUT_S = 5.0
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
+        # redis:// gets the transport that keeps every step (others clamp priorities to 0..9).
+        "broker_transport": TRANSPORT if settings.broker_url.startswith("redis://") else None,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             "global_keyprefix": f"{settings.namespace}:",
@@ -81,14 +84,14 @@ def redis_client(settings: Settings) -> redis.Redis:
 MESSAGE_MARKER_TTL_S = 7 * 86_400
 
 
-def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> None:
+def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0) -> None:
     """Send the job id (nothing else) to its variant's queue, marked as sent.
 
-    gemmaq's priority runs 0 (lowest) to 9 (highest); kombu's Redis transport serves 0
-    first, so the value is flipped. The marker goes first, so a worker's claim (which
-    clears it) always comes after it; a send that fails takes the marker back, and a marker
-    that cannot be written only means the reconciler sends the job once more (a duplicate
-    message is skipped by the claim).
+    The broker step comes from the job's priority and its owner's jobs in flight (see
+    core/scheduling.py; kombu's Redis transport serves step 0 first). The marker goes first,
+    so a worker's claim (which clears it) always comes after it; a send that fails takes the
+    marker back, and a marker that cannot be written only means the reconciler sends the job
+    once more (a duplicate message is skipped by the claim).
     """
     settings: Settings = app.conf.gemmaq_settings
     markers: redis.Redis = app.conf.gemmaq_markers
@@ -100,7 +103,7 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> Non
             RUN_JOB_TASK,
             args=[job_id],
             queue=variant_queue(variant),
-            priority=9 - priority,
+            priority=broker_step(priority, in_flight),
             retry=False,
         )
     except Exception:
@@ -109,13 +112,15 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int) -> Non
         raise
 
 
-def task_message(app: Celery, *, job_id: str, variant: str, priority: int) -> tuple[str, str]:
+def task_message(
+    app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0
+) -> tuple[str, str]:
     """The Redis list and the message that `enqueue_job`'s `send_task` pushes for this job: Celery's
     task protocol 2 (built by Celery) in the kombu Redis transport's envelope (JSON, the body
     base64), for a producer that sends on an asyncio Redis client (`send_job`).
     tests/test_worker.py checks it against what kombu sends."""
     settings: Settings = app.conf.gemmaq_settings
-    step = 9 - priority  # kombu serves 0 first
+    step = broker_step(priority, in_flight)  # kombu serves 0 first
     task_id = uuid()
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id, RUN_JOB_TASK, args=[job_id], reply_to=app.thread_oid, ignore_result=None
@@ -139,11 +144,13 @@ def task_message(app: Celery, *, job_id: str, variant: str, priority: int) -> tu
     return queue_keys(settings, variant)[step], kombu_json.dumps(message)  # type: ignore[no-untyped-call]
 
 
-async def send_job(redis: AsyncRedis, app: Celery, *, job_id: str, variant: str, priority: int) -> None:
+async def send_job(
+    redis: AsyncRedis, app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0
+) -> None:
     """`enqueue_job` for the API's event loop: the marker and the message in one MULTI/EXEC, so
     both are written or neither, in one round trip (no thread, no kombu producer)."""
     settings: Settings = app.conf.gemmaq_settings
-    queue, message = task_message(app, job_id=job_id, variant=variant, priority=priority)
+    queue, message = task_message(app, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight)
     marker = message_key(settings, job_id)
     try:
         async with redis.pipeline(transaction=True) as pipe:

@@ -48,6 +48,15 @@ tasks = ["text"]
 source = "echo"
 engine = "echo"
 description = "test-only echo variant that no worker ever serves: its jobs stay queued"
+
+[variants.echo-fair]
+family = "diagnostic"
+size = "0"
+tasks = ["text"]
+source = "echo"
+engine = "echo"
+max_batch_size = 1
+description = "test-only echo variant, one job at a time, served only by the scheduling test's worker"
 """
 
 

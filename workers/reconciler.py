@@ -15,6 +15,7 @@ worker only claims a queued job.
 
 from __future__ import annotations
 
+import collections
 import signal
 import threading
 import time
@@ -134,9 +135,19 @@ class Reconciler:
             return 0
         markers = self.redis.mget([message_key(self.settings, q.id) for q in queued])
         resent = 0
+        per_user: collections.Counter[str] = collections.Counter()
         for job, marker in zip(queued, markers, strict=True):
             if marker is None:
-                enqueue_job(self.broker, job_id=job.id, variant=job.variant, priority=job.priority)
+                # Each user's resent jobs, oldest first, take the fair-share steps they were
+                # admitted into (core/scheduling.py), so a resent flood stays behind others.
+                per_user[job.user_id] += 1
+                enqueue_job(
+                    self.broker,
+                    job_id=job.id,
+                    variant=job.variant,
+                    priority=job.priority,
+                    in_flight=per_user[job.user_id],
+                )
                 resent += 1
                 log.warning("job.resent", job_id=job.id, variant=job.variant)
         return resent

@@ -204,7 +204,9 @@ async def create_job(
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     faults.crash_here(settings, faults.API_AFTER_COMMIT)
     try:
-        await _enqueue_or_withdraw(maker, redis, broker, job_id, spec.variant, spec.priority)
+        await _enqueue_or_withdraw(
+            maker, redis, broker, job_id, spec.variant, spec.priority, reservation.in_flight
+        )
     except Unavailable:
         await admission.release(quota, user.id, reservation)
         raise
@@ -232,11 +234,12 @@ async def _enqueue_or_withdraw(
     job_id: str,
     variant: str,
     priority: int,
+    in_flight: int,
 ) -> None:
     """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503 —
     unless a worker has taken it meanwhile (the message went out after all): then it stands."""
     try:
-        await send_job(redis, broker, job_id=job_id, variant=variant, priority=priority)
+        await send_job(redis, broker, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight)
     except Exception as exc:
         log.error("job.enqueue_failed", error=type(exc).__name__)
         async with maker() as session, session.begin():

@@ -112,6 +112,7 @@ class Queued:
     id: str
     variant: str
     priority: int
+    user_id: str
 
 
 def running(*, session: Session) -> list[Running]:
@@ -121,7 +122,7 @@ def running(*, session: Session) -> list[Running]:
 
 def queued_before(*, session: Session, cutoff: datetime, limit: int = 5000) -> list[Queued]:
     rows = session.execute(
-        select(Job.id, Job.variant, Job.priority)
+        select(Job.id, Job.variant, Job.priority, Job.user_id)
         .where(Job.status == "queued", Job.created_at < cutoff)
         .order_by(Job.created_at)
         .limit(limit)
