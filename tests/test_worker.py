@@ -157,8 +157,10 @@ def test_the_api_sends_the_message_kombu_would(stack: Stack) -> None:
     app = make_celery(settings)
     client = redis.Redis.from_url(stack.redis_url)
     try:
-        enqueue_job(app, job_id="job_same", variant="echo", priority=7)
-        queue, ours = task_message(app, job_id="job_same", variant="echo", priority=7)
+        # A step past kombu's own 0..9 (priority 7, 20 jobs in flight): the transport keeps it.
+        enqueue_job(app, job_id="job_same", variant="echo", priority=7, in_flight=20)
+        queue, ours = task_message(app, job_id="job_same", variant="echo", priority=7, in_flight=20)
+        assert queue.endswith(":10")
         theirs = client.lindex(queue, 0)
         assert theirs is not None, f"kombu did not push to {queue}"
         assert _shape(ours) == _shape(theirs)
