@@ -19,6 +19,7 @@ same job (a redelivered message, a retry after a crash) changes nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -87,20 +88,36 @@ end
 return reply
 """
 
-_SETTLE = """
-local entry = redis.call('HGET', KEYS[1], ARGV[1])
-if not entry then return -1 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local reserved = tonumber(string.match(entry, '^(%d+)'))
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - reserved)
+_SETTLE_FUNCTION = """
+local function settle(active, tokens, job, actual)
+  local entry = redis.call('HGET', active, job)
+  if not entry then return -1 end
+  redis.call('HDEL', active, job)
+  local reserved = tonumber(string.match(entry, '^(%d+)'))
+  if redis.call('EXISTS', tokens) == 1 then
+    redis.call('INCRBY', tokens, tonumber(actual) - reserved)
+  end
+  return reserved
 end
-return reserved
 """
 
-# A job that ended: its cancel flag (KEYS[3]) cleared and its done message published on ARGV[3],
-# then settled as above — one round trip for all the bookkeeping of a job's end.
-_END = "redis.call('DEL', KEYS[3])\nredis.call('PUBLISH', ARGV[3], 'done')\n" + _SETTLE
+_SETTLE = _SETTLE_FUNCTION + "return settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
+
+# Jobs that ended, three keys (active, tokens, cancel flag) and three arguments (job, actual
+# tokens, done channel) each: every one settled as above, its cancel flag cleared and its done
+# message published — one round trip for the bookkeeping of a whole batch's end.
+_END = (
+    _SETTLE_FUNCTION
+    + """
+local out = {}
+for i = 1, #ARGV, 3 do
+  redis.call('DEL', KEYS[i + 2])
+  redis.call('PUBLISH', ARGV[i + 2], 'done')
+  out[#out + 1] = settle(KEYS[i], KEYS[i + 1], ARGV[i], ARGV[i + 1])
+end
+return out
+"""
+)
 
 _SEED = """
 local total = tonumber(ARGV[1])
@@ -167,6 +184,19 @@ class Admission:
     outcome: int
     snapshot: Snapshot
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """A job that reached a terminal state: its tokens to settle (`actual`), its cancel flag key
+    and its done channel."""
+
+    user_id: str
+    job_id: str
+    day: date
+    actual: int
+    cancel: str
+    done: str
 
 
 @dataclass(frozen=True)
@@ -308,24 +338,22 @@ class SyncQuotas:
         self._settle = redis.register_script(_SETTLE)
         self._end = redis.register_script(_END)
 
-    def settle(
-        self,
-        *,
-        user_id: str,
-        job_id: str,
-        day: date,
-        actual: int,
-        cancel: str | None = None,
-        done: str | None = None,
-    ) -> bool:
-        """True when this call released the slot (False: it was released before). With `cancel`
-        and `done`, the same script deletes that key and publishes on that channel."""
+    def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
+        """True when this call released the slot (False: it was released before)."""
         keys = QuotaKeys(self.settings, user_id)
-        if cancel is None or done is None:
-            reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
-        else:
-            reserved = self._end(keys=[keys.active, keys.tokens(day), cancel], args=[job_id, actual, done])
+        reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
         return int(reserved) >= 0
+
+    def end(self, endings: Sequence[Ending]) -> list[bool]:
+        """Settle each job, clear its cancel flag and publish its done message, all in one
+        script; for each, whether this call released its slot."""
+        keys: list[str] = []
+        args: list[str | int] = []
+        for e in endings:
+            quota = QuotaKeys(self.settings, e.user_id)
+            keys += [quota.active, quota.tokens(e.day), e.cancel]
+            args += [e.job_id, e.actual, e.done]
+        return [int(reserved) >= 0 for reserved in self._end(keys=keys, args=args)] if endings else []
 
 
 def parse_holders(entries: dict[Any, Any]) -> dict[str, Holder]:

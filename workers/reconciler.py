@@ -115,7 +115,7 @@ class Reconciler:
                 if charge is not None:
                     failed += 1
                     log.warning("job.failed", job_id=job.id, reason="worker lost", attempts=job.attempts)
-                    ended(self.quotas, self.settings, charge)
+                    ended(self.quotas, self.settings, [charge])
                 continue
             with self.maker.begin() as session:
                 back = runs.requeue_lost(session=session, job_id=job.id, attempt=job.attempts)
@@ -157,7 +157,8 @@ class Reconciler:
             charges = runs.expire(session=session)
         for charge in charges:
             log.info("job.expired", job_id=charge.job_id)
-            ended(self.quotas, self.settings, charge)
+        if charges:
+            ended(self.quotas, self.settings, charges)
         return len(charges)
 
     # ---- quota slots --------------------------------------------------------------------

@@ -19,6 +19,7 @@ from db.repo import files as files_repo
 from db.repo import runs
 from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
+from workers.grouped import Grouped
 from workers.outcome import ended
 from workers.runtime.base import Request, RequestError, Result, ShuttingDown
 from workers.runtime.media import file_ids, load_media
@@ -49,20 +50,31 @@ def _claim(pool: VariantPool, job_id: str) -> Claimed | None:
         charges = runs.expire(session=session, job_ids=[job_id])
         if not charges and (charge := runs.terminal_charge(session=session, job_id=job_id)):
             charges = [charge]
-    for charge in charges:
-        ended(pool.quotas, pool.settings, charge)
+    if charges:
+        ended(pool.quotas, pool.settings, charges)
     return None
+
+
+def _finish_group(finishing: list[tuple[VariantPool, runs.Outcome]]) -> list[bool]:
+    """The outcomes, their usage and their metrics in one statement; then, once each, the quota
+    slots released, the cancel flags cleared and the waiters woken (one Redis script)."""
+    pool = finishing[0][0]
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        charges = runs.finish_many(session=connection, outcomes=[outcome for _, outcome in finishing])
+    written = [c for c in charges if c is not None]
+    if written:
+        ended(pool.quotas, pool.settings, written)
+    return [c is not None for c in charges]
+
+
+# The jobs of a batch end together: their task threads write their outcomes as one.
+_finishing: Grouped[tuple[VariantPool, runs.Outcome], bool] = Grouped(_finish_group)
 
 
 @_db_retry
 def _finish(pool: VariantPool, job: Claimed, **outcome: Any) -> bool:
-    """The outcome, the ledger and the metrics in one statement; then, once, the quota slot is
-    released, the cancel flag cleared and the waiters woken (one Redis script)."""
-    with autocommit_engine(pool.settings.db_url).connect() as connection:
-        charge = runs.finish(session=connection, job_id=job.id, attempt=job.attempts, **outcome)
-    if charge is not None:
-        ended(pool.quotas, pool.settings, charge)
-    return charge is not None
+    """True when this call moved the job to its terminal state (False: it had left this attempt)."""
+    return _finishing((pool, runs.Outcome(job_id=job.id, attempt=job.attempts, **outcome)))
 
 
 @_db_retry

@@ -7,11 +7,15 @@ job's usage reaches the ledger in the one transaction that ends it.
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Select, Table, bindparam, func, literal, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -182,64 +186,71 @@ def states(*, session: Session, job_ids: list[str]) -> dict[str, Job]:
 # ---- finishing -----------------------------------------------------------------------------
 
 
-def _finish_statement(with_metrics: bool) -> Select[Any]:
-    """running → terminal, the usage added to the ledger and the attempt's metrics row written:
-    one statement (data-modifying CTEs), so one transaction and one round trip."""
-    done = (
-        update(_jobs)
-        .where(
-            _jobs.c.id == bindparam("job_id"),
-            _jobs.c.status == "running",
-            _jobs.c.attempts == bindparam("attempt"),
-        )
-        .values(
-            status=bindparam("to", type_=_jobs.c.status.type),
-            result=bindparam("body", type_=_jobs.c.result.type),
-            error=bindparam("problem", type_=_jobs.c.error.type),
-            finished_at=func.now(),
-        )
-        .returning(_jobs.c.user_id, _jobs.c.charged_on)
-        .cte("done")
-    )
-    spent = pg_insert(_ledger).from_select(
-        ["user_id", "day", "input_tokens", "output_tokens", "jobs"],
-        select(
-            done.c.user_id,
-            done.c.charged_on,
-            bindparam("spent_in", type_=_ledger.c.input_tokens.type),
-            bindparam("spent_out", type_=_ledger.c.output_tokens.type),
-            literal(1),
-        ).where(bindparam("charged", type_=_ledger.c.jobs.type) > 0),
-    )
-    usage = spent.on_conflict_do_update(
-        index_elements=[_ledger.c.user_id, _ledger.c.day],
-        set_={
-            "input_tokens": _ledger.c.input_tokens + spent.excluded.input_tokens,
-            "output_tokens": _ledger.c.output_tokens + spent.excluded.output_tokens,
-            "jobs": _ledger.c.jobs + 1,
-            "updated_at": func.now(),
-        },
-    ).cte("usage")
-    ctes = [usage]
-    if with_metrics:
-        columns = ["job_id", "attempt", *METRIC_COLUMNS]
-        values = [
-            bindparam("job_id", type_=_metrics.c.job_id.type),
-            bindparam("attempt", type_=_metrics.c.attempt.type),
-            *(bindparam(f"m_{c}", type_=_metrics.c[c].type) for c in METRIC_COLUMNS),
-        ]
-        metric = (
-            pg_insert(_metrics)
-            .from_select(columns, select(*values).select_from(done))
-            .on_conflict_do_nothing(constraint="uq_job_metrics_job_attempt")
-            .cte("metric")
-        )
-        ctes.append(metric)
-    return select(done.c.user_id, done.c.charged_on).add_cte(*ctes)
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt of a job ended, as its worker writes it."""
+
+    job_id: str
+    attempt: int
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    metrics: dict[str, Any] | None
 
 
 METRIC_COLUMNS = tuple(c.name for c in _metrics.c if c.name not in ("id", "job_id", "attempt", "created_at"))
-_FINISH = {with_metrics: _finish_statement(with_metrics) for with_metrics in (False, True)}
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+_RECORD = ", ".join(f"{c} {_metrics.c[c].type.compile(dialect=_PG)}" for c in METRIC_COLUMNS)
+# running → terminal for every outcome given, the usage they used added to the ledger and each
+# attempt's metrics row written: one statement (data-modifying CTEs over the outcomes, passed
+# as one JSON array), so one transaction and one round trip for a whole batch of jobs. Each job
+# moves only if it is still running that attempt, so an outcome written before changes nothing.
+_FINISH = text(f"""
+WITH v AS (
+  SELECT * FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(
+    job_id text, attempt integer, status text, result jsonb, error jsonb,
+    spent_in bigint, spent_out bigint, with_metrics boolean, {_RECORD})
+), done AS (
+  UPDATE jobs SET status = v.status, result = v.result, error = v.error, finished_at = now()
+  FROM v WHERE jobs.id = v.job_id AND jobs.status = 'running' AND jobs.attempts = v.attempt
+  RETURNING jobs.id, jobs.user_id, jobs.charged_on
+), usage AS (
+  INSERT INTO usage_ledger AS ledger (user_id, day, input_tokens, output_tokens, jobs)
+  SELECT done.user_id, done.charged_on, sum(v.spent_in), sum(v.spent_out), count(*)
+  FROM done JOIN v ON v.job_id = done.id
+  WHERE v.spent_in + v.spent_out > 0
+  GROUP BY done.user_id, done.charged_on
+  ON CONFLICT (user_id, day) DO UPDATE SET
+    input_tokens = ledger.input_tokens + excluded.input_tokens,
+    output_tokens = ledger.output_tokens + excluded.output_tokens,
+    jobs = ledger.jobs + excluded.jobs,
+    updated_at = now()
+), metric AS (
+  INSERT INTO job_metrics (job_id, attempt, {", ".join(METRIC_COLUMNS)})
+  SELECT v.job_id, v.attempt, {", ".join(f"v.{c}" for c in METRIC_COLUMNS)}
+  FROM v JOIN done ON done.id = v.job_id
+  WHERE v.with_metrics
+  ON CONFLICT ON CONSTRAINT uq_job_metrics_job_attempt DO NOTHING
+)
+SELECT id, user_id, charged_on FROM done
+""")
+
+
+def finish_many(*, session: Session | Connection, outcomes: Sequence[Outcome]) -> list[Charge | None]:
+    """Each job running → terminal, once, its usage added to the ledger in the same transaction
+    (one statement for all). For each outcome, the job's charge, or None when the job had
+    already left that attempt (a redelivery, a job finished or requeued meanwhile)."""
+    rows = [_record(o) for o in outcomes]
+    done = {
+        job_id: (user_id, day)
+        for job_id, user_id, day in session.execute(_FINISH, {"outcomes": json.dumps(rows)})
+    }
+    charges: list[Charge | None] = []
+    for row in rows:
+        moved = done.get(row["job_id"])
+        tokens = row["spent_in"] + row["spent_out"]
+        charges.append(Charge(row["job_id"], moved[0], moved[1], tokens) if moved else None)
+    return charges
 
 
 def finish(
@@ -252,25 +263,27 @@ def finish(
     error: dict[str, Any] | None,
     metrics: dict[str, Any] | None,
 ) -> Charge | None:
-    """running → terminal, once, with its usage added to the ledger in the same transaction.
-    None when the job was already finished (a redelivery)."""
-    input_tokens, output_tokens = tokens_used(result)
-    params: dict[str, Any] = {
-        "job_id": job_id,
-        "attempt": attempt,
-        "to": status,
-        "body": result,
-        "problem": error,
-        "spent_in": input_tokens,
-        "spent_out": output_tokens,
-        "charged": input_tokens + output_tokens,
+    """`finish_many` for one job."""
+    outcome = Outcome(job_id, attempt, status, result, error, metrics)
+    return finish_many(session=session, outcomes=[outcome])[0]
+
+
+def _record(outcome: Outcome) -> dict[str, Any]:
+    spent_in, spent_out = tokens_used(outcome.result)
+    record = {
+        "job_id": outcome.job_id,
+        "attempt": outcome.attempt,
+        "status": outcome.status,
+        "result": outcome.result,
+        "error": outcome.error,
+        "spent_in": spent_in,
+        "spent_out": spent_out,
+        "with_metrics": outcome.metrics is not None,
     }
-    if metrics is not None:
-        unknown = set(metrics) - set(METRIC_COLUMNS)
-        assert not unknown, f"not job_metrics columns: {sorted(unknown)}"
-        params |= {f"m_{c}": metrics.get(c) for c in METRIC_COLUMNS}
-    row = session.execute(_FINISH[metrics is not None], params).first()
-    if row is None:
-        return None
-    user_id, day = row
-    return Charge(job_id=job_id, user_id=user_id, day=day, tokens=input_tokens + output_tokens)
+    metrics = outcome.metrics or {}
+    unknown = set(metrics) - set(METRIC_COLUMNS)
+    assert not unknown, f"not job_metrics columns: {sorted(unknown)}"
+    for column in METRIC_COLUMNS:
+        value = metrics.get(column)
+        record[column] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return record
