@@ -68,7 +68,10 @@ async def list_models(
         states = [WorkerState(**s) for s in states_of(v.name, workers)]
         problem = availability(v, variants, workers)
         try:
-            depth: int | None = sum([await redis.llen(k) for k in queue_keys(settings, v.name)])
+            async with redis.pipeline(transaction=False) as pipe:
+                for k in queue_keys(settings, v.name):
+                    pipe.llen(k)
+                depth: int | None = sum(await pipe.execute())
         except RedisError:
             depth = None
         data.append(

@@ -91,8 +91,14 @@ class Batcher:
 
     def _loop(self) -> None:
         if isinstance(self.engine, ContinuousEngine):
-            self._continuous(self.engine, self.engine.stream())
-            return
+            while True:  # a bug in the loop fails the requests in hand, never the thread
+                stream, waiting = self.engine.stream(), collections.deque[Item]()
+                try:
+                    self._continuous(self.engine, stream, waiting)
+                    return
+                except Exception as exc:
+                    log.exception("batcher.failed", variant=self.engine.name)
+                    self._deliver([*((f, exc) for _, f in waiting), *((k, exc) for k in stream.abandon())])
         while True:
             first = self._queue.get()
             if first is None:
@@ -130,8 +136,9 @@ class Batcher:
 
     # ---- continuous batching ---------------------------------------------------------------
 
-    def _continuous(self, engine: ContinuousEngine, stream: ContinuousDecoder) -> None:
-        waiting: collections.deque[Item] = collections.deque()
+    def _continuous(
+        self, engine: ContinuousEngine, stream: ContinuousDecoder, waiting: collections.deque[Item]
+    ) -> None:
         while True:
             if not stream.rows and not waiting:  # idle: block, then gather a burst
                 first = self._queue.get()
@@ -145,7 +152,9 @@ class Batcher:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if item is None:  # stopped with requests in hand: they go back to the queue
+                    self._deliver([(future, ShuttingDown()) for _, future in waiting])
+                    self._deliver([(key, ShuttingDown()) for key in stream.abandon()])
                     return
                 if item is not _WAKE and item[1].set_running_or_notify_cancel():  # type: ignore[index]
                     waiting.append(item)  # type: ignore[arg-type]
@@ -172,8 +181,10 @@ class Batcher:
             with self.device_lock:
                 return stream.join(joiners)
         except Exception as exc:
+            # The newcomers may be half spliced in: the whole running batch fails with them.
             log.exception("batch.join_failed", variant=self.engine.name, joining=len(joiners))
-            return [(future, exc) for future, _, _ in joiners]
+            keys = {id(k): k for k in [*(f for f, _, _ in joiners), *stream.abandon()]}
+            return [(key, exc) for key in keys.values()]
 
     def _step(self, stream: ContinuousDecoder) -> Done:
         try:
@@ -186,6 +197,8 @@ class Batcher:
     def _deliver(self, done: Done) -> None:
         for key, outcome in done:
             future: Future[Result] = key  # type: ignore[assignment]
+            if future.done():  # resolved already (a failure that took the whole batch)
+                continue
             if isinstance(outcome, Exception):
                 future.set_exception(outcome)
                 continue

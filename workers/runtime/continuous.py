@@ -53,6 +53,7 @@ class Row:
     request: Request
     prompt: list[int]
     joined: float  # monotonic: prefill started
+    joined_at: float  # wall clock of the same moment, for the cancel lag
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # generated so far
     first_token_at: float | None = None
@@ -105,7 +106,14 @@ class ContinuousDecoder:
                 logits_to_keep=1,
             ).logits[:, -1, :]
         rows = [
-            Row(key=key, request=request, prompt=ids, joined=now, generator=_generator(request, self.device))
+            Row(
+                key=key,
+                request=request,
+                prompt=ids,
+                joined=now,
+                joined_at=time.time(),
+                generator=_generator(request, self.device),
+            )
             for key, request, ids in entries
         ]
         self._splice(cache, mask, positions[:, -1] + 1, rows)
@@ -131,7 +139,7 @@ class ContinuousDecoder:
         """One decoding step for every row; returns the rows that are done."""
         assert self.cache is not None and self.rows
         done = self._cancels(cancelled)
-        if len(done) < len(self.rows):
+        if self.rows:
             last = torch.tensor([r.tokens[-1] for r in self.rows], dtype=torch.long, device=self.device)
             ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
             self.mask = torch.cat([self.mask, ones], dim=1)
@@ -155,7 +163,8 @@ class ContinuousDecoder:
         for row, requested in zip(self.rows, flags, strict=True):
             if requested is not None and row.reason is None:
                 row.reason = "cancelled"
-                row.cancel_lag = 1 + sum(1 for t in self._step_times if t >= requested)
+                since = max(requested, row.joined_at)  # steps this row took part in
+                row.cancel_lag = 1 + sum(1 for t in self._step_times if t >= since)
         return self._collect()
 
     def _advance(self, logits: torch.Tensor, indices: Sequence[int]) -> list[tuple[object, Result]]:
@@ -193,21 +202,22 @@ class ContinuousDecoder:
         end = time.monotonic()
         peak = peak_memory(self.device)
         finished = [(r.key, self._result(r, end, peak)) for r in self.rows if r.reason is not None]
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = None
-            self.mask = self.mask[:0, :0]
-            self.positions = self.positions[:0]
+        if not keep:
+            self.abandon()
+            if self.device.type == "cuda":  # peak memory is reported per busy spell
+                torch.cuda.reset_peak_memory_stats(self.device)
             return finished
         assert self.cache is not None
+        # Everything new is built before anything is replaced: a failure leaves the batch whole.
         index = torch.tensor(keep, device=self.device)
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        live = self.mask.any(dim=0).nonzero()
+        mask, positions = self.mask[index], self.positions[index]
+        live = mask.any(dim=0).nonzero()
         start = int(live[0]) if live.numel() else 0  # columns left of this are padding in every row
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        layers = [(lay.keys[index, :, start:], lay.values[index, :, start:]) for lay in self.cache.layers]
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask, self.positions = mask[:, start:], positions
+        self.rows = [self.rows[i] for i in keep]
         return finished
 
     def _result(self, row: Row, end: float, peak: int) -> Result:

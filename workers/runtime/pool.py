@@ -27,6 +27,9 @@ from workers.runtime.loading import load_engine
 
 log = structlog.get_logger(__name__)
 
+# How long a job given up on (timed out) stays on the list the decoding steps check.
+ABANDONED_TTL_S = 3600.0
+
 # Delete a lease only if this run still holds it.
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -67,6 +70,8 @@ class VariantPool:
         # Jobs claimed here and not yet finished: their leases are renewed by the heartbeat.
         self._in_hand: dict[str, str] = {}  # job id → this run's lease token
         self._in_hand_lock = threading.Lock()
+        self._abandoned: dict[str, float] = {}  # job id → when it was given up (timeout)
+        self._abandoned_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
         self.broker = make_celery(settings, name="gemmaq-worker-producer")  # to put jobs back
@@ -97,13 +102,22 @@ class VariantPool:
     # ---- what task threads call ----------------------------------------------------------
 
     def cancelled(self, job_ids: Sequence[str]) -> list[float | None]:
+        """Between decoding steps: the cancel flags in Redis, and the jobs given up here."""
+        with self._abandoned_lock:
+            abandoned = [self._abandoned.get(j) for j in job_ids]
         try:
             values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
         except redis.RedisError:
-            return [None] * len(job_ids)
-        return [cancel_requested_at(v) for v in values]
+            return abandoned
+        return [mine or cancel_requested_at(v) for mine, v in zip(abandoned, values, strict=True)]
 
     def request_cancel(self, job_id: str) -> None:
+        """Stop a running request at its next step: a job that timed out here. Remembered in this
+        process too, as ending the job clears its flag in Redis before the batch sees it."""
+        now = time.time()
+        with self._abandoned_lock:
+            self._abandoned = {j: t for j, t in self._abandoned.items() if now - t < ABANDONED_TTL_S}
+            self._abandoned[job_id] = now
         with contextlib.suppress(redis.RedisError):
             self.redis.set(
                 cancel_key(self.settings, job_id), time.time(), ex=self.settings.visibility_timeout_s
