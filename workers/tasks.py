@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import redis
 import structlog
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core import errors
 from core.broker import enqueue_job
+from core.queues import message_key
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
 from db.models import Job
@@ -38,10 +41,27 @@ _db_retry = retry(
 )
 
 
+def _claim_group(claiming: list[tuple[VariantPool, str]]) -> list[Claimed | None]:
+    """The jobs claimed in one statement, then the markers of those taken cleared (one command)."""
+    pool = claiming[0][0]
+    job_ids = [job_id for _, job_id in claiming]
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        jobs = runs.claim_many(session=connection, job_ids=job_ids, worker=pool.worker)
+    taken = [message_key(pool.settings, job.id) for job in jobs if job is not None]
+    if taken:
+        with contextlib.suppress(redis.RedisError):  # as VariantPool.message_taken does
+            pool.redis.delete(*taken)
+    return jobs
+
+
+# Messages arrive one by one, but while a claim runs the next ones queue up: claimed as one.
+_claiming: Grouped[tuple[VariantPool, str], Claimed | None] = Grouped(_claim_group)
+
+
 @_db_retry
 def _claim(pool: VariantPool, job_id: str) -> Claimed | None:
-    with autocommit_engine(pool.settings.db_url).connect() as connection:
-        job = runs.claim(session=connection, job_id=job_id, worker=pool.worker)
+    """The job, taken for this worker and its message marker cleared; None when it is not queued."""
+    job = _claiming((pool, job_id))
     if job is not None:
         return job
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
@@ -122,7 +142,6 @@ def run_job(job_id: str) -> None:
         if job is None:
             log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
-        pool.message_taken(job_id)
         _run(pool, job)
     finally:
         pool.drop_lease(job_id, token)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, func, or_, select, text, update
+from sqlalchemy import Connection, Table, any_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
@@ -49,7 +49,7 @@ class Claimed:
 _CLAIM = (
     update(_jobs)
     .where(
-        _jobs.c.id == bindparam("job_id"),
+        _jobs.c.id == any_(bindparam("job_ids", type_=postgresql.ARRAY(_jobs.c.id.type))),
         _jobs.c.status == "queued",
         or_(_jobs.c.expires_at.is_(None), _jobs.c.expires_at > func.now()),
     )
@@ -58,11 +58,18 @@ _CLAIM = (
 )
 
 
+def claim_many(*, session: Session | Connection, job_ids: Sequence[str], worker: str) -> list[Claimed | None]:
+    """Take queued jobs for this worker (attempt + 1), in one statement; for each id, its job, or
+    None when it is not queued (running elsewhere, terminal) or its deadline has passed. An id
+    given twice is claimed once: the first gets the job."""
+    rows = session.execute(_CLAIM, {"job_ids": list(set(job_ids)), "by": worker})
+    claimed: dict[str, Claimed | None] = {row.id: Claimed(*row) for row in rows}
+    return [claimed.pop(job_id, None) for job_id in job_ids]
+
+
 def claim(*, session: Session | Connection, job_id: str, worker: str) -> Claimed | None:
-    """Take a queued job for this worker (attempt + 1); None when it is not queued (running
-    elsewhere, terminal) or its deadline has passed."""
-    row = session.execute(_CLAIM, {"job_id": job_id, "by": worker}).first()
-    return Claimed(*row) if row is not None else None
+    """`claim_many` for one job."""
+    return claim_many(session=session, job_ids=[job_id], worker=worker)[0]
 
 
 def expire(*, session: Session, job_ids: list[str] | None = None) -> list[Charge]:
