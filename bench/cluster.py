@@ -59,9 +59,10 @@ class Cluster:
             "GEMMAQ_SHUTDOWN_GRACE_S": "30",
         }
         self.cli("migrate")
-        self.key = (
-            self.cli("users", "create", "chaos", "--requests-per-minute", "100000").strip().splitlines()[-1]
-        )
+        # Quotas out of the way (as bench/fairness.py does for its users): with the default 64
+        # concurrent jobs, submissions that outpace the workers would be refused.
+        quota = ("--requests-per-minute", "100000", "--max-concurrent-jobs", "100000")
+        self.key = self.cli("users", "create", "chaos", *quota).strip().splitlines()[-1]
         self.others.append(self.spawn("api", ["api", "--port", str(self.port)]))
         self.others.append(self.spawn("reconciler", ["reconciler"]))
         for _ in range(self.worker_count):
