@@ -178,7 +178,9 @@ class ContinuousDecoder:
             params = row.request.params
             token = greedy[n]
             if row.generator is not None:
-                seen = torch.tensor(row.prompt + row.tokens, device=scores.device)
+                seen = None  # the ids so far, built only for a repetition penalty
+                if params.repetition_penalty != 1.0:
+                    seen = torch.tensor(row.prompt + row.tokens, device=scores.device)
                 token = sample_row(scores[n], params, row.generator, seen)
             row.tokens.append(token)
             row.first_token_at = row.first_token_at or now

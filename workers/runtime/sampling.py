@@ -23,11 +23,11 @@ def needs_sampler(params: Sequence[GenerationParams]) -> bool:
 
 
 def sample_row(
-    scores: torch.Tensor, params: GenerationParams, generator: torch.Generator, seen: torch.Tensor
+    scores: torch.Tensor, params: GenerationParams, generator: torch.Generator, seen: torch.Tensor | None
 ) -> int:
     """One row's next token from its float scores: repetition penalty over the `seen` ids, then
     greedy, or temperature, top-k and top-p and a draw from the row's own generator."""
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != 1.0 and seen is not None:
         penalty = params.repetition_penalty
         old = scores.gather(0, seen)
         scores = scores.scatter(0, seen, torch.where(old < 0, old * penalty, old / penalty))
