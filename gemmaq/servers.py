@@ -8,6 +8,8 @@ shared services.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -27,9 +29,32 @@ from gemmaq.embedded import free_port
 
 def _pg_bin(name: str) -> str:
     """PostgreSQL's binaries as pgserver ships them (found without importing it: its import warns)."""
+    return str(_pg_install() / "bin" / name)
+
+
+@functools.cache
+def _pg_install() -> Path:
+    """pgserver's PostgreSQL install. As root, PostgreSQL runs as PG_SYSTEM_USER, which may not be
+    able to reach a virtualenv inside a private folder (a clone in a 0700 `mktemp -d`): then a copy
+    in the shared temporary folder is used, made once per install. The copy keeps the wheel's
+    layout, as the binaries find their libraries at `$ORIGIN/../../../pgserver.libs`."""
     spec = importlib.util.find_spec("pgserver")
     assert spec is not None and spec.origin is not None, "pgserver is not installed"
-    return str(Path(spec.origin).parent / "pginstall" / "bin" / name)
+    package = Path(spec.origin).parent
+    if os.geteuid() != 0:
+        return package / "pginstall"
+    stamp = f"{package}:{(package / 'pginstall' / 'bin' / 'postgres').stat().st_mtime_ns}"
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"gemmaq-pginstall-{digest}"
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(prefix="gemmaq-pginstall-", dir=target.parent))
+        shutil.copytree(package / "pginstall", staging / "copy" / "pgserver" / "pginstall")
+        shutil.copytree(package.parent / "pgserver.libs", staging / "copy" / "pgserver.libs")
+        staging.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process made it meanwhile
+            (staging / "copy").rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / "pgserver" / "pginstall"
 
 
 @dataclass
