@@ -7,6 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core.broker import queue_keys
 from core.queues import worker_pattern
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry, weights_problem
@@ -20,6 +21,17 @@ async def live_workers(redis: Redis, settings: Settings) -> list[dict[str, Any]]
         if raw:
             out.append(json.loads(raw))
     return out
+
+
+async def queue_depths(redis: Redis, settings: Settings, variants: list[str]) -> dict[str, int]:
+    """Messages waiting in each variant's broker queue (all priority steps), one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in variants:
+            for key in queue_keys(settings, name):
+                pipe.llen(key)
+        lengths = await pipe.execute()
+    steps = len(lengths) // len(variants) if variants else 0
+    return {name: sum(lengths[i * steps : (i + 1) * steps]) for i, name in enumerate(variants)}
 
 
 def states_of(variant: str, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:

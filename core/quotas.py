@@ -334,6 +334,7 @@ class SyncQuotas:
     """The workers' and the reconciler's side: settle when a job reaches a terminal state."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
         self.settings = settings
         self._settle = redis.register_script(_SETTLE)
         self._end = redis.register_script(_END)

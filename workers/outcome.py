@@ -1,4 +1,5 @@
-"""After a job reaches a terminal state: settle its quota, clear its cancel flag, wake its waiters.
+"""After a job reaches a terminal state: settle its quota, clear its cancel flag, wake its waiters,
+count it for /metrics.
 
 Shared by the task that ends a job and the reconciler that ends one for a lost worker.
 """
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 import redis
 import structlog
 
+from core.metrics import add_ended
 from core.queues import cancel_key, job_done_channel
 from core.quotas import Ending, SyncQuotas
 from core.settings import Settings
@@ -37,3 +39,11 @@ def ended(quotas: SyncQuotas, settings: Settings, charges: Sequence[Charge]) -> 
     except redis.RedisError:
         # The reconciler's sweep releases the slots; waiters re-read their jobs every few seconds.
         log.warning("job.settle_failed", job_ids=[c.job_id for c in charges])
+    just_ended = [c.ended for c in charges if c.ended is not None]
+    if just_ended:
+        try:
+            with quotas.redis.pipeline(transaction=False) as pipe:
+                add_ended(pipe, settings, just_ended)
+                pipe.execute()
+        except redis.RedisError:
+            log.warning("metrics.record_failed", jobs=len(just_ended))

@@ -180,7 +180,7 @@ class Reconciler:
             for job_id, holder in holders.items():
                 job = jobs.get(job_id)
                 if job is not None and job.status in runs.TERMINAL:
-                    charge = charge_of(job)
+                    charge = charge_of(job, just_ended=False)
                     released += self.quotas.settle(
                         user_id=user_id, job_id=job_id, day=charge.day, actual=charge.tokens
                     )

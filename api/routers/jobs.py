@@ -35,6 +35,7 @@ from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_
 from core import faults
 from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
+from core.metrics import add_ended
 from core.queues import cancel_key, job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
 from core.settings import Settings
@@ -317,6 +318,7 @@ async def cancel_job(
         cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
     if cancelled is not None:
         await admission.release(quota, user.id, cancelled)
+        await count_ended(redis, settings, cancelled)
     job = await _read(autocommit, user.id, job_id)
     if cancelled is not None:
         log.info("job.cancelled", job_id=job_id, variant=job.variant)
@@ -327,6 +329,18 @@ async def cancel_job(
     await redis.set(cancel_key(settings, job_id), time.time(), ex=settings.visibility_timeout_s)
     response.status_code = status.HTTP_202_ACCEPTED
     return job
+
+
+async def count_ended(redis: RedisDep, settings: Settings, charge: jobs_repo.Charge) -> None:
+    """A job this API process ended, counted for /metrics (workers count theirs in workers.outcome)."""
+    if charge.ended is None:
+        return
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            add_ended(pipe, settings, [charge.ended])
+            await pipe.execute()
+    except RedisError:
+        log.warning("metrics.record_failed", job_id=charge.job_id)
 
 
 async def _notify_done(redis: RedisDep, settings: Settings, job_id: str) -> None:

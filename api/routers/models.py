@@ -10,8 +10,7 @@ from redis.exceptions import RedisError
 
 from api.deps import RedisDep, SettingsDep, UserDep, VariantsDep
 from api.errors import responses
-from api.fleet import availability, live_workers, states_of
-from core.broker import queue_keys
+from api.fleet import availability, live_workers, queue_depths, states_of
 
 router = APIRouter(tags=["models"])
 
@@ -63,17 +62,15 @@ async def list_models(
         workers = await live_workers(redis, settings)
     except RedisError:
         workers = []
+    try:
+        depths: dict[str, int] | None = await queue_depths(redis, settings, variants.names())
+    except RedisError:
+        depths = None
     data = []
     for v in variants:
         states = [WorkerState(**s) for s in states_of(v.name, workers)]
         problem = availability(v, variants, workers)
-        try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for k in queue_keys(settings, v.name):
-                    pipe.llen(k)
-                depth: int | None = sum(await pipe.execute())
-        except RedisError:
-            depth = None
+        depth = depths[v.name] if depths is not None else None
         data.append(
             ModelOut(
                 id=v.name,

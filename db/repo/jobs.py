@@ -15,6 +15,7 @@ from sqlalchemy import RowMapping, Table, and_, bindparam, delete, func, or_, se
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from core.metrics import Ended
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
 from db.ids import new_id
 from db.models import Job, JobMetric, UsageLedger
@@ -25,12 +26,14 @@ TERMINAL = sorted(TERMINAL_STATUSES)
 
 @dataclass(frozen=True)
 class Charge:
-    """What a job that reached a terminal state costs its owner: settled against the quota once."""
+    """What a job that reached a terminal state costs its owner: settled against the quota once.
+    `ended` is set where the job has just moved to that state, for /metrics to count it once."""
 
     job_id: str
     user_id: str
     day: date
     tokens: int
+    ended: Ended | None = None
 
 
 def tokens_used(result: dict[str, Any] | None) -> tuple[int, int]:
@@ -38,8 +41,12 @@ def tokens_used(result: dict[str, Any] | None) -> tuple[int, int]:
     return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
 
 
-def charge_of(job: Job) -> Charge:
-    return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=sum(tokens_used(job.result)))
+def charge_of(job: Job, *, just_ended: bool = True) -> Charge:
+    """The charge of an ended job (`just_ended`: this call's statement is what ended it)."""
+    code = (job.error or {}).get("code")
+    ended = Ended(variant=job.variant, status=job.status, code=code) if just_ended else None
+    tokens = sum(tokens_used(job.result))
+    return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=tokens, ended=ended)
 
 
 # What the API reads of a job: its columns and its latest attempt's metrics (columns `m_*`), in

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from core.errors import EXPIRED, GENERATION_ERROR
+from core.metrics import Ended
 from db.models import Job, JobMetric, UsageLedger
 from db.repo.jobs import TERMINAL as TERMINAL
 from db.repo.jobs import Charge, charge_of, tokens_used
@@ -93,7 +94,7 @@ def expire(*, session: Session, job_ids: list[str] | None = None) -> list[Charge
 def terminal_charge(*, session: Session, job_id: str) -> Charge | None:
     """The job's cost if it has ended (a redelivered message of a finished job settles again, harmlessly)."""
     job = session.execute(select(Job).where(Job.id == job_id, Job.status.in_(TERMINAL))).scalar_one_or_none()
-    return charge_of(job) if job is not None else None
+    return charge_of(job, just_ended=False) if job is not None else None
 
 
 def put_back(*, session: Session, job_id: str, attempt: int) -> Job | None:
@@ -220,7 +221,7 @@ WITH v AS (
 ), done AS (
   UPDATE jobs SET status = v.status, result = v.result, error = v.error, finished_at = now()
   FROM v WHERE jobs.id = v.job_id AND jobs.status = 'running' AND jobs.attempts = v.attempt
-  RETURNING jobs.id, jobs.user_id, jobs.charged_on
+  RETURNING jobs.id, jobs.user_id, jobs.charged_on, jobs.variant
 ), usage AS (
   INSERT INTO usage_ledger AS ledger (user_id, day, input_tokens, output_tokens, jobs)
   SELECT done.user_id, done.charged_on, sum(v.spent_in), sum(v.spent_out), count(*)
@@ -239,7 +240,7 @@ WITH v AS (
   WHERE v.with_metrics
   ON CONFLICT ON CONSTRAINT uq_job_metrics_job_attempt DO NOTHING
 )
-SELECT id, user_id, charged_on FROM done
+SELECT id, user_id, charged_on, variant FROM done
 """)
 
 
@@ -249,14 +250,20 @@ def finish_many(*, session: Session | Connection, outcomes: Sequence[Outcome]) -
     already left that attempt (a redelivery, a job finished or requeued meanwhile)."""
     rows = [_record(o) for o in outcomes]
     done = {
-        job_id: (user_id, day)
-        for job_id, user_id, day in session.execute(_FINISH, {"outcomes": json.dumps(rows)})
+        job_id: (user_id, day, variant)
+        for job_id, user_id, day, variant in session.execute(_FINISH, {"outcomes": json.dumps(rows)})
     }
     charges: list[Charge | None] = []
-    for row in rows:
+    for outcome, row in zip(outcomes, rows, strict=True):
         moved = done.get(row["job_id"])
+        if moved is None:
+            charges.append(None)
+            continue
+        user_id, day, variant = moved
+        code = (outcome.error or {}).get("code")
+        ended = Ended(variant=variant, status=outcome.status, code=code, metrics=outcome.metrics)
         tokens = row["spent_in"] + row["spent_out"]
-        charges.append(Charge(row["job_id"], moved[0], moved[1], tokens) if moved else None)
+        charges.append(Charge(row["job_id"], user_id, day, tokens, ended))
     return charges
 
 
