@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     quota_max_concurrent_jobs: int = 64
     quota_max_input_bytes: int = 20 * 1024 * 1024
 
+    # /v1/metrics/summary raises an alert past each of these (the seed tutorial's defaults).
+    alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")
+    alert_max_memory_mb: float = Field(default=8192.0, gt=0, description="mean peak device memory per job")
+    alert_min_tokens_per_second: float = Field(default=5.0, ge=0, description="mean per-job decode rate")
+    alert_min_success_rate: float = Field(default=0.95, ge=0, le=1)
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"

@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.routers.metrics import JobCounts, PeakMemory, Spread, Summary, alerts_for
+from core.settings import Settings
 from tests.conftest import ROOT, Stack, wait_job
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "gemmaq.json"
@@ -96,3 +99,56 @@ def test_grafana_dashboard_charts_every_family(stack: Stack) -> None:
     charted = {f for f in families if re.search(rf"\b{f}(_total|_bucket|_sum|_count)?\b", queries)}
     missing = families - charted
     assert not missing, f"no panel charts {sorted(missing)}"
+
+
+def test_summary_over_the_callers_jobs(stack: Stack) -> None:
+    with stack.client(stack.new_key("summary")) as client:
+        empty = client.get("/v1/metrics/summary").json()
+        assert empty["jobs"]["total"] == 0 and empty["success_rate"] is None and empty["alerts"] == []
+        ids = [
+            client.post("/v1/jobs", json={"input": {"prompt": p}, "params": {"max_new_tokens": 5}}).json()[
+                "id"
+            ]
+            for p in ("Colours: red, green,", "Days: Monday, Tuesday,")
+        ]
+        jobs = [wait_job(client, job_id) for job_id in ids]
+        assert all(j["status"] == "succeeded" for j in jobs)
+        held = client.post("/v1/jobs", json={"variant": "echo-late", "input": {"prompt": "x"}}).json()
+        assert client.post(f"/v1/jobs/{held['id']}/cancel").status_code == 200
+
+        summary = client.get("/v1/metrics/summary", params={"window": "15m"}).json()
+        assert summary["scope"] == "user" and summary["window_s"] == 900
+        assert summary["jobs"] == {"total": 3, "succeeded": 2, "failed": 0, "cancelled": 1, "expired": 0}
+        assert summary["success_rate"] == 1.0
+        latencies = [j["metrics"]["total_ms"] for j in jobs]
+        assert summary["latency_ms"]["mean"] == pytest.approx(sum(latencies) / 2)
+        assert max(latencies) >= summary["latency_ms"]["p95"] >= min(latencies)
+        assert summary["output_tokens"] == sum(j["result"]["usage"]["output_tokens"] for j in jobs)
+        assert summary["tokens_per_second"] > 0 and summary["time_to_first_token_ms"]["mean"] > 0
+        assert summary["alerts"] == []  # the defaults: p95 ≤ 10 s, ≥ 5 tokens/s, ≥ 95 % succeeded
+
+        one = client.get("/v1/metrics/summary", params={"variant": "echo-late", "window": "1h"}).json()
+        assert one["jobs"]["total"] == 1 and one["success_rate"] is None
+        for window in ("abc", "0m", "40d", "5w"):
+            bad = client.get("/v1/metrics/summary", params={"window": window})
+            assert bad.status_code == 422 and bad.json()["error"]["code"] == "VALIDATION_ERROR", window
+        unknown = client.get("/v1/metrics/summary", params={"variant": "nope"})
+        assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "UNKNOWN_VARIANT"
+
+
+def test_summaryalerts_for_past_each_threshold() -> None:
+    summary = Summary(
+        scope="all", variant=None, window_s=3600,
+        jobs=JobCounts(total=10, succeeded=8, failed=2, cancelled=0, expired=0), success_rate=0.8,
+        latency_ms=Spread(mean=9000, p95=12000), time_to_first_token_ms=Spread(mean=100, p95=200),
+        tokens_per_second=3.0, input_tokens=10, output_tokens=10,
+        peak_memory_mb=PeakMemory(mean=9000, max=9500), alerts=[],
+    )  # fmt: skip
+    alerts = {a.metric: a for a in alerts_for(summary, Settings())}
+    assert set(alerts) == {"success_rate", "latency_p95_ms", "peak_memory_mb", "tokens_per_second"}
+    assert alerts["success_rate"].severity == "high" and alerts["latency_p95_ms"].threshold == 10_000
+    relaxed = Settings(
+        alert_min_success_rate=0.5, alert_max_latency_s=20, alert_max_memory_mb=10_000,
+        alert_min_tokens_per_second=1,
+    )  # fmt: skip
+    assert alerts_for(summary, relaxed) == []

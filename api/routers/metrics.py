@@ -1,4 +1,5 @@
-"""`GET /metrics`: Prometheus text format, for the whole deployment from one scrape target.
+"""`GET /metrics`: Prometheus text format, for the whole deployment from one scrape target;
+`GET /v1/metrics/summary`: the seed tutorial's summary and alerts over the stored job metrics.
 
 Counters and histograms of ended jobs come from Redis, where every process adds to them
 (core/metrics.py); gauges are read at scrape time: broker queue depths (Redis), jobs queued and
@@ -12,9 +13,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,12 +24,15 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from sqlalchemy import text
 
-from api.deps import AutocommitDep, RedisDep, SettingsDep, VariantsDep
+from api.deps import AutocommitDep, RedisDep, SettingsDep, UserDep, VariantsDep
+from api.errors import responses
 from api.fleet import live_workers, queue_depths
 from core import metrics
+from core.errors import UnknownVariant, ValidationFailed
 from core.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -189,3 +193,190 @@ def _workers(workers: list[dict[str, Any]]) -> Iterable[Metric]:
         if w.get("at") is not None:
             age.add_metric([name], max(0.0, now - float(w["at"])))
     return up, warm, device_memory, budget, used, age
+
+
+# ---- /v1/metrics/summary --------------------------------------------------------------------
+
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 31 * 86400
+
+# Jobs that ended in the window, each with its latest attempt's metrics.
+_SUMMARY = text("""
+WITH ended AS (
+  SELECT j.status, m.total_ms, m.time_to_first_token_ms, m.tokens_per_second, m.input_tokens,
+         m.output_tokens, m.peak_memory_bytes
+  FROM jobs j
+  LEFT JOIN LATERAL (
+    SELECT * FROM job_metrics WHERE job_id = j.id ORDER BY attempt DESC LIMIT 1
+  ) m ON true
+  WHERE j.finished_at >= now() - make_interval(secs => :window)
+    AND (CAST(:user_id AS text) IS NULL OR j.user_id = :user_id)
+    AND (CAST(:variant AS text) IS NULL OR j.variant = :variant)
+)
+SELECT
+  count(*) FILTER (WHERE status = 'succeeded'),
+  count(*) FILTER (WHERE status = 'failed'),
+  count(*) FILTER (WHERE status = 'cancelled'),
+  count(*) FILTER (WHERE status = 'expired'),
+  avg(total_ms) FILTER (WHERE status = 'succeeded'),
+  percentile_cont(0.95) WITHIN GROUP (ORDER BY total_ms) FILTER (WHERE status = 'succeeded'),
+  avg(time_to_first_token_ms) FILTER (WHERE status = 'succeeded'),
+  percentile_cont(0.95) WITHIN GROUP (ORDER BY time_to_first_token_ms) FILTER (WHERE status = 'succeeded'),
+  avg(tokens_per_second) FILTER (WHERE status = 'succeeded'),
+  coalesce(sum(input_tokens), 0),
+  coalesce(sum(output_tokens), 0),
+  avg(peak_memory_bytes) FILTER (WHERE status = 'succeeded'),
+  max(peak_memory_bytes) FILTER (WHERE status = 'succeeded')
+FROM ended
+""")
+
+
+class JobCounts(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    expired: int
+
+
+class Spread(BaseModel):
+    mean: float | None
+    p95: float | None
+
+
+class PeakMemory(BaseModel):
+    mean: float | None
+    max: float | None
+
+
+class Alert(BaseModel):
+    metric: Literal["latency_p95_ms", "peak_memory_mb", "tokens_per_second", "success_rate"]
+    severity: Literal["low", "medium", "high"]
+    value: float
+    threshold: float
+    message: str
+
+
+class Summary(BaseModel):
+    """Over the jobs that ended in the window: the caller's own, or every user's for an admin."""
+
+    scope: Literal["user", "all"]
+    variant: str | None
+    window_s: int
+    jobs: JobCounts
+    success_rate: float | None = Field(
+        description="succeeded / (succeeded + failed + expired); cancelled jobs are left out"
+    )
+    latency_ms: Spread = Field(description="submission to end, succeeded jobs")
+    time_to_first_token_ms: Spread
+    tokens_per_second: float | None = Field(description="mean per-job decode rate, succeeded jobs")
+    input_tokens: int
+    output_tokens: int
+    peak_memory_mb: PeakMemory = Field(description="device memory peaks of succeeded jobs")
+    alerts: list[Alert]
+
+
+def parse_window(window: str) -> int:
+    unit = window[-1:]
+    if unit.isdigit():
+        unit, window = "s", window + "s"
+    if unit not in WINDOW_UNITS or not window[:-1].isdigit():
+        raise ValidationFailed("window: a number and a unit s, m, h or d (e.g. 15m, 24h)", {"window": window})
+    seconds = int(window[:-1]) * WINDOW_UNITS[unit]
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise ValidationFailed("window: more than 0 and at most 31d", {"window": window})
+    return seconds
+
+
+@router.get(
+    "/v1/metrics/summary",
+    responses=responses(401, 422, 503),
+    summary="Success rate, latency, tokens/s and alerts over a window",
+    tags=["metrics"],
+)
+async def metrics_summary(
+    user: UserDep,
+    autocommit: AutocommitDep,
+    settings: SettingsDep,
+    variants: VariantsDep,
+    variant: Annotated[str | None, Query(max_length=100, description="one variant; all when absent")] = None,
+    window: Annotated[str, Query(max_length=12, description="e.g. 15m, 1h, 24h, 7d")] = "1h",
+) -> Summary:
+    if variant is not None and variant not in variants:
+        raise UnknownVariant(
+            f"unknown variant {variant!r}", {"variant": variant, "variants": variants.names()}
+        )
+    seconds = parse_window(window)
+    params = {"window": seconds, "user_id": None if user.is_admin else user.id, "variant": variant}
+    async with autocommit.connect() as connection:
+        row = (await connection.execute(_SUMMARY, params)).one()
+    ok, failed, cancelled, expired = (int(n) for n in row[:4])
+    mean_ms, p95_ms, ttft_mean, ttft_p95, tps, tokens_in, tokens_out, mem_mean, mem_max = (
+        None if v is None else float(v) for v in row[4:]
+    )
+    judged = ok + failed + expired
+    summary = Summary(
+        scope="all" if user.is_admin else "user",
+        variant=variant,
+        window_s=seconds,
+        jobs=JobCounts(
+            total=ok + failed + cancelled + expired,
+            succeeded=ok,
+            failed=failed,
+            cancelled=cancelled,
+            expired=expired,
+        ),
+        success_rate=ok / judged if judged else None,
+        latency_ms=Spread(mean=mean_ms, p95=p95_ms),
+        time_to_first_token_ms=Spread(mean=ttft_mean, p95=ttft_p95),
+        tokens_per_second=tps,
+        input_tokens=int(tokens_in or 0),
+        output_tokens=int(tokens_out or 0),
+        peak_memory_mb=PeakMemory(
+            mean=mem_mean / MB if mem_mean is not None else None,
+            max=mem_max / MB if mem_max is not None else None,
+        ),
+        alerts=[],
+    )
+    summary.alerts = alerts_for(summary, settings)
+    return summary
+
+
+def alerts_for(s: Summary, settings: Settings) -> list[Alert]:
+    alerts = []
+    if s.success_rate is not None and s.success_rate < settings.alert_min_success_rate:
+        alerts.append(
+            Alert(
+                metric="success_rate", severity="high", value=s.success_rate,
+                threshold=settings.alert_min_success_rate,
+                message=f"success rate {s.success_rate:.1%} is under {settings.alert_min_success_rate:.1%}",
+            )
+        )  # fmt: skip
+    limit_ms = settings.alert_max_latency_s * 1000
+    if s.latency_ms.p95 is not None and s.latency_ms.p95 > limit_ms:
+        alerts.append(
+            Alert(
+                metric="latency_p95_ms", severity="medium", value=s.latency_ms.p95, threshold=limit_ms,
+                message=f"p95 latency {s.latency_ms.p95 / 1000:.2f} s is over "
+                f"{settings.alert_max_latency_s} s",
+            )
+        )  # fmt: skip
+    if s.peak_memory_mb.mean is not None and s.peak_memory_mb.mean > settings.alert_max_memory_mb:
+        alerts.append(
+            Alert(
+                metric="peak_memory_mb", severity="medium", value=s.peak_memory_mb.mean,
+                threshold=settings.alert_max_memory_mb,
+                message=f"mean peak memory {s.peak_memory_mb.mean:.0f} MB is over "
+                f"{settings.alert_max_memory_mb:.0f} MB",
+            )
+        )  # fmt: skip
+    if s.tokens_per_second is not None and s.tokens_per_second < settings.alert_min_tokens_per_second:
+        alerts.append(
+            Alert(
+                metric="tokens_per_second", severity="low", value=s.tokens_per_second,
+                threshold=settings.alert_min_tokens_per_second,
+                message=f"mean decode rate {s.tokens_per_second:.1f} tokens/s is under "
+                f"{settings.alert_min_tokens_per_second} tokens/s",
+            )
+        )  # fmt: skip
+    return alerts

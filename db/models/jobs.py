@@ -34,6 +34,7 @@ class Job(Base):
         Index("ix_jobs_user_created", "user_id", "created_at", "id"),
         Index("ix_jobs_queued", "status", "created_at", postgresql_where="status = 'queued'"),
         Index("ix_jobs_running", "status", postgresql_where="status = 'running'"),
+        Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "job"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
