@@ -20,6 +20,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core.events import add_status
 from core.metrics import submitted_key
 from core.queues import RUN_JOB_TASK, message_key, variant_queue
 from core.scheduling import BROKER_STEPS, TRANSPORT, broker_step
@@ -150,7 +151,8 @@ async def send_job(
 ) -> None:
     """`enqueue_job` for the API's event loop: the marker and the message in one MULTI/EXEC, so
     both are written or neither, in one round trip (no thread, no kombu producer). The same
-    transaction counts the submission for /metrics (core/metrics.py)."""
+    transaction counts the submission for /metrics (core/metrics.py) and appends the job's
+    `queued` event (core/events.py)."""
     settings: Settings = app.conf.gemmaq_settings
     queue, message = task_message(app, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight)
     marker = message_key(settings, job_id)
@@ -159,6 +161,7 @@ async def send_job(
             pipe.set(marker, "1", ex=MESSAGE_MARKER_TTL_S)
             pipe.lpush(queue, message)
             pipe.hincrby(submitted_key(settings), variant, 1)
+            add_status(pipe, settings, job_id, "queued")
             await pipe.execute()
     except Exception:
         with contextlib.suppress(redis_errors.RedisError):  # it may have gone through after all

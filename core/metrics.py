@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from core.events import add_status
 from core.settings import Settings
 
 SEP = "|"  # variant names are [a-z0-9.-]; statuses and codes are words
@@ -76,6 +77,7 @@ HISTOGRAMS = (
 class Ended:
     """A job that has just reached a terminal state (counted once, where that happened)."""
 
+    job_id: str
     variant: str
     status: str
     code: str | None = None
@@ -88,6 +90,10 @@ class Pipe(Protocol):
     def hincrby(self, name: str, key: str, amount: int = 1) -> Any: ...
 
     def hincrbyfloat(self, name: str, key: str, amount: float = 1.0) -> Any: ...
+
+    def xadd(self, name: str, fields: Any, *, maxlen: int | None = ..., approximate: bool = ...) -> Any: ...
+
+    def expire(self, name: str, time: int) -> Any: ...
 
 
 def ended_key(settings: Settings) -> str:
@@ -106,9 +112,11 @@ def histogram_key(settings: Settings, histogram: Histogram) -> str:
     return settings.key("metrics", "hist", histogram.name)
 
 
-def add_ended(pipe: Pipe, settings: Settings, jobs: Sequence[Ended]) -> None:
-    """Queue the increments for these endings on `pipe` (the caller executes it)."""
+def record_ended(pipe: Pipe, settings: Settings, jobs: Sequence[Ended]) -> None:
+    """Queue on `pipe` (the caller executes it) what follows each job's move to its terminal
+    state: its terminal event (core/events.py) and its counts for /metrics."""
     for job in jobs:
+        add_status(pipe, settings, job.job_id, job.status)
         pipe.hincrby(ended_key(settings), SEP.join((job.variant, job.status, job.code or "")), 1)
         metrics = job.metrics or {}
         for kind in ("input", "output"):

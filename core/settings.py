@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     alert_min_tokens_per_second: float = Field(default=5.0, ge=0, description="mean per-job decode rate")
     alert_min_success_rate: float = Field(default=0.95, ge=0, le=1)
 
+    # A job's events (status changes, text deltas: core/events.py) are kept this long after the latest.
+    events_ttl_s: int = Field(default=3600, ge=1)
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"

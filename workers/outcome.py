@@ -1,5 +1,5 @@
 """After a job reaches a terminal state: settle its quota, clear its cancel flag, wake its waiters,
-count it for /metrics.
+append its terminal event and count it for /metrics.
 
 Shared by the task that ends a job and the reconciler that ends one for a lost worker.
 """
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import redis
 import structlog
 
-from core.metrics import add_ended
+from core.metrics import record_ended
 from core.queues import cancel_key, job_done_channel
 from core.quotas import Ending, SyncQuotas
 from core.settings import Settings
@@ -43,7 +43,7 @@ def ended(quotas: SyncQuotas, settings: Settings, charges: Sequence[Charge]) -> 
     if just_ended:
         try:
             with quotas.redis.pipeline(transaction=False) as pipe:
-                add_ended(pipe, settings, just_ended)
+                record_ended(pipe, settings, just_ended)
                 pipe.execute()
         except redis.RedisError:
-            log.warning("metrics.record_failed", jobs=len(just_ended))
+            log.warning("job.events_failed", job_ids=[e.job_id for e in just_ended])

@@ -14,6 +14,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from core import errors
 from core.broker import enqueue_job
+from core.events import add_status
 from core.queues import message_key
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
@@ -42,15 +43,19 @@ _db_retry = retry(
 
 
 def _claim_group(claiming: list[tuple[VariantPool, str]]) -> list[Claimed | None]:
-    """The jobs claimed in one statement, then the markers of those taken cleared (one command)."""
+    """The jobs claimed in one statement, then the markers of those taken cleared and their
+    `running` events appended (one round trip)."""
     pool = claiming[0][0]
     job_ids = [job_id for _, job_id in claiming]
     with autocommit_engine(pool.settings.db_url).connect() as connection:
         jobs = runs.claim_many(session=connection, job_ids=job_ids, worker=pool.worker)
-    taken = [message_key(pool.settings, job.id) for job in jobs if job is not None]
+    taken = [job.id for job in jobs if job is not None]
     if taken:
-        with contextlib.suppress(redis.RedisError):  # as VariantPool.message_taken does
-            pool.redis.delete(*taken)
+        with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*(message_key(pool.settings, job_id) for job_id in taken))  # as message_taken does
+            for job_id in taken:
+                add_status(pipe, pool.settings, job_id, "running")
+            pipe.execute()
     return jobs
 
 

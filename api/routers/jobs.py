@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -14,6 +17,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from redis.exceptions import RedisError
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api import quota as admission
 from api.deps import (
@@ -32,10 +36,11 @@ from api.errors import responses
 from api.fleet import availability
 from api.fleet_view import FleetView
 from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
+from api.streaming import cursor_of, follow
 from core import faults
 from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
-from core.metrics import add_ended
+from core.metrics import record_ended
 from core.queues import cancel_key, job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
 from core.settings import Settings
@@ -53,6 +58,7 @@ JobIdPath = Annotated[str, "job id"]
 # the exact token count is checked by the worker's tokenizer.
 CHARS_PER_TOKEN_CEILING = 8
 WHISPER_WINDOW_S = 29.0  # one 30 s window, less the silence the engine puts around the clips
+PING_S = 15  # an SSE comment this often keeps idle connections open through proxies
 WAIT_RECHECK_S = 5.0  # ?wait=N: how often a waiting request re-reads its job besides the done message
 
 
@@ -273,6 +279,38 @@ async def get_job(
             finished.clear()
 
 
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={
+        **responses(401, 404, 422),
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+    },
+    response_class=EventSourceResponse,
+    summary="Follow a job: status changes and text deltas (Server-Sent Events)",
+)
+async def job_events(
+    job_id: JobIdPath,
+    user: UserDep,
+    autocommit: AutocommitDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=41)] = None,
+) -> EventSourceResponse:
+    """Events `status` (`{"status": …}`) and `delta` (`{"text": …}`: the next piece of the
+    result's text, for text models as they decode), each with an `id`; reconnecting with
+    `Last-Event-ID` resumes after it. A last `done` event carries the whole job, then the
+    stream ends."""
+    cursor = cursor_of(last_event_id)
+    job = await _read(autocommit, user.id, job_id)  # 404 before the stream starts
+
+    async def frames() -> AsyncIterator[ServerSentEvent]:
+        reread = functools.partial(_read, autocommit, user.id, job_id)
+        async for e in follow(redis, settings, job, reread, cursor):
+            yield ServerSentEvent(data=json.dumps(e.data), event=e.event, id=e.id)
+
+    return EventSourceResponse(frames(), ping=PING_S)
+
+
 @router.get("/jobs", responses=responses(401, 422), summary="List your jobs, newest first")
 async def list_jobs(
     user: UserDep,
@@ -318,7 +356,7 @@ async def cancel_job(
         cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
     if cancelled is not None:
         await admission.release(quota, user.id, cancelled)
-        await count_ended(redis, settings, cancelled)
+        await _record_ended(redis, settings, cancelled)
     job = await _read(autocommit, user.id, job_id)
     if cancelled is not None:
         log.info("job.cancelled", job_id=job_id, variant=job.variant)
@@ -331,13 +369,14 @@ async def cancel_job(
     return job
 
 
-async def count_ended(redis: RedisDep, settings: Settings, charge: jobs_repo.Charge) -> None:
-    """A job this API process ended, counted for /metrics (workers count theirs in workers.outcome)."""
+async def _record_ended(redis: RedisDep, settings: Settings, charge: jobs_repo.Charge) -> None:
+    """A job this API process ended: its terminal event and its /metrics counts (as
+    workers.outcome does for the jobs workers and the reconciler end)."""
     if charge.ended is None:
         return
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            add_ended(pipe, settings, [charge.ended])
+            record_ended(pipe, settings, [charge.ended])
             await pipe.execute()
     except RedisError:
         log.warning("metrics.record_failed", job_id=charge.job_id)

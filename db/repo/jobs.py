@@ -44,7 +44,7 @@ def tokens_used(result: dict[str, Any] | None) -> tuple[int, int]:
 def charge_of(job: Job, *, just_ended: bool = True) -> Charge:
     """The charge of an ended job (`just_ended`: this call's statement is what ended it)."""
     code = (job.error or {}).get("code")
-    ended = Ended(variant=job.variant, status=job.status, code=code) if just_ended else None
+    ended = Ended(job.id, job.variant, job.status, code) if just_ended else None
     tokens = sum(tokens_used(job.result))
     return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=tokens, ended=ended)
 

@@ -261,7 +261,7 @@ def finish_many(*, session: Session | Connection, outcomes: Sequence[Outcome]) -
             continue
         user_id, day, variant = moved
         code = (outcome.error or {}).get("code")
-        ended = Ended(variant=variant, status=outcome.status, code=code, metrics=outcome.metrics)
+        ended = Ended(outcome.job_id, variant, outcome.status, code, outcome.metrics)
         tokens = row["spent_in"] + row["spent_out"]
         charges.append(Charge(row["job_id"], user_id, day, tokens, ended))
     return charges

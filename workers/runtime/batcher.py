@@ -14,7 +14,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import structlog
@@ -27,6 +27,8 @@ log = structlog.get_logger(__name__)
 Item = tuple[Request, "Future[Result]"]
 Done = Sequence[tuple[object, Result | Exception]]
 Joiner = tuple["Future[Result]", Request, list[int]]
+# Text deltas (job id, new text) of continuous batches, published as they come (core/events.py).
+Publish = Callable[[Sequence[tuple[str, str]]], None]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
 
@@ -41,8 +43,10 @@ class Batcher:
         device_lock: threading.Lock,
         cancelled: CancelCheck,
         load_ms: float | None = None,
+        publish: Publish | None = None,
     ) -> None:
         self.engine = engine
+        self.publish = publish
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.device_lock = device_lock
@@ -170,9 +174,21 @@ class Batcher:
                     joiners.append((future, request, engine.encode(request)))
                 except RequestError as exc:
                     future.set_exception(exc)
-            self._deliver(self._join(stream, joiners))
+            joined = self._join(stream, joiners)
+            self._publish(stream)  # before the results: a job's last delta precedes its end
+            self._deliver(joined)
             if stream.rows:
-                self._deliver(self._step(stream))
+                stepped = self._step(stream)
+                self._publish(stream)
+                self._deliver(stepped)
+
+    def _publish(self, stream: ContinuousDecoder) -> None:
+        deltas, stream.deltas = stream.deltas, []
+        if deltas and self.publish is not None:
+            try:
+                self.publish(deltas)
+            except Exception:
+                log.exception("batch.publish_failed", variant=self.engine.name)
 
     def _join(self, stream: ContinuousDecoder, joiners: list[Joiner]) -> Done:
         if not joiners:

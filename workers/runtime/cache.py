@@ -23,7 +23,7 @@ import structlog
 from core.variants import Variant, VariantRegistry, weights_problem
 from workers.runtime import memory
 from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
-from workers.runtime.batcher import Batcher
+from workers.runtime.batcher import Batcher, Publish
 from workers.runtime.loading import WeightsUnavailable
 
 log = structlog.get_logger(__name__)
@@ -110,12 +110,14 @@ class VariantCache:
         cancelled: CancelCheck,
         load: Callable[[Variant], Engine],
         on_change: Callable[[], None] = lambda: None,
+        publish: Publish | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
         self.budget = budget_bytes
         self.device_lock = device_lock
         self.cancelled = cancelled
+        self.publish = publish
         self._load_engine = load
         self._on_change = on_change
         self.states: dict[str, VariantState] = {}
@@ -290,6 +292,7 @@ class VariantCache:
             device_lock=self.device_lock,
             cancelled=self.cancelled,
             load_ms=load_ms,
+            publish=self.publish,
         )
         del engine
         with self._cond:

@@ -12,6 +12,9 @@ takes its slot at the next step:
   a stop string or a cancel, checked with one MGET per step).
 - leaving rows are cut out of the cache, and columns that have become padding for every row
   are trimmed, so the cache never outgrows its longest live row by much.
+- each row's new text is put in `deltas` (job id, text) at most every `DELTA_EVERY_S` and when
+  it ends, for the batcher to publish: held back while a stop string may be forming, so the
+  deltas of a job, joined, are its result's text.
 
 The cache is a `DynamicCache` of full layers: sliding-window layers get their window from the
 mask (in cache positions, as `generate` does with left padding).
@@ -34,6 +37,7 @@ from workers.runtime.generation import Decoder, peak_memory
 from workers.runtime.sampling import sample_row
 
 STEP_HISTORY = 256  # step times kept to measure a cancel's lag in steps
+DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while it runs
 
 
 @runtime_checkable
@@ -60,6 +64,8 @@ class Row:
     peak_rows: int = 0
     reason: str | None = None  # set when the row is done
     cancel_lag: int | None = None
+    sent: str = ""  # its text published so far (a prefix of its result's text)
+    sent_at: float = 0.0  # monotonic
 
 
 class ContinuousDecoder:
@@ -73,6 +79,7 @@ class ContinuousDecoder:
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
+        self.deltas: list[tuple[str, str]] = []  # (job id, new text), taken by the batcher
 
     @property
     def free(self) -> int:
@@ -194,7 +201,24 @@ class ContinuousDecoder:
                 tail = self.decoder.decode(row.tokens[-(longest + 8) :])
                 if any(s in tail for s in params.stop):
                     row.reason = "stop"
+            if row.reason is None and now - row.sent_at >= DELTA_EVERY_S:
+                self._send(row, self._settled_text(row), now)
         return self._collect()
+
+    def _settled_text(self, row: Row) -> str:
+        """The row's text so far that its result will surely start with."""
+        text = self.decoder.decode(row.tokens)
+        stops = row.request.params.stop
+        if stops:
+            hold = max(len(s) for s in stops) - 1  # a stop string may be forming at the end
+            text = text[: max(0, len(text) - hold)]
+        return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence, completed by later tokens
+
+    def _send(self, row: Row, text: str, now: float) -> None:
+        if len(text) > len(row.sent) and text.startswith(row.sent):
+            self.deltas.append((row.request.job_id, text[len(row.sent) :]))
+            row.sent = text
+        row.sent_at = now
 
     def _collect(self) -> list[tuple[object, Result]]:
         """Take the done rows out of the batch (and their cache), as results."""
@@ -225,6 +249,7 @@ class ContinuousDecoder:
     def _result(self, row: Row, end: float, peak: int) -> Result:
         tokens = [t for t in row.tokens if t not in self.decoder.eos_ids]
         text, reason, n_out = self.decoder.finish_row(tokens, row.request, row.reason == "cancelled")
+        self._send(row, text, end)
         started = row.request.started
         return Result(
             text=text,

@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from core.broker import make_celery, redis_client
+from core.events import add_delta
 from core.queues import cancel_key, cancel_requested_at, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
@@ -63,6 +64,7 @@ class VariantPool:
             cancelled=self.cancelled,
             load=lambda v: load_engine(v, registry, device=device, cache_root=settings.model_cache),
             on_change=self._publish,
+            publish=self.publish_deltas,
         )
         self._stop = threading.Event()
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
@@ -110,6 +112,16 @@ class VariantPool:
         except redis.RedisError:
             return abandoned
         return [mine or cancel_requested_at(v) for mine, v in zip(abandoned, values, strict=True)]
+
+    def publish_deltas(self, deltas: Sequence[tuple[str, str]]) -> None:
+        """Text generated meanwhile, appended to each job's events (one round trip)."""
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, text in deltas:
+                    add_delta(pipe, self.settings, job_id, text)
+                pipe.execute()
+        except redis.RedisError:
+            log.warning("job.deltas_failed", jobs=len(deltas))
 
     def request_cancel(self, job_id: str) -> None:
         """Stop a running request at its next step: a job that timed out here. Remembered in this

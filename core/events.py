@@ -1,0 +1,53 @@
+"""A job's events — status changes and generated text — as a Redis stream per job.
+
+Whoever moves a job appends its status (the API: `queued`, and `cancelled` for a queued job; the
+worker: `running`, then the terminal status; the reconciler: the statuses it ends jobs in), and
+the worker appends text deltas as a continuous batch generates them. `GET /v1/jobs/{id}/events`
+(api/routers/events.py) and streamed chat completions read the stream: an entry's id is the
+Server-Sent Events id, so a client that reconnects with `Last-Event-ID` reads on from there
+and gets nothing twice. The deltas of a job, joined, are its result's text.
+
+Appends are queued on a pipeline the caller already sends (no round trip of their own); each
+stream expires `events_ttl_s` after its latest entry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from core.settings import Settings
+
+MAX_ENTRIES = 8192  # a stream is trimmed past this (approximately): more than any job's deltas
+STATUS, DELTA = "status", "delta"
+
+
+class Pipe(Protocol):
+    """What appending needs of a Redis pipeline (sync or asyncio: commands only queue)."""
+
+    def xadd(self, name: str, fields: Any, *, maxlen: int | None = ..., approximate: bool = ...) -> Any: ...
+
+    def expire(self, name: str, time: int) -> Any: ...
+
+
+def events_key(settings: Settings, job_id: str) -> str:
+    return settings.key("events", job_id)
+
+
+def add_status(pipe: Pipe, settings: Settings, job_id: str, status: str) -> None:
+    _add(pipe, settings, job_id, STATUS, {"status": status})
+
+
+def add_delta(pipe: Pipe, settings: Settings, job_id: str, text: str) -> None:
+    _add(pipe, settings, job_id, DELTA, {"text": text})
+
+
+def _add(pipe: Pipe, settings: Settings, job_id: str, event: str, data: dict[str, Any]) -> None:
+    key = events_key(settings, job_id)
+    pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=MAX_ENTRIES, approximate=True)
+    pipe.expire(key, settings.events_ttl_s)
+
+
+def parse(fields: dict[bytes, bytes]) -> tuple[str, dict[str, Any]]:
+    """An entry's (event, data)."""
+    return fields[b"event"].decode(), json.loads(fields[b"data"])
