@@ -1,4 +1,5 @@
-"""`GET /v1/jobs/{id}?wait=N`: the done messages workers publish, heard once per API process.
+"""`GET /v1/jobs/{id}?wait=N` and chat completions: the done messages workers publish, heard
+once per API process.
 
 One pattern subscription per process (`DoneListener`) wakes whichever requests wait on the job
 whose message arrives, so a waiting request costs Redis nothing of its own. While the listener is
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.queues import job_done_channel
+from core.schemas import TERMINAL_STATUSES, JobOut
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -61,6 +64,21 @@ class DoneListener:
 
     def recheck_s(self) -> float:
         return RECHECK_S if self.subscribed else POLL_S
+
+    async def wait_for(self, job_id: str, read: Callable[[], Awaitable[JobOut]], seconds: float) -> JobOut:
+        """The job (`read` reads it) once terminal, or as it is when `seconds` have passed."""
+        deadline = time.monotonic() + seconds
+        # Watching starts before the first read, so a done message published after it wakes us.
+        async with self.watch(job_id) as finished:
+            while True:
+                job = await read()
+                remaining = deadline - time.monotonic()
+                if job.status in TERMINAL_STATUSES or remaining <= 0:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, self.recheck_s())):
+                        await finished.wait()
+                finished.clear()
 
     async def _run(self) -> None:
         while True:

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     alert_min_tokens_per_second: float = Field(default=5.0, ge=0, description="mean per-job decode rate")
     alert_min_success_rate: float = Field(default=0.95, ge=0, le=1)
 
+    # POST /v1/chat/completions waits this long for its job (then 504; the job goes on).
+    chat_wait_s: float = Field(default=600.0, gt=0)
     # A job's events (status changes, text deltas: core/events.py) are kept this long after the latest.
     events_ttl_s: int = Field(default=3600, ge=1)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import time
@@ -41,7 +39,6 @@ log = structlog.get_logger(__name__)
 JobIdPath = Annotated[str, "job id"]
 
 PING_S = 15  # an SSE comment this often keeps idle connections open through proxies
-WAIT_RECHECK_S = 5.0  # ?wait=N: how often a waiting request re-reads its job besides the done message
 
 
 @router.post(
@@ -75,20 +72,10 @@ async def get_job(
     done: DoneDep,
     wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds for a terminal state")] = 0,
 ) -> JobOut:
+    read = functools.partial(read_job, autocommit, user.id, job_id)
     if wait <= 0:
-        return await read_job(autocommit, user.id, job_id)
-    deadline = time.monotonic() + wait
-    # Watching starts before the first read, so a done message published after it wakes us.
-    async with done.watch(job_id) as finished:
-        while True:
-            job = await read_job(autocommit, user.id, job_id)
-            remaining = deadline - time.monotonic()
-            if job.status in TERMINAL_STATUSES or remaining <= 0:
-                return job
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, done.recheck_s())):
-                    await finished.wait()
-            finished.clear()
+        return await read()
+    return await done.wait_for(job_id, read, wait)
 
 
 @router.get(

@@ -1,0 +1,94 @@
+"""`POST /v1/chat/completions`: the OpenAI shape over an ordinary job (core/openai_chat.py).
+
+The request queues a job like `POST /v1/jobs` does (admission, quotas, batching, metrics), then
+waits for it; `stream: true` sends `chat.completion.chunk`s as the worker generates (the job's
+events, api/streaming.py), then `data: [DONE]`. The job's id is in `X-Gemmaq-Job-Id`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import DoneDep
+from api.errors import error_response, responses
+from api.streaming import follow
+from api.submission import SubmitterDep, read_job
+from core import openai_chat
+from core.openai_chat import ChatRequest
+from core.schemas import JobOut
+
+router = APIRouter(tags=["openai"])
+
+INTERACTIVE_PRIORITY = 5  # a chat completion's jobs: as a job submitted with the default priority
+PING_S = 15
+# How a job that did not succeed is answered: its error code, under these HTTP statuses.
+FAILED_STATUS = {"TIMEOUT": 504, "CONTENT_FILTERED": 400}
+
+
+@router.post(
+    "/chat/completions",
+    responses={
+        **responses(401, 403, 409, 413, 415, 422, 429, 502, 503, 504),
+        200: {"content": {"text/event-stream": {}}, "description": "the completion, or its chunks streamed"},
+    },
+    summary="Chat completion (OpenAI-compatible)",
+)
+async def chat_completions(body: ChatRequest, submitter: SubmitterDep, done: DoneDep) -> Response:
+    spec = openai_chat.to_job(body, priority=INTERACTIVE_PRIORITY, metadata={"api": "chat.completions"})
+    job = (await submitter.submit(spec)).job
+    headers = {"X-Gemmaq-Job-Id": job.id}
+    read = functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        follow_job = follow(submitter.redis, submitter.settings, job, read, "0-0")
+        return EventSourceResponse(_chunks(job, follow_job, include_usage), ping=PING_S, headers=headers)
+    job = await done.wait_for(job.id, read, submitter.settings.chat_wait_s)
+    if job.status == "succeeded":
+        return JSONResponse(openai_chat.completion(job), headers=headers)
+    response = _unsuccessful(job)
+    response.headers.update(headers)
+    return response
+
+
+async def _chunks(
+    job: JobOut, events: AsyncIterator[Any], include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    def frame(data: dict[str, Any]) -> ServerSentEvent:
+        return ServerSentEvent(data=json.dumps(data))
+
+    yield frame(openai_chat.chunk(job, {"role": "assistant", "content": ""}))
+    async for event in events:
+        if event.event == "delta":
+            yield frame(openai_chat.chunk(job, {"content": event.data["text"]}))
+        elif event.event == "done":
+            final = JobOut.model_validate(event.data)
+            if final.status != "succeeded":
+                yield frame(json.loads(bytes(_unsuccessful(final).body)))
+                break
+            if calls := openai_chat.tool_calls(final):
+                indexed = [{"index": i, **call} for i, call in enumerate(calls)]
+                yield frame(openai_chat.chunk(final, {"tool_calls": indexed}))
+            yield frame(openai_chat.chunk(final, {}, openai_chat.finish_reason(final)))
+            if include_usage:
+                yield frame(openai_chat.usage_chunk(final))
+    yield ServerSentEvent(data="[DONE]")
+
+
+def _unsuccessful(job: JobOut) -> JSONResponse:
+    details = {"job_id": job.id, "status": job.status}
+    if job.status == "failed" and job.error is not None:
+        status = FAILED_STATUS.get(job.error.code, 502)
+        return error_response(status, job.error.code, job.error.message, details)
+    if job.status in ("cancelled", "expired"):
+        code = job.error.code if job.error else job.status.upper()
+        return error_response(409, code, f"the job was {job.status} before it finished", details)
+    return error_response(
+        504, "TIMEOUT", f"the job is still {job.status}; follow it at /v1/jobs/{job.id}", details
+    )
