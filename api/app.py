@@ -14,7 +14,7 @@ from api.auth import Authenticator
 from api.errors import install_error_handlers
 from api.fleet_view import FleetView
 from api.limits import BodyLimit, RateLimitHeaders
-from api.routers import admin, chat, files, health, jobs, metrics, models, usage
+from api.routers import admin, chat, files, health, jobs, metrics, models, usage, webhooks
 from api.waiting import DoneListener
 from core import __version__
 from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery
@@ -66,7 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.variants = load_variants(settings.variants_file)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for router in (jobs.router, chat.router, files.router, models.router, usage.router, admin.router):
+    for router in (
+        jobs.router, chat.router, files.router, models.router, usage.router, webhooks.router, admin.router,
+    ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)

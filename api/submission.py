@@ -13,6 +13,7 @@ import structlog
 from fastapi import Depends, Request
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api import quota as admission
 from api.deps import (
@@ -35,6 +36,7 @@ from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, Unknow
 from core.schemas import JobCreate, JobOut
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
+from core.webhooks import check_target
 from db.ids import new_id
 from db.repo import jobs as jobs_repo
 
@@ -77,6 +79,8 @@ class Submitter:
         admission.check_variant(limits, spec.variant)
         variant = await _check_spec(spec, self.variants, self.fleet, settings)
         request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+        if spec.webhook_url is None and user.webhook_url:  # the user's default, fixed on the job
+            spec = spec.model_copy(update={"webhook_url": user.webhook_url})
         if idempotency_key is not None:
             async with autocommit.connect() as connection:
                 earlier = await jobs_repo.find_idempotent(
@@ -190,6 +194,8 @@ async def _check_spec(
                 "Whisper translates into English only (whisper-tiny-en not at all)",
                 {"variant": variant.name, "target_language": spec.params.target_language},
             )
+    if spec.webhook_url is not None:
+        await run_in_threadpool(check_target, spec.webhook_url, settings)  # resolves the host
     problem = availability(variant, variants, await fleet.workers())
     if problem is not None:  # refused only on a fresh read of the heartbeats
         problem = availability(variant, variants, await fleet.workers(fresh=True))

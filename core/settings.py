@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     # A job's events (status changes, text deltas: core/events.py) are kept this long after the latest.
     events_ttl_s: int = Field(default=3600, ge=1)
 
+    # Webhooks (core/webhooks.py): targets on private, loopback or link-local addresses are
+    # refused unless this list names them (hostnames, IP addresses or CIDR blocks).
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_s: float = Field(default=5.0, gt=0, description="before the 2nd attempt; doubles after")
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_interval_s: float = Field(default=1.0, gt=0, description="how often deliveries are looked for")
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"

@@ -183,6 +183,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "GEMMAQ_LEASE_S": "4",
             "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
             "GEMMAQ_ENQUEUE_GRACE_S": "3",
+            # The tests' webhook receivers listen on loopback; retries come fast.
+            "GEMMAQ_WEBHOOK_ALLOW_HOSTS": '["127.0.0.1"]',
+            "GEMMAQ_WEBHOOK_BACKOFF_S": "0.3",
+            "GEMMAQ_WEBHOOK_INTERVAL_S": "0.2",
             "HF_HOME": str(empty_hf),  # so the real 4B+ variants are surely absent here
         }
         port = free_port()

@@ -35,6 +35,7 @@ from db.repo import runs
 from db.repo.jobs import charge_of
 from db.session import sync_sessionmaker
 from workers.outcome import ended
+from workers.webhooks import Dispatcher
 
 log = structlog.get_logger(__name__)
 
@@ -193,4 +194,6 @@ def run_reconciler(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    dispatcher = Dispatcher(settings).start(stop)  # webhooks, in their own thread
     Reconciler(settings).run_forever(stop)
+    dispatcher.join(timeout=settings.webhook_timeout_s + 5)

@@ -1,5 +1,6 @@
 from db.models.files import File
 from db.models.jobs import Job, JobMetric, UsageLedger
 from db.models.users import ApiKey, Quota, User
+from db.models.webhooks import WebhookDelivery
 
-__all__ = ["ApiKey", "File", "Job", "JobMetric", "Quota", "UsageLedger", "User"]
+__all__ = ["ApiKey", "File", "Job", "JobMetric", "Quota", "UsageLedger", "User", "WebhookDelivery"]

@@ -15,6 +15,10 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "usr"))
     name: Mapped[str] = mapped_column(String(100), unique=True)
     is_admin: Mapped[bool] = mapped_column(default=False)
+    # Webhooks: where a job without its own webhook_url reports (set when it is submitted), and
+    # the secret deliveries are signed with (core/webhooks.py), made on first use.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     quota: Mapped[Quota | None] = relationship(back_populates="user", lazy="raise")

@@ -13,7 +13,9 @@ from typing import Any, cast
 
 from sqlalchemy import RowMapping, Table, and_, bindparam, delete, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 
 from core.metrics import Ended
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
@@ -146,6 +148,11 @@ async def get_job(*, session: AsyncSession | AsyncConnection, user_id: str, job_
     """The caller's job with its latest metrics (one query); None when it is not theirs."""
     rows = await session.execute(_GET, {"job_id": job_id, "user_id": user_id})
     return rows.mappings().first()
+
+
+def get_job_sync(*, session: Session | Connection, user_id: str, job_id: str) -> RowMapping | None:
+    """`get_job` for a worker-side process (the webhook dispatcher)."""
+    return session.execute(_GET, {"job_id": job_id, "user_id": user_id}).mappings().first()
 
 
 @dataclass(frozen=True)

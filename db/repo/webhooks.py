@@ -1,0 +1,139 @@
+"""Webhook deliveries: made for ended jobs and attempted by the dispatcher (sync, in the
+reconciler process: workers/webhooks.py); listed and configured by the API (async)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from core.webhooks import EVENT_OF_STATUS
+from db.ids import new_id
+from db.models import User, WebhookDelivery
+from db.repo.jobs import TERMINAL
+
+MAX_PAGE = 100
+
+_ENDED = text("""
+SELECT id, user_id, status, webhook_url, finished_at FROM jobs
+WHERE finished_at >= :since AND webhook_url IS NOT NULL AND status = ANY(:terminal)
+  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = jobs.id)
+ORDER BY finished_at LIMIT :limit
+""")
+
+
+def create_for_ended(*, session: Session, since: datetime, limit: int = 500) -> tuple[int, datetime | None]:
+    """A pending delivery for each job with a webhook that ended since `since` and has none yet.
+    Returns how many were made and the latest finish time seen."""
+    rows = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
+    if not rows:
+        return 0, None
+    values = [
+        {
+            "id": new_id("msg"), "user_id": user_id, "job_id": job_id, "event": EVENT_OF_STATUS[status],
+            "url": url, "status": "pending", "attempts": 0, "history": [],
+        }
+        for job_id, user_id, status, url, _ in rows
+    ]  # fmt: skip
+    session.execute(pg_insert(WebhookDelivery).values(values).on_conflict_do_nothing())
+    return len(values), max(row[4] for row in rows)
+
+
+def claim_due(*, session: Session, limit: int, lease_s: float) -> list[WebhookDelivery]:
+    """Pending deliveries due now, pushed `lease_s` ahead so no other dispatcher takes them
+    while they are attempted (if this one dies, they are due again then)."""
+    due = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= func.now())
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    deliveries = list(session.execute(due).scalars())
+    for d in deliveries:
+        d.next_attempt_at = datetime.now(d.next_attempt_at.tzinfo) + timedelta(seconds=lease_s)
+    return deliveries
+
+
+def secret_of(*, session: Session, user_id: str, new: str) -> str:
+    """The user's signing secret, made (`new`) if they have none yet."""
+    stmt = (
+        update(User)
+        .where(User.id == user_id)
+        .values(webhook_secret=func.coalesce(User.webhook_secret, new))
+        .returning(User.webhook_secret)
+    )
+    return str(session.execute(stmt).scalar_one())
+
+
+def record_attempt(
+    *,
+    session: Session,
+    delivery_id: str,
+    payload: str,
+    attempt: dict[str, Any],
+    delivered: bool,
+    retry_in_s: float | None,
+) -> None:
+    """One attempt's outcome: delivered, failed for good (`retry_in_s` None), or due again."""
+    values: dict[str, Any] = {
+        "attempts": WebhookDelivery.attempts + 1,
+        "payload": payload,
+        "history": WebhookDelivery.history.op("||")(bindparam("attempt", [attempt], type_=JSONB)),
+    }
+    if delivered:
+        values |= {"status": "delivered", "delivered_at": func.now()}
+    elif retry_in_s is None:
+        values |= {"status": "failed"}
+    else:
+        values |= {"next_attempt_at": func.now() + timedelta(seconds=retry_in_s)}
+    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(**values))
+
+
+# ---- the API's side ------------------------------------------------------------------------
+
+
+async def list_deliveries(
+    *, session: AsyncSession, user_id: str, job_id: str | None, after: WebhookDelivery | None, limit: int
+) -> tuple[list[WebhookDelivery], bool]:
+    stmt = select(WebhookDelivery).where(WebhookDelivery.user_id == user_id)
+    if job_id is not None:
+        stmt = stmt.where(WebhookDelivery.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(
+            or_(
+                WebhookDelivery.created_at < after.created_at,
+                and_(WebhookDelivery.created_at == after.created_at, WebhookDelivery.id < after.id),
+            )
+        )
+    stmt = stmt.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1)
+    rows = list((await session.execute(stmt)).scalars())
+    return rows[:limit], len(rows) > limit
+
+
+async def get_delivery(*, session: AsyncSession, user_id: str, delivery_id: str) -> WebhookDelivery | None:
+    stmt = select(WebhookDelivery).where(
+        WebhookDelivery.id == delivery_id, WebhookDelivery.user_id == user_id
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def settings_of(*, session: AsyncSession, user_id: str, new_secret: str) -> tuple[str | None, str]:
+    """The user's default webhook URL and signing secret (made now if they have none)."""
+    stmt = (
+        update(User)
+        .where(User.id == user_id)
+        .values(webhook_secret=func.coalesce(User.webhook_secret, new_secret))
+        .returning(User.webhook_url, User.webhook_secret)
+    )
+    url, secret = (await session.execute(stmt)).one()
+    return url, str(secret)
+
+
+async def set_default_url(*, session: AsyncSession, user_id: str, url: str | None) -> None:
+    await session.execute(update(User).where(User.id == user_id).values(webhook_url=url))

@@ -1,0 +1,123 @@
+"""Webhooks from a real stack to a receiver in this process: Standard Webhooks signatures checked
+with the `standardwebhooks` package, retries with backoff, every attempt in the delivery log,
+private targets refused at submission."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from gemmaq.embedded import free_port
+from tests.conftest import Stack, wait_job
+
+
+class Receiver:
+    """Records each request; answers each path with its scripted statuses, then 200."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.script: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.requests.append((self.path, dict(self.headers.items()), body))
+                planned = receiver.script.get(self.path, [])
+                self.send_response(planned.pop(0) if planned else 200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait(self, path: str, count: int, timeout: float = 60) -> list[tuple[dict[str, str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [(h, b) for p, h, b in self.requests if p == path]
+            if len(got) >= count:
+                return got
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"{path}: {len([1 for p, _, _ in self.requests if p == path])} of {count} requests"
+        )
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def test_signed_delivery_retried_until_the_receiver_takes_it(
+    client: httpx.Client, receiver: Receiver
+) -> None:
+    secret = client.get("/v1/webhooks/settings").json()["secret"]
+    assert secret.startswith("whsec_")
+    receiver.script["/flaky"] = [500, 503]
+    body = {"variant": "echo", "input": {"prompt": "ping"}, "webhook_url": receiver.url("/flaky")}
+    job = wait_job(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert job["status"] == "succeeded"
+    requests = receiver.wait("/flaky", 3)
+    webhook = Webhook(secret)
+    for headers, raw in requests:
+        event = webhook.verify(raw, headers)  # raises unless signed with the user's secret
+        assert event["type"] == "job.succeeded" and event["data"]["id"] == job["id"]
+        assert event["data"]["result"]["text"] == job["result"]["text"]
+        with pytest.raises(WebhookVerificationError):
+            webhook.verify(raw + b" ", headers)
+    assert len({h["webhook-id"] for h, _ in requests}) == 1, "retries keep the message id"
+    deadline = time.monotonic() + 30
+    while True:
+        log = client.get("/v1/webhooks/deliveries", params={"job_id": job["id"]}).json()["data"]
+        if (log and log[0]["status"] == "delivered") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    (delivery,) = log
+    assert delivery["status"] == "delivered" and delivery["id"] == requests[0][0]["webhook-id"]
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 503, 200]
+    assert delivery["event"] == "job.succeeded" and delivery["delivered_at"] is not None
+    # The backoff doubled: the third attempt came at least 0.3 + 0.6 s after the first.
+    first, _, third = (a["at"] for a in delivery["attempts"])
+    assert _seconds(third) - _seconds(first) >= 0.9
+
+
+def test_private_loopback_and_link_local_targets_are_refused(stack: Stack, client: httpx.Client) -> None:
+    for url in ("http://10.0.0.1/", "http://169.254.169.254/", "http://[::1]/", "http://192.168.1.5/x",
+                "ftp://example.com/", "http://user:pw@127.0.0.1/"):  # fmt: skip
+        body = {"variant": "echo", "input": {"prompt": "x"}, "webhook_url": url}
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+        assert client.put("/v1/webhooks/settings", json={"default_url": url}).status_code == 422
+    assert client.get("/v1/usage").json()["concurrent_jobs"]["active"] == 0  # nothing was admitted
+
+
+def test_default_url_gets_the_cancelled_event(client: httpx.Client, receiver: Receiver) -> None:
+    settings = client.put("/v1/webhooks/settings", json={"default_url": receiver.url("/default")}).json()
+    assert settings["default_url"] == receiver.url("/default")
+    queued = client.post("/v1/jobs", json={"variant": "echo-late", "input": {"prompt": "never runs"}}).json()
+    assert client.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+    ((headers, raw),) = receiver.wait("/default", 1)
+    event = Webhook(settings["secret"]).verify(raw, headers)
+    assert event["type"] == "job.cancelled" and event["data"]["id"] == queued["id"]
+    assert client.put("/v1/webhooks/settings", json={"default_url": None}).json()["default_url"] is None
+
+
+def _seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
