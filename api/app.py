@@ -11,10 +11,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.auth import Authenticator
+from api.batches import BatchRunner
 from api.errors import install_error_handlers
 from api.fleet_view import FleetView
 from api.limits import BodyLimit, RateLimitHeaders
-from api.routers import admin, chat, files, health, jobs, metrics, models, usage, webhooks
+from api.routers import admin, batches, chat, files, health, jobs, metrics, models, usage, webhooks
 from api.waiting import DoneListener
 from core import __version__
 from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery
@@ -46,9 +47,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.done = DoneListener(app.state.redis, settings)
     app.state.done.start()
     app.state.broker = make_celery(settings, name="gemmaq-api")
+    runner = BatchRunner(app)  # moves batches along (api/batches.py)
+    runner.start()
     try:
         yield
     finally:
+        await runner.stop()
         await app.state.done.stop()
         await app.state.redis.aclose()
         await engine.dispose()
@@ -67,7 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     for router in (
-        jobs.router, chat.router, files.router, models.router, usage.router, webhooks.router, admin.router,
+        jobs.router, chat.router, files.router, batches.router, models.router, usage.router, webhooks.router,
+        admin.router,
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)

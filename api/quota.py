@@ -56,7 +56,7 @@ def remember(request: Request, snapshot: Snapshot) -> None:
 
 async def admit(
     *,
-    request: Request,
+    request: Request | None,
     maker: async_sessionmaker[AsyncSession],
     quota: AsyncQuotas,
     limits: Limits,
@@ -64,6 +64,7 @@ async def admit(
     job_id: str,
     spec: JobCreate,
     media: MediaTotals,
+    batch: bool = False,
 ) -> Reservation:
     size = input_bytes(spec, media)
     if size > limits.max_input_bytes:
@@ -76,8 +77,11 @@ async def admit(
     )
     day = quotas.utc_day()
     for _ in range(2):
-        outcome = await quota.admit(user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day)
-        remember(request, outcome.snapshot)
+        outcome = await quota.admit(
+            user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day, batch=batch
+        )
+        if request is not None:
+            remember(request, outcome.snapshot)
         if outcome.outcome == quotas.SEED:
             async with maker() as session:
                 rows = await jobs_repo.ledger(session=session, user_id=user.id, since=day)

@@ -5,12 +5,16 @@ queued alike)."""
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
 import structlog
+from celery import Celery
 from fastapi import Depends, Request
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -33,11 +37,15 @@ from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_
 from core import faults
 from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
+from core.metrics import record_ended
+from core.queues import cancel_key, job_done_channel
+from core.quotas import AsyncQuotas
 from core.schemas import JobCreate, JobOut
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from core.webhooks import check_target
 from db.ids import new_id
+from db.models import User
 from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
@@ -56,20 +64,23 @@ class Submitted:
 
 @dataclass
 class Submitter:
-    """A request's way to submit jobs (a FastAPI dependency: its fields are dependencies)."""
+    """How jobs get submitted for one user: a request's (`SubmitterDep`), or a batch's lines'
+    (api/batches.py, no request: lines take no part of the per-minute window)."""
 
-    request: Request
-    user: UserDep
-    quota: QuotasDep
-    maker: SessionMakerDep
-    autocommit: AutocommitDep
-    broker: BrokerDep
-    redis: RedisDep
-    fleet: FleetDep
-    settings: SettingsDep
-    variants: VariantsDep
+    user: User
+    quota: AsyncQuotas
+    maker: async_sessionmaker[AsyncSession]
+    autocommit: AsyncEngine
+    broker: Celery
+    redis: Redis
+    fleet: FleetView
+    settings: Settings
+    variants: VariantRegistry
+    request: Request | None = None
 
-    async def submit(self, spec: JobCreate, idempotency_key: str | None = None) -> Submitted:
+    async def submit(
+        self, spec: JobCreate, idempotency_key: str | None = None, batch: tuple[str, int] | None = None
+    ) -> Submitted:
         """Queue a job. A repeat with the same `Idempotency-Key` and body returns the first job;
         the same key with a different body is a 409. Inline media is checked and stored as files.
         Admission takes one request from the per-minute window, one concurrent-job slot and the
@@ -96,7 +107,7 @@ class Submitter:
             nonlocal reservation
             reservation = await admission.admit(
                 request=self.request, maker=self.maker, quota=quota, limits=limits, user=user, job_id=job_id,
-                spec=spec, media=media,
+                spec=spec, media=media, batch=batch is not None,
             )  # fmt: skip
             return reservation
 
@@ -104,7 +115,7 @@ class Submitter:
             job, created = await jobs_repo.create_job(
                 session=db, user_id=user.id, spec=spec, idempotency_key=idempotency_key,
                 request_hash=request_hash, job_id=job_id, charged_on=granted.day,
-                reserved_tokens=granted.tokens,
+                reserved_tokens=granted.tokens, batch=batch,
             )  # fmt: skip
             if not created:
                 raise _Replay(job)
@@ -146,6 +157,30 @@ class Submitter:
             raise
         log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
         return Submitted(jobs_repo.job_out(job), replayed=False)
+
+    async def cancel_queued(self, job_id: str) -> bool:
+        """End the user's job `cancelled` if it is still queued (it never runs): its slot and
+        tokens released, its end recorded (event, metrics) and its waiters woken."""
+        async with self.maker() as session, session.begin():
+            charge = await jobs_repo.cancel_queued(session=session, user_id=self.user.id, job_id=job_id)
+        if charge is None:
+            return False
+        await admission.release(self.quota, self.user.id, charge)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if charge.ended is not None:  # as workers.outcome does for the jobs workers end
+                    record_ended(pipe, self.settings, [charge.ended])
+                pipe.publish(job_done_channel(self.settings, job_id), "cancelled")
+                await pipe.execute()
+        except RedisError:  # waiters re-read their job every few seconds
+            log.warning("job.notify_failed", job_id=job_id)
+        log.info("job.cancelled", job_id=job_id)
+        return True
+
+    async def stop_running(self, job_id: str) -> None:
+        """Ask the worker running the job to stop it at its next decoding step."""
+        flag = cancel_key(self.settings, job_id)
+        await self.redis.set(flag, time.time(), ex=self.settings.visibility_timeout_s)
 
 
 async def _check_spec(
@@ -249,4 +284,19 @@ async def _enqueue_or_withdraw(
             raise Unavailable("the job queue is not answering; retry shortly") from exc
 
 
-SubmitterDep = Annotated[Submitter, Depends(Submitter)]
+def _submitter(
+    request: Request,
+    user: UserDep,
+    quota: QuotasDep,
+    maker: SessionMakerDep,
+    autocommit: AutocommitDep,
+    broker: BrokerDep,
+    redis: RedisDep,
+    fleet: FleetDep,
+    settings: SettingsDep,
+    variants: VariantsDep,
+) -> Submitter:
+    return Submitter(user, quota, maker, autocommit, broker, redis, fleet, settings, variants, request)
+
+
+SubmitterDep = Annotated[Submitter, Depends(_submitter)]

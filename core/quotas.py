@@ -30,6 +30,7 @@ from redis.asyncio import Redis as AsyncRedis
 from core.settings import Settings
 
 WINDOW_MS = 60_000
+UNLIMITED = 2**31
 DAY_TTL_S = 3 * 86_400
 # A refused concurrent-jobs request: the earliest sensible retry (a slot frees when a job ends).
 CONCURRENCY_RETRY_S = 2
@@ -233,6 +234,7 @@ def estimate_input_tokens(*, text_bytes: int, images: int, audio_seconds: float)
 class QuotaKeys:
     def __init__(self, settings: Settings, user_id: str) -> None:
         self.rate = settings.key("quota", user_id, "rate")
+        self.batch_rate = settings.key("quota", user_id, "batch-rate")  # batch lines: not per minute
         self.active = settings.key("quota", user_id, "active")
         self._tokens = settings.key("quota", user_id, "tokens")
 
@@ -288,12 +290,15 @@ class AsyncQuotas:
     def keys(self, user_id: str) -> QuotaKeys:
         return QuotaKeys(self.settings, user_id)
 
-    async def admit(self, *, user_id: str, limits: Limits, job_id: str, reserve: int, day: date) -> Admission:
+    async def admit(
+        self, *, user_id: str, limits: Limits, job_id: str, reserve: int, day: date, batch: bool = False
+    ) -> Admission:
+        """A batch's line (`batch`) takes a slot and its tokens but no part of the per-minute window."""
         keys = self.keys(user_id)
         reply = await self._admit(
-            keys=[keys.rate, keys.active, keys.tokens(day)],
+            keys=[keys.batch_rate if batch else keys.rate, keys.active, keys.tokens(day)],
             args=[
-                limits.requests_per_minute,
+                UNLIMITED if batch else limits.requests_per_minute,
                 limits.max_concurrent_jobs,
                 limits.tokens_per_day,
                 job_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -34,13 +35,33 @@ def test_missing_and_wrong_keys_are_401(stack: Stack) -> None:
         assert_envelope(basic.get("/v1/jobs"), 401, "UNAUTHORIZED")
 
 
-def test_another_users_job_is_404(stack: Stack, client: httpx.Client) -> None:
+def test_another_users_job_and_batch_are_404(stack: Stack, client: httpx.Client) -> None:
     job = client.post("/v1/jobs", json=GOOD).json()
+    request = {
+        "custom_id": "a",
+        "url": "/v1/chat/completions",
+        "body": {"model": "echo-late", "messages": []},
+    }
+    upload = {"file": ("in.jsonl", (json.dumps(request) + "\n").encode())}
+    file = client.post("/v1/files", files=upload, data={"purpose": "batch"}).json()
+    batch = client.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/chat/completions"})
+    batch_id = batch.json()["id"]
     with stack.client(stack.new_key("other")) as other:
         assert_envelope(other.get(f"/v1/jobs/{job['id']}"), 404, "NOT_FOUND")
         assert_envelope(other.post(f"/v1/jobs/{job['id']}/cancel"), 404, "NOT_FOUND")
+        assert_envelope(other.get(f"/v1/jobs/{job['id']}/events"), 404, "NOT_FOUND")
         assert job["id"] not in [j["id"] for j in other.get("/v1/jobs").json()["data"]]
+        assert_envelope(other.get(f"/v1/batches/{batch_id}"), 404, "NOT_FOUND")
+        assert_envelope(other.post(f"/v1/batches/{batch_id}/cancel"), 404, "NOT_FOUND")
+        assert batch_id not in [b["id"] for b in other.get("/v1/batches").json()["data"]]
+        assert_envelope(other.get(f"/v1/files/{file['id']}/content"), 404, "NOT_FOUND")
+        other_file = other.post("/v1/files", files=upload, data={"purpose": "batch"}).json()
+        body = {"input_file_id": file["id"], "endpoint": "/v1/chat/completions"}
+        assert_envelope(other.post("/v1/batches", json=body), 404, "NOT_FOUND")  # not theirs to run
+        assert other_file["id"] != file["id"]
     assert_envelope(client.get("/v1/jobs/job_doesnotexist"), 404, "NOT_FOUND")
+    assert_envelope(client.get("/v1/batches/batch_doesnotexist"), 404, "NOT_FOUND")
+    assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
 
 
 @pytest.mark.parametrize(

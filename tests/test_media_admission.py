@@ -128,7 +128,7 @@ def test_list_and_delete_files(stack: Stack) -> None:
     with stack.client(stack.new_key()) as c:
         ids = [upload(c, png(color=(i, i, i)), f"{i}.png").json()["id"] for i in range(3)]
         batch = upload(c, b'{"custom_id": "1"}\n{"custom_id": "2"}\n', "in.jsonl", purpose="batch").json()
-        assert batch["content_type"] == "application/jsonl" and batch["media"] is None
+        assert batch["content_type"] == "application/jsonl" and batch["media"] == {"lines": 2, "parts": 1}
         page = c.get("/v1/files", params={"purpose": "media", "limit": 2}).json()
         assert [f["id"] for f in page["data"]] == [ids[2], ids[1]] and page["has_more"]
         rest = c.get("/v1/files", params={"purpose": "media", "after": ids[1]}).json()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile, status
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
-from core.errors import NotFound, PayloadTooLarge, UnsupportedMedia, ValidationFailed
+from core.errors import Conflict, NotFound, PayloadTooLarge, UnsupportedMedia, ValidationFailed
 from core.media import sniff_media
 from core.settings import Settings
 from db.models import File
@@ -20,8 +22,9 @@ from db.repo import files as files_repo
 
 router = APIRouter(tags=["files"])
 
-Purpose = Literal["media", "batch"]
+Purpose = Literal["media", "batch", "batch_output"]  # batch_output: a batch's output and error files
 CHUNK = 1024 * 1024
+PART = 1024 * 1024  # a batch file's parts: about this many bytes of whole lines
 
 
 class FileOut(BaseModel):
@@ -72,13 +75,17 @@ async def _read_capped(upload: UploadFile, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _check_batch(data: bytes) -> None:
-    """A batch input is UTF-8 JSON Lines: one JSON object a line."""
+def _check_lines(data: bytes, first: int) -> int:
+    """Whole lines of a batch input — UTF-8 JSON Lines, one JSON object a line (blank lines
+    skipped); `first` is the first line's number. Returns how many lines hold a request."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UnsupportedMedia("file: a batch file must be UTF-8 JSON Lines") from exc
-    for number, line in enumerate(text.splitlines(), start=1):
+    if "\x00" in text:
+        raise ValidationFailed("file: NUL characters are not allowed")
+    count = 0
+    for number, line in enumerate(text.split("\n"), start=first):
         if not line.strip():
             continue
         try:
@@ -87,16 +94,34 @@ def _check_batch(data: bytes) -> None:
             ok = False
         if not ok:
             raise ValidationFailed(f"file: line {number} is not a JSON object", {"line": number})
-    if "\x00" in text:
-        raise ValidationFailed("file: NUL characters are not allowed")
+        count += 1
+    return count
 
 
-def _sniff(data: bytes, purpose: str, settings: Settings) -> tuple[str, dict[str, Any] | None]:
+async def _jsonl_parts(upload: UploadFile, limit: int) -> AsyncIterator[tuple[bytes, int]]:
+    """The upload in parts of whole lines, about `PART` bytes each, checked as they come."""
+    size, carry, line = 0, b"", 1
+    while True:
+        chunk = await upload.read(PART)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"file: more than {limit} bytes", {"limit": limit})
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+        part, carry = data[:cut], data[cut:]
+        if part:
+            count = await run_in_threadpool(_check_lines, part.rstrip(b"\n"), line)
+            line += part.count(b"\n") + (0 if part.endswith(b"\n") else 1)
+            yield part if part.endswith(b"\n") else part + b"\n", count
+        if not chunk:
+            if size == 0:
+                raise ValidationFailed("file: the file is empty")
+            return
+
+
+def _sniff(data: bytes, settings: Settings) -> tuple[str, dict[str, Any] | None]:
     if not data:
         raise ValidationFailed("file: the file is empty")
-    if purpose == "batch":
-        _check_batch(data)
-        return "application/jsonl", None
     info = sniff_media(data, settings)
     return info.content_type, info.as_dict()
 
@@ -109,15 +134,28 @@ def _sniff(data: bytes, purpose: str, settings: Settings) -> tuple[str, dict[str
 )
 async def upload_file(
     file: UploadFile,
-    purpose: Annotated[Purpose, Form(description="media: images and audio for jobs; batch: JSONL requests")],
+    purpose: Annotated[
+        Literal["media", "batch"], Form(description="media: images and audio for jobs; batch: JSONL requests")
+    ],
     user: UserDep,
     maker: SessionMakerDep,
     settings: SettingsDep,
 ) -> FileOut:
-    """The type is found by sniffing the bytes; the file name is kept only as a label."""
-    data = await _read_capped(file, settings.files_max_bytes)
-    content_type, media = await run_in_threadpool(_sniff, data, purpose, settings)
+    """Media: the type is found by sniffing the bytes. Batch input: JSON Lines, read and stored
+    in parts (never whole in memory), each line checked to be a JSON object. The file name is
+    kept only as a label."""
     filename = (file.filename or "upload").replace("\x00", "")[:255] or "upload"
+    if purpose == "batch":
+        async with maker() as session, session.begin():
+            parted = await files_repo.create_parted_file(
+                session=session, user_id=user.id, purpose=purpose, filename=filename,
+                parts=_jsonl_parts(file, settings.files_max_bytes),
+            )  # fmt: skip
+            if not (parted.media or {}).get("lines"):
+                raise ValidationFailed("file: no request lines")  # rolls the file back
+        return file_out(parted)
+    data = await _read_capped(file, settings.files_max_bytes)
+    content_type, media = await run_in_threadpool(_sniff, data, settings)
     async with maker() as session, session.begin():
         stored = await files_repo.create_file(
             session=session,
@@ -151,12 +189,21 @@ async def get_file(file_id: str, user: UserDep, maker: SessionMakerDep) -> FileO
     summary="A file's bytes",
 )
 async def get_file_content(file_id: str, user: UserDep, maker: SessionMakerDep) -> Response:
+    headers = {"Content-Disposition": f'attachment; filename="{file_id}"'}
     file = await _owned(maker, user.id, file_id, content=True)
-    return Response(
-        content=bytes(file.content),
-        media_type=file.content_type,
-        headers={"Content-Disposition": f'attachment; filename="{file.id}"'},
-    )
+    if not (file.media or {}).get("parts"):
+        return Response(content=bytes(file.content), media_type=file.content_type, headers=headers)
+    parts = int((file.media or {})["parts"])
+
+    async def stream() -> AsyncIterator[bytes]:  # part by part, never the whole file in memory
+        for seq in range(parts):
+            async with maker() as session:
+                part = await files_repo.read_part(session=session, file_id=file_id, seq=seq)
+            if part is not None:
+                yield bytes(part.data)
+
+    headers["Content-Length"] = str(file.size)
+    return StreamingResponse(stream(), media_type=file.content_type, headers=headers)
 
 
 @router.get("/files", responses=responses(401, 422), summary="List your files, newest first")
@@ -179,10 +226,13 @@ async def list_files(
     return FileList(data=[file_out(f) for f in files], has_more=more)
 
 
-@router.delete("/files/{file_id}", responses=responses(401, 404), summary="Delete a file")
+@router.delete("/files/{file_id}", responses=responses(401, 404, 409), summary="Delete a file")
 async def delete_file(file_id: str, user: UserDep, maker: SessionMakerDep) -> FileDeleted:
-    async with maker() as session, session.begin():
-        deleted = await files_repo.delete_file(session=session, user_id=user.id, file_id=file_id)
+    try:
+        async with maker() as session, session.begin():
+            deleted = await files_repo.delete_file(session=session, user_id=user.id, file_id=file_id)
+    except IntegrityError as exc:  # the input file of a batch (kept while the batch is)
+        raise Conflict(f"file {file_id!r} is a batch's input", {"file_id": file_id}) from exc
     if not deleted:
         raise NotFound(f"no file {file_id!r}")
     return FileDeleted(id=file_id, deleted=True)

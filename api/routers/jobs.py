@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Header, Query, Response, status
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api import quota as admission
 from api.deps import (
     AutocommitDep,
     DoneDep,
-    QuotasDep,
     RedisDep,
-    SessionMakerDep,
     SettingsDep,
     UserDep,
 )
@@ -27,10 +22,7 @@ from api.errors import responses
 from api.streaming import cursor_of, follow
 from api.submission import SubmitterDep, read_job
 from core.errors import Conflict, ValidationFailed
-from core.metrics import record_ended
-from core.queues import cancel_key, job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
-from core.settings import Settings
 from db.repo import jobs as jobs_repo
 
 router = APIRouter(tags=["jobs"])
@@ -139,50 +131,15 @@ async def list_jobs(
     responses={**responses(401, 404, 409), 202: {"model": JobOut, "description": "running: stop requested"}},
     summary="Cancel a queued or running job",
 )
-async def cancel_job(
-    job_id: JobIdPath,
-    response: Response,
-    user: UserDep,
-    quota: QuotasDep,
-    maker: SessionMakerDep,
-    autocommit: AutocommitDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-) -> JobOut:
+async def cancel_job(job_id: JobIdPath, response: Response, submitter: SubmitterDep) -> JobOut:
     """A queued job ends `cancelled` at once and never runs. A running job is asked to stop
     between decoding steps (202); it ends `cancelled` with its partial output."""
-    async with maker() as session, session.begin():
-        cancelled = await jobs_repo.cancel_queued(session=session, user_id=user.id, job_id=job_id)
-    if cancelled is not None:
-        await admission.release(quota, user.id, cancelled)
-        await _record_ended(redis, settings, cancelled)
-    job = await read_job(autocommit, user.id, job_id)
-    if cancelled is not None:
-        log.info("job.cancelled", job_id=job_id, variant=job.variant)
-        await _notify_done(redis, settings, job_id)
+    cancelled = await submitter.cancel_queued(job_id)
+    job = await read_job(submitter.autocommit, submitter.user.id, job_id)
+    if cancelled:
         return job
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id!r} is already {job.status}", {"status": job.status})
-    await redis.set(cancel_key(settings, job_id), time.time(), ex=settings.visibility_timeout_s)
+    await submitter.stop_running(job_id)
     response.status_code = status.HTTP_202_ACCEPTED
     return job
-
-
-async def _record_ended(redis: RedisDep, settings: Settings, charge: jobs_repo.Charge) -> None:
-    """A job this API process ended: its terminal event and its /metrics counts (as
-    workers.outcome does for the jobs workers and the reconciler end)."""
-    if charge.ended is None:
-        return
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            record_ended(pipe, settings, [charge.ended])
-            await pipe.execute()
-    except RedisError:
-        log.warning("metrics.record_failed", job_id=charge.job_id)
-
-
-async def _notify_done(redis: RedisDep, settings: Settings, job_id: str) -> None:
-    try:
-        await redis.publish(job_done_channel(settings, job_id), "cancelled")
-    except RedisError:
-        log.warning("job.notify_failed", job_id=job_id)

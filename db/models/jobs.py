@@ -35,6 +35,7 @@ class Job(Base):
         Index("ix_jobs_queued", "status", "created_at", postgresql_where="status = 'queued'"),
         Index("ix_jobs_running", "status", postgresql_where="status = 'running'"),
         Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
+        Index("ix_jobs_batch_line", "batch_id", "batch_line", postgresql_where="batch_id IS NOT NULL"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "job"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -59,6 +60,9 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+    # A batch's line (its number in the input file, from 0), when the job is one.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    batch_line: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobMetric(Base):

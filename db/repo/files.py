@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
-from db.models import File
+from db.models import File, FilePart
 
 MAX_PAGE = 100
 
@@ -86,3 +87,47 @@ def read_contents(*, session: Session, user_id: str, file_ids: list[str]) -> dic
         select(File.id, File.content).where(File.id.in_(file_ids), File.user_id == user_id)
     ).all()
     return {file_id: bytes(content) for file_id, content in rows}
+
+
+# ---- batch files: stored in parts of whole lines (db.models.FilePart) ----------------------
+
+
+async def create_parted_file(
+    *,
+    session: AsyncSession,
+    user_id: str,
+    purpose: str,
+    filename: str,
+    parts: AsyncIterator[tuple[bytes, int]],
+) -> File:
+    """A file written part by part (bytes of whole lines, their line count), never whole in
+    memory; `media` records its line count."""
+    file = File(
+        user_id=user_id, purpose=purpose, filename=filename, content=b"", content_type="application/jsonl",
+        size=0, sha256="", media=None,
+    )  # fmt: skip
+    session.add(file)
+    await session.flush()
+    digest, size, lines, seq = hashlib.sha256(), 0, 0, 0
+    async for data, count in parts:
+        session.add(FilePart(file_id=file.id, seq=seq, lines=count, data=data))
+        await session.flush()
+        session.expunge_all()  # the part's bytes are not kept
+        digest.update(data)
+        size, lines, seq = size + len(data), lines + count, seq + 1
+    await session.execute(
+        update(File)
+        .where(File.id == file.id)
+        .values(size=size, sha256=digest.hexdigest(), media={"lines": lines, "parts": seq})
+    )
+    refreshed = await session.get(File, file.id, populate_existing=True)
+    assert refreshed is not None
+    return refreshed
+
+
+async def read_part(*, session: AsyncSession, file_id: str, seq: int) -> FilePart | None:
+    return await session.get(FilePart, (file_id, seq))
+
+
+async def part_count(*, session: AsyncSession, file_id: str) -> int:
+    return int((await session.execute(select(func.count()).where(FilePart.file_id == file_id))).scalar_one())

@@ -110,6 +110,7 @@ async def create_job(
     job_id: str | None = None,
     charged_on: date | None = None,
     reserved_tokens: int = 0,
+    batch: tuple[str, int] | None = None,
 ) -> tuple[RowMapping, bool]:
     """Insert a queued job (one statement, its row returned); with an idempotency key already
     used, return that job instead. Rows carry the `_OUT` columns, the key and the request hash."""
@@ -132,6 +133,8 @@ async def create_job(
     }
     if charged_on is not None:
         values["charged_on"] = charged_on
+    if batch is not None:  # a batch's line: (batch id, line number)
+        values["batch_id"], values["batch_line"] = batch
     inserted = (await session.execute(_INSERT, values)).mappings().first()
     if inserted is not None:
         return inserted, True

@@ -1,0 +1,289 @@
+"""The batch runner: an asyncio task in each API process that moves batches along.
+
+Each turn it locks one batch (the least recently worked on; another process's are skipped) and:
+- `validating` → `in_progress`;
+- `in_progress`: submits its next lines as ordinary jobs (api/submission.py) at
+  `BATCH_PRIORITY`, below interactive jobs, until a quota refuses one — the batch then waits
+  for slots to free, so a 50,000-line file never floods the queue — or `LINES_PER_TURN` are in.
+  Each line's job carries the idempotency key `<batch id>:<line>`, so a turn cut short by a crash
+  and run again queues no line twice. A line that is not a request this API serves is recorded
+  as a line error (the error file) and the batch goes on. Once every line is in and every job
+  has ended: `finalizing`;
+- past its `expires_at`, or cancelled: `cancelling` — queued jobs end `cancelled`, running ones
+  are asked to stop; once none is left: `finalizing`;
+- `finalizing`: writes the output file (succeeded lines) and the error file (the rest), in parts
+  and in line order, then `completed`, `cancelled` or `expired`.
+A batch's file is read one part (about 1 MiB of whole lines) at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from api.submission import Submitter
+from core import openai_chat
+from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable
+from core.openai_chat import ChatRequest
+from db.models import Batch
+from db.repo import batches as batches_repo
+from db.repo import files as files_repo
+from db.repo import jobs as jobs_repo
+
+log = structlog.get_logger(__name__)
+
+BATCH_PRIORITY = 2  # below interactive jobs (5 by default)
+LINES_PER_TURN = 256
+CANCELS_PER_TURN = 500
+PAGE = 500  # jobs read at a time while the output files are written
+PART_BYTES = 1024 * 1024
+IDLE_S = 0.5  # between turns when no batch needs one
+ENDPOINT = "/v1/chat/completions"
+
+
+class BatchRunner:
+    def __init__(self, app: FastAPI) -> None:
+        self.state = app.state
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="batch-runner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                worked = await self.turn()
+            except Exception:
+                log.exception("batch.turn_failed")
+                worked = False
+            await asyncio.sleep(0 if worked else IDLE_S)
+
+    async def turn(self) -> bool:
+        """Work on one batch; False when none needed it."""
+        async with self.state.sessionmaker() as session, session.begin():
+            batch = await batches_repo.lock_next(session=session)
+            if batch is None:
+                return False
+            batch.worked_at = datetime.now(UTC)
+            user = await batches_repo.owner(session=session, user_id=batch.user_id)
+            if user is None:
+                return True
+            submitter = Submitter(
+                user, self.state.quotas, self.state.sessionmaker, self.state.autocommit, self.state.broker,
+                self.state.redis, self.state.fleet, self.state.settings, self.state.variants,
+            )  # fmt: skip
+            structlog.contextvars.bind_contextvars(batch_id=batch.id, user_id=user.id)
+            try:
+                await self._advance(batch, submitter)
+            finally:
+                structlog.contextvars.unbind_contextvars("batch_id", "user_id")
+        return True
+
+    async def _advance(self, batch: Batch, submitter: Submitter) -> None:
+        now = datetime.now(UTC)
+        if batch.status == "validating":
+            batch.status, batch.in_progress_at = "in_progress", now
+            log.info("batch.in_progress", total=batch.total)
+        if batch.status == "in_progress" and now >= batch.expires_at:
+            batch.status, batch.ending, batch.cancelling_at = "cancelling", "expired", now
+            log.info("batch.expiring")
+        if batch.status == "in_progress":
+            if batch.submitted < batch.total:
+                await self._submit_lines(batch, submitter)
+            elif not await self._pending(batch):
+                batch.status, batch.finalizing_at = "finalizing", now
+        elif batch.status == "cancelling":
+            if not await self._stop_jobs(batch, submitter):
+                batch.status, batch.finalizing_at = "finalizing", now
+        elif batch.status == "finalizing":
+            await self._finalize(batch)
+
+    # ---- in progress ---------------------------------------------------------------------
+
+    async def _submit_lines(self, batch: Batch, submitter: Submitter) -> None:
+        async with self.state.sessionmaker() as session:
+            part = await files_repo.read_part(
+                session=session, file_id=batch.input_file_id, seq=batch.next_part
+            )
+        if part is None:  # every part read: the count at upload was the truth
+            batch.total = batch.submitted
+            return
+        lines = bytes(part.data).split(b"\n")
+        submitted = 0
+        while batch.next_line < len(lines) and submitted < LINES_PER_TURN:
+            raw = lines[batch.next_line]
+            if raw.strip():
+                if not await self._submit_line(batch, submitter, raw, batch.submitted):
+                    return  # a quota is full: this line again next turn
+                batch.submitted += 1
+                submitted += 1
+            batch.next_line += 1
+        if batch.next_line >= len(lines):
+            batch.next_part, batch.next_line = batch.next_part + 1, 0
+
+    async def _submit_line(self, batch: Batch, submitter: Submitter, raw: bytes, line: int) -> bool:
+        """Queue one line's job, or record why it cannot be one; False: refused for now (quota)."""
+        custom_id: str | None = None
+        try:
+            request = json.loads(raw)
+            custom_id = request.get("custom_id") if isinstance(request.get("custom_id"), str) else None
+            if custom_id is None or not 0 < len(custom_id) <= 200:
+                raise _LineError("invalid_request", "custom_id: a string of 1 to 200 characters")
+            if request.get("method", "POST") != "POST" or request.get("url") != batch.endpoint:
+                raise _LineError("invalid_request", f"each line is a POST to {batch.endpoint}")
+            body = ChatRequest.model_validate(request.get("body"))
+            if body.stream:
+                raise _LineError("invalid_request", "body.stream: a batch line is not streamed")
+            spec = openai_chat.to_job(
+                body, priority=BATCH_PRIORITY, metadata={"batch_id": batch.id, "custom_id": custom_id}
+            )
+            await submitter.submit(spec, idempotency_key=f"{batch.id}:{line}", batch=(batch.id, line))
+        except (RateLimited, QuotaExceeded, Unavailable):
+            return False
+        except _LineError as exc:
+            await self._line_error(batch.id, line, custom_id, exc.code, exc.message)
+        except AppError as exc:
+            await self._line_error(batch.id, line, custom_id, exc.code, exc.message)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            await self._line_error(
+                batch.id, line, custom_id, "invalid_request", f"body.{where}: {first['msg']}"
+            )
+        except (ValueError, AttributeError):
+            await self._line_error(batch.id, line, custom_id, "invalid_json", "the line is not a JSON object")
+        return True
+
+    async def _line_error(
+        self, batch_id: str, line: int, custom_id: str | None, code: str, message: str
+    ) -> None:
+        async with self.state.sessionmaker() as session, session.begin():
+            await batches_repo.add_line_error(
+                session=session, batch_id=batch_id, line=line, custom_id=custom_id, code=code, message=message
+            )
+
+    async def _pending(self, batch: Batch) -> int:
+        async with self.state.sessionmaker() as session:
+            counts = (await batches_repo.counts(session=session, batch_ids=[batch.id]))[batch.id]
+        return sum(counts.get(s, 0) for s in batches_repo.PENDING)
+
+    # ---- cancelling ----------------------------------------------------------------------
+
+    async def _stop_jobs(self, batch: Batch, submitter: Submitter) -> int:
+        """Queued jobs cancelled, running ones asked to stop; how many have not ended yet."""
+        async with self.state.sessionmaker() as session:
+            queued = await batches_repo.job_ids(
+                session=session, batch_id=batch.id, status="queued", limit=CANCELS_PER_TURN
+            )
+            running = await batches_repo.job_ids(
+                session=session, batch_id=batch.id, status="running", limit=CANCELS_PER_TURN
+            )
+        for job_id in queued:
+            await submitter.cancel_queued(job_id)
+        for job_id in running:
+            await submitter.stop_running(job_id)
+        return await self._pending(batch)
+
+    # ---- finalizing ----------------------------------------------------------------------
+
+    async def _finalize(self, batch: Batch) -> None:
+        output = await self._write(batch, errors=False)
+        error = await self._write(batch, errors=True)
+        now = datetime.now(UTC)
+        batch.output_file_id = output
+        batch.error_file_id = error
+        if batch.ending == "cancelled":
+            batch.status, batch.cancelled_at = "cancelled", now
+        elif batch.ending == "expired":
+            batch.status, batch.expired_at = "expired", now
+        else:
+            batch.status, batch.completed_at = "completed", now
+        log.info("batch.ended", status=batch.status, total=batch.total)
+
+    async def _write(self, batch: Batch, *, errors: bool) -> str | None:
+        """The output file (errors=False: the succeeded lines) or the error file; None if empty."""
+        async with self.state.sessionmaker() as session, session.begin():
+            file = await files_repo.create_parted_file(
+                session=session, user_id=batch.user_id, purpose="batch_output",
+                filename=f"{batch.id}_{'error' if errors else 'output'}.jsonl",
+                parts=self._parts(batch, errors),
+            )  # fmt: skip
+            if not (file.media or {}).get("lines"):
+                await files_repo.delete_file(session=session, user_id=batch.user_id, file_id=file.id)
+                return None
+            return file.id
+
+    async def _parts(self, batch: Batch, errors: bool) -> AsyncIterator[tuple[bytes, int]]:
+        buffer, count = bytearray(), 0
+        async for record in self._records(batch, errors):
+            buffer += json.dumps(record).encode() + b"\n"
+            count += 1
+            if len(buffer) >= PART_BYTES:
+                yield bytes(buffer), count
+                buffer, count = bytearray(), 0
+        if buffer:
+            yield bytes(buffer), count
+
+    async def _records(self, batch: Batch, errors: bool) -> AsyncIterator[dict[str, Any]]:
+        after = -1
+        while True:
+            async with self.state.sessionmaker() as session:
+                rows = await batches_repo.jobs_page(
+                    session=session, batch_id=batch.id, after_line=after, limit=PAGE
+                )
+            for row in rows:
+                job = jobs_repo.job_out(row)
+                record = _record(job)
+                if (record["error"] is not None) == errors:
+                    yield record
+            if len(rows) < PAGE:
+                break
+            after = rows[-1]["batch_line"]
+        if not errors:
+            return
+        after = -1
+        while True:
+            async with self.state.sessionmaker() as session:
+                failed = await batches_repo.line_errors(
+                    session=session, batch_id=batch.id, after_line=after, limit=PAGE
+                )
+            for e in failed:
+                yield {
+                    "id": f"batch_req_{batch.id}_{e.line}", "custom_id": e.custom_id, "response": None,
+                    "error": {"code": e.code, "message": e.message, "line": e.line},
+                }  # fmt: skip
+            if len(failed) < PAGE:
+                return
+            after = failed[-1].line
+
+
+class _LineError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _record(job: Any) -> dict[str, Any]:
+    """One output or error line for a line's job, as OpenAI's batch files have them."""
+    custom_id = job.metadata.get("custom_id")
+    base = {"id": f"batch_req_{job.id}", "custom_id": custom_id}
+    if job.status == "succeeded":
+        body = openai_chat.completion(job)
+        return base | {"response": {"status_code": 200, "request_id": job.id, "body": body}, "error": None}
+    code = job.error.code if job.error else job.status.upper()
+    message = job.error.message if job.error else f"the job ended {job.status}"
+    return base | {"response": None, "error": {"code": code, "message": message}}

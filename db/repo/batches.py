@@ -1,0 +1,153 @@
+"""Batches (the OpenAI Batch API) on the API's side: created, read, listed, and worked on by the
+batch runner (api/batches.py) — one batch at a time, locked, turns going round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import contains_eager
+
+from db.models import Batch, BatchLineError, Job, User
+from db.repo.jobs import _READ, _jobs
+
+MAX_PAGE = 100
+WORKING = ("validating", "in_progress", "cancelling", "finalizing")
+PENDING = ("queued", "running")
+
+
+async def create_batch(
+    *,
+    session: AsyncSession,
+    user_id: str,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: dict[str, str],
+    total: int,
+    expires_at: datetime,
+) -> Batch:
+    batch = Batch(
+        user_id=user_id, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
+        status="validating", metadata_=metadata, total=total, next_part=0, next_line=0, submitted=0,
+        expires_at=expires_at,
+    )  # fmt: skip
+    session.add(batch)
+    await session.flush()
+    await session.refresh(batch)
+    return batch
+
+
+async def get_batch(
+    *, session: AsyncSession, user_id: str, batch_id: str, lock: bool = False
+) -> Batch | None:
+    stmt = select(Batch).where(Batch.id == batch_id, Batch.user_id == user_id)
+    if lock:  # FOR NO KEY UPDATE: the batch's jobs (a foreign key to it) can still be inserted
+        stmt = stmt.with_for_update(key_share=True)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_batches(
+    *, session: AsyncSession, user_id: str, after: Batch | None, limit: int
+) -> tuple[list[Batch], bool]:
+    stmt = select(Batch).where(Batch.user_id == user_id)
+    if after is not None:
+        stmt = stmt.where(
+            or_(
+                Batch.created_at < after.created_at,
+                and_(Batch.created_at == after.created_at, Batch.id < after.id),
+            )
+        )
+    rows = list(
+        (
+            await session.execute(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
+        ).scalars()
+    )
+    return rows[:limit], len(rows) > limit
+
+
+async def counts(*, session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """For each batch: its jobs by status, and `line_errors`."""
+    out: dict[str, dict[str, int]] = {b: {} for b in batch_ids}
+    if not batch_ids:
+        return out
+    jobs = (
+        select(Job.batch_id, Job.status, func.count())
+        .where(Job.batch_id.in_(batch_ids))
+        .group_by(Job.batch_id, Job.status)
+    )
+    for batch_id, status, n in await session.execute(jobs):
+        out[str(batch_id)][status] = int(n)
+    errors = (
+        select(BatchLineError.batch_id, func.count())
+        .where(BatchLineError.batch_id.in_(batch_ids))
+        .group_by(BatchLineError.batch_id)
+    )
+    for batch_id, n in await session.execute(errors):
+        out[batch_id]["line_errors"] = int(n)
+    return out
+
+
+async def lock_next(*, session: AsyncSession) -> Batch | None:
+    """The batch whose turn it is (least recently worked on), locked for this transaction;
+    batches another runner holds are skipped."""
+    stmt = (
+        select(Batch)
+        .where(Batch.status.in_(WORKING))
+        .order_by(Batch.worked_at.asc().nulls_first(), Batch.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True, key_share=True)  # as in get_batch
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def owner(*, session: AsyncSession, user_id: str) -> User | None:
+    stmt = select(User).outerjoin(User.quota).options(contains_eager(User.quota)).where(User.id == user_id)
+    return (await session.execute(stmt)).unique().scalar_one_or_none()
+
+
+async def add_line_error(
+    *, session: AsyncSession, batch_id: str, line: int, custom_id: str | None, code: str, message: str
+) -> None:
+    await session.execute(
+        pg_insert(BatchLineError)
+        .values(batch_id=batch_id, line=line, custom_id=custom_id, code=code, message=message[:2000])
+        .on_conflict_do_nothing()
+    )
+
+
+async def job_ids(*, session: AsyncSession, batch_id: str, status: str, limit: int) -> list[str]:
+    stmt = select(Job.id).where(Job.batch_id == batch_id, Job.status == status).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def jobs_page(*, session: AsyncSession, batch_id: str, after_line: int, limit: int) -> list[RowMapping]:
+    """The batch's jobs as the API shows them, with their line, in line order after `after_line`."""
+    stmt = (
+        _READ.add_columns(_jobs.c.batch_line)
+        .where(_jobs.c.batch_id == batch_id, _jobs.c.batch_line > after_line)
+        .order_by(_jobs.c.batch_line)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).mappings())
+
+
+async def line_errors(
+    *, session: AsyncSession, batch_id: str, after_line: int, limit: int
+) -> list[BatchLineError]:
+    stmt = (
+        select(BatchLineError)
+        .where(BatchLineError.batch_id == batch_id, BatchLineError.line > after_line)
+        .order_by(BatchLineError.line)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def set_fields(*, session: AsyncSession, batch_id: str, **values: Any) -> None:
+    await session.execute(update(Batch).where(Batch.id == batch_id).values(**values))

@@ -1,0 +1,182 @@
+"""The OpenAI Batch API on a real stack: the official `openai` package's flow on Gemma 3 270M,
+200 lines paced by the user's concurrency quota, a cancel that keeps finished lines, lines that
+cannot run, and a 50,000-line file stored in parts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types import Batch
+
+from tests.conftest import Stack
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def line(i: int, model: str = "echo", **body: Any) -> dict[str, Any]:
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Request number {i}."}],
+        "max_tokens": 8,
+    }
+    return {"custom_id": f"req-{i}", "method": "POST", "url": ENDPOINT, "body": request | body}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+
+
+def oai_for(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def run_batch(oai: openai.OpenAI, lines: list[dict[str, Any]]) -> Batch:
+    file = oai.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
+    return oai.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def wait_batch(oai: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 180) -> Batch:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {counts(batch)}"
+        time.sleep(0.5)
+
+
+def counts(batch: Batch) -> tuple[int, int, int]:
+    assert batch.request_counts is not None
+    return batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed
+
+
+def records(oai: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(row) for row in oai.files.content(file_id).content.splitlines()]
+
+
+def test_openai_batch_flow_on_gemma_3_270m(stack: Stack, key: str, client: httpx.Client) -> None:
+    oai = oai_for(stack, key)
+    created = run_batch(oai, [line(i, model="gemma-3-270m", max_tokens=6) for i in range(6)])
+    assert created.status in ("validating", "in_progress") and counts(created)[0] == 6
+    done = wait_batch(oai, created.id, {"completed", "failed", "cancelled", "expired"})
+    assert done.status == "completed", done
+    assert counts(done) == (6, 6, 0)
+    assert done.error_file_id is None and done.completed_at is not None
+    out = records(oai, done.output_file_id)
+    assert sorted(r["custom_id"] for r in out) == sorted(f"req-{i}" for i in range(6))
+    for record in out:
+        assert record["error"] is None and record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "gemma-3-270m"
+        job = client.get(f"/v1/jobs/{record['response']['request_id']}").json()
+        assert job["result"]["text"] == body["choices"][0]["message"]["content"]
+        assert job["priority"] < 5 and job["metadata"]["batch_id"] == done.id
+    assert done.id in [b.id for b in oai.batches.list()]
+
+
+def test_a_batch_of_200_lines_completes(stack: Stack) -> None:
+    key = stack.new_key("batch200", max_concurrent_jobs=16)
+    oai = oai_for(stack, key)
+    created = run_batch(oai, [line(i) for i in range(200)])
+    done = wait_batch(oai, created.id, {"completed", "failed", "cancelled", "expired"})
+    assert done.status == "completed"
+    assert counts(done) == (200, 200, 0)
+    out = records(oai, done.output_file_id)
+    assert len(out) == 200 and len({r["custom_id"] for r in out}) == 200
+    echoed = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in out}
+    assert "Request number 7." in echoed["req-7"]
+    rows = stack.sql("SELECT count(*), count(DISTINCT batch_line) FROM jobs WHERE batch_id = %s", done.id)
+    assert rows == [(200, 200)], "each line ran as exactly one job"
+
+
+def test_cancelling_a_running_batch_keeps_its_finished_lines(stack: Stack) -> None:
+    key = stack.new_key("batchcancel", max_concurrent_jobs=4)
+    oai = oai_for(stack, key)
+    created = run_batch(oai, [line(i, model="gemma-3-270m", max_tokens=24) for i in range(40)])
+    deadline = time.monotonic() + 240
+    while counts(oai.batches.retrieve(created.id))[1] < 2:
+        assert time.monotonic() < deadline, "no line finished"
+        time.sleep(0.3)
+    cancelling = oai.batches.cancel(created.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = wait_batch(oai, created.id, {"cancelled", "completed"})
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    finished = counts(done)[1]
+    out = records(oai, done.output_file_id)
+    assert finished >= 2 and len(out) == finished
+    assert all(r["response"]["status_code"] == 200 for r in out)
+    errors = records(oai, done.error_file_id)
+    assert finished + len(errors) <= 40 and all(r["error"]["code"] == "CANCELLED" for r in errors)
+    pending = stack.sql(
+        "SELECT count(*) FROM jobs WHERE batch_id = %s AND status IN ('queued', 'running')", done.id
+    )
+    assert pending == [(0,)]
+
+
+def test_lines_that_cannot_run_go_to_the_error_file(stack: Stack, key: str) -> None:
+    oai = oai_for(stack, key)
+    bad = [
+        line(0),
+        {**line(1), "method": "GET"},
+        {**line(2), "url": "/v1/embeddings"},
+        line(3, model="no-such-model"),
+        line(4, n=2),
+        {"method": "POST", "url": ENDPOINT, "body": line(5)["body"]},  # no custom_id
+    ]
+    done = wait_batch(oai, run_batch(oai, bad).id, {"completed", "failed", "cancelled", "expired"})
+    assert done.status == "completed"
+    assert counts(done) == (6, 1, 5)
+    errors = {e["error"]["line"]: e for e in records(oai, done.error_file_id)}
+    assert sorted(errors) == [1, 2, 3, 4, 5]
+    assert errors[1]["error"]["code"] == "invalid_request"
+    assert errors[3]["error"]["code"] == "UNKNOWN_VARIANT" and errors[3]["custom_id"] == "req-3"
+    assert [r["custom_id"] for r in records(oai, done.output_file_id)] == ["req-0"]
+
+
+def test_a_50000_line_file_is_stored_and_served_in_parts(stack: Stack, client: httpx.Client) -> None:
+    data = jsonl([line(i, model="echo-late") for i in range(50_000)])
+    response = client.post("/v1/files", files={"file": ("big.jsonl", data)}, data={"purpose": "batch"})
+    assert response.status_code == 201, response.text
+    file = response.json()
+    assert file["bytes"] == len(data) and file["media"]["lines"] == 50_000 and file["media"]["parts"] >= 5
+    assert file["sha256"] == hashlib.sha256(data).hexdigest()
+    with client.stream("GET", f"/v1/files/{file['id']}/content") as download:
+        digest = hashlib.sha256()
+        for chunk in download.iter_bytes():
+            digest.update(chunk)
+    assert digest.hexdigest() == file["sha256"]
+    batch = client.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": ENDPOINT}).json()
+    assert batch["request_counts"]["total"] == 50_000
+    assert client.post(f"/v1/batches/{batch['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
+    deadline = time.monotonic() + 120
+    while (ended := client.get(f"/v1/batches/{batch['id']}").json())["status"] != "cancelled":
+        assert time.monotonic() < deadline, ended
+        time.sleep(0.5)
+    assert ended["request_counts"]["completed"] == 0
+    kept = client.delete(f"/v1/files/{file['id']}")
+    assert kept.status_code == 409 and kept.json()["error"]["code"] == "CONFLICT"
+
+
+@pytest.mark.parametrize("body", [{"input_file_id": "file_nope", "endpoint": ENDPOINT}])
+def test_batch_refusals(client: httpx.Client, body: dict[str, Any]) -> None:
+    assert client.post("/v1/batches", json=body).json()["error"]["code"] == "NOT_FOUND"
+    media = client.post("/v1/batches", json={"input_file_id": "x" * 65, "endpoint": ENDPOINT}).json()[
+        "error"
+    ]["code"]
+    assert media == "VALIDATION_ERROR"
+    wrong = client.post("/v1/batches", json={"input_file_id": "file_x", "endpoint": "/v1/embeddings"})
+    assert wrong.status_code == 422
+    not_json = client.post(
+        "/v1/files", files={"file": ("x.jsonl", b'{"a": 1}\nnope\n')}, data={"purpose": "batch"}
+    )
+    assert not_json.status_code == 422 and "line 2" in not_json.json()["error"]["message"]
