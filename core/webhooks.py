@@ -4,8 +4,9 @@
   link-local (cloud metadata at 169.254.169.254 among them), multicast, reserved and unspecified
   addresses are refused — at submission, and again before every attempt (DNS may change) —
   unless `webhook_allow_hosts` names the host, the address or a block holding it.
-- Events: `job.succeeded`, `job.failed` (an expired job too), `job.cancelled`; the body is
-  `{"type", "timestamp", "data": <the job as GET /v1/jobs/{id} shows it>}`.
+- Events: `job.succeeded`, `job.failed` (an expired job too), `job.cancelled`, and for batches
+  `batch.completed`, `batch.failed` (an expired batch too), `batch.cancelled`; the body is
+  `{"type", "timestamp", "data": <the job or batch as GET /v1/jobs/{id} or /v1/batches/{id} shows it>}`.
 - Signing: the Standard Webhooks scheme (`webhook-id`, `webhook-timestamp`, `webhook-signature`),
   with the `standardwebhooks` package and the owner's `whsec_` secret.
 - Retries: a non-2xx answer or no answer is retried after `webhook_backoff_s`, doubling up to
@@ -32,6 +33,12 @@ EVENT_OF_STATUS = {
     "failed": "job.failed",
     "expired": "job.failed",
     "cancelled": "job.cancelled",
+}
+EVENT_OF_BATCH_STATUS = {
+    "completed": "batch.completed",
+    "failed": "batch.failed",
+    "expired": "batch.failed",
+    "cancelled": "batch.cancelled",
 }
 
 

@@ -4,6 +4,7 @@ private targets refused at submission."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -121,3 +122,28 @@ def test_default_url_gets_the_cancelled_event(client: httpx.Client, receiver: Re
 
 def _seconds(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def test_a_batch_reports_its_end(client: httpx.Client, receiver: Receiver) -> None:
+    secret = client.get("/v1/webhooks/settings").json()["secret"]
+    lines = [
+        {"custom_id": f"c{i}", "url": "/v1/chat/completions", "body": {"model": "echo", "messages": [
+            {"role": "user", "content": f"line {i}"}]}}
+        for i in range(2)
+    ]  # fmt: skip
+    upload = {"file": ("in.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())}
+    file = client.post("/v1/files", files=upload, data={"purpose": "batch"}).json()
+    body = {
+        "input_file_id": file["id"],
+        "endpoint": "/v1/chat/completions",
+        "webhook_url": receiver.url("/b"),
+    }
+    batch = client.post("/v1/batches", json=body).json()
+    ((headers, raw),) = receiver.wait("/b", 1, timeout=120)
+    event = Webhook(secret).verify(raw, headers)
+    assert event["type"] == "batch.completed" and event["data"]["id"] == batch["id"]
+    assert event["data"]["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    log = client.get("/v1/webhooks/deliveries", params={"batch_id": batch["id"]}).json()["data"]
+    assert [d["event"] for d in log] == ["batch.completed"] and log[0]["batch_id"] == batch["id"]
+    refused = client.post("/v1/batches", json=body | {"webhook_url": "http://169.254.169.254/"})
+    assert refused.status_code == 422

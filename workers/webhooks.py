@@ -22,9 +22,13 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
+from core.openai_batch import batch_out
 from core.settings import Settings
 from core.webhooks import TargetRefused, backoff_s, check_target, new_secret, signed_headers
+from db.models import Batch
+from db.repo import batches as batches_repo
 from db.repo import jobs as jobs_repo
 from db.repo import webhooks as webhooks_repo
 from db.session import sync_sessionmaker
@@ -42,6 +46,7 @@ class _Due:
     id: str
     user_id: str
     job_id: str | None
+    batch_id: str | None
     event: str
     url: str
     attempts: int
@@ -81,7 +86,7 @@ class Dispatcher:
         with self.maker.begin() as session:
             lease = self.settings.webhook_timeout_s + 30
             due = [
-                _Due(d.id, d.user_id, d.job_id, d.event, d.url, d.attempts, d.payload)
+                _Due(d.id, d.user_id, d.job_id, d.batch_id, d.event, d.url, d.attempts, d.payload)
                 for d in webhooks_repo.claim_due(session=session, limit=PER_ROUND, lease_s=lease)
             ]
         list(self.senders.map(self._attempt, due))
@@ -113,9 +118,15 @@ class Dispatcher:
         except Exception:  # this delivery is due again when its lease passes
             log.exception("webhook.attempt_failed", delivery_id=d.id, job_id=d.job_id)
 
-    def _payload(self, session: Any, d: _Due) -> str:
-        row = jobs_repo.get_job_sync(session=session, user_id=d.user_id, job_id=d.job_id or "")
-        data = jobs_repo.job_out(row).model_dump(mode="json") if row is not None else {"id": d.job_id}
+    def _payload(self, session: Session, d: _Due) -> str:
+        data: dict[str, Any] = {"id": d.job_id or d.batch_id}
+        if d.job_id is not None:
+            row = jobs_repo.get_job_sync(session=session, user_id=d.user_id, job_id=d.job_id)
+            if row is not None:
+                data = jobs_repo.job_out(row).model_dump(mode="json")
+        elif d.batch_id is not None and (batch := session.get(Batch, d.batch_id)) is not None:
+            counts = batches_repo.counts_sync(session=session, batch_id=batch.id)
+            data = batch_out(batch, counts).model_dump(mode="json")
         return json.dumps({"type": d.event, "timestamp": datetime.now(UTC).isoformat(), "data": data})
 
     def _send(self, d: _Due, payload: str, secret: str) -> dict[str, Any]:

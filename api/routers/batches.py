@@ -4,14 +4,18 @@ file out. The batch runner (api/batches.py) submits the lines as jobs and writes
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionMakerDep, UserDep
+from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from core.errors import NotFound, ValidationFailed
+from core.openai_batch import BatchList, BatchOut, batch_out
+from core.schemas import SafeStr
+from core.webhooks import check_target
 from db.models import Batch
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
@@ -29,74 +33,10 @@ class BatchCreate(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
         Field(None, max_length=16)
     )
-
-
-class RequestCounts(BaseModel):
-    total: int
-    completed: int
-    failed: int
-
-
-class BatchOut(BaseModel):
-    id: str
-    object: Literal["batch"] = "batch"
-    endpoint: str
-    errors: dict[str, Any] | None = None
-    input_file_id: str
-    completion_window: str
-    status: Literal[
-        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
-    ]
-    output_file_id: str | None
-    error_file_id: str | None
-    created_at: int
-    in_progress_at: int | None
-    expires_at: int
-    finalizing_at: int | None
-    completed_at: int | None
-    failed_at: int | None
-    expired_at: int | None
-    cancelling_at: int | None
-    cancelled_at: int | None
-    request_counts: RequestCounts
-    metadata: dict[str, str] | None
-
-
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchOut]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-def _epoch(at: datetime | None) -> int | None:
-    return int(at.timestamp()) if at is not None else None
-
-
-def batch_out(batch: Batch, counts: dict[str, int]) -> BatchOut:
-    """`request_counts`: completed = lines whose job succeeded; failed = lines whose job failed or
-    expired, and lines that could not become a job; cancelled lines count in neither."""
-    failed = counts.get("failed", 0) + counts.get("expired", 0) + counts.get("line_errors", 0)
-    return BatchOut(
-        id=batch.id,
-        endpoint=batch.endpoint,
-        input_file_id=batch.input_file_id,
-        completion_window=batch.completion_window,
-        status=batch.status,
-        output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id,
-        created_at=int(batch.created_at.timestamp()),
-        in_progress_at=_epoch(batch.in_progress_at),
-        expires_at=int(batch.expires_at.timestamp()),
-        finalizing_at=_epoch(batch.finalizing_at),
-        completed_at=_epoch(batch.completed_at),
-        failed_at=_epoch(batch.failed_at),
-        expired_at=_epoch(batch.expired_at),
-        cancelling_at=_epoch(batch.cancelling_at),
-        cancelled_at=_epoch(batch.cancelled_at),
-        request_counts=RequestCounts(total=batch.total, completed=counts.get("succeeded", 0), failed=failed),
-        metadata=batch.metadata_ or None,
+    webhook_url: SafeStr | None = Field(
+        None,
+        max_length=2000,
+        description="gemmaq: batch.completed|failed|cancelled go here (else your default)",
     )
 
 
@@ -107,7 +47,11 @@ async def _out(maker: SessionMakerDep, batch: Batch) -> BatchOut:
 
 
 @router.post("/batches", responses=responses(401, 404, 422), summary="Create a batch from a JSONL file")
-async def create_batch(body: BatchCreate, user: UserDep, maker: SessionMakerDep) -> BatchOut:
+async def create_batch(
+    body: BatchCreate, user: UserDep, maker: SessionMakerDep, settings: SettingsDep
+) -> BatchOut:
+    if body.webhook_url is not None:
+        await run_in_threadpool(check_target, body.webhook_url, settings)
     async with maker() as session, session.begin():
         file = await files_repo.get_file(session=session, user_id=user.id, file_id=body.input_file_id)
         if file is None:
@@ -121,6 +65,7 @@ async def create_batch(body: BatchCreate, user: UserDep, maker: SessionMakerDep)
             completion_window=body.completion_window, metadata=body.metadata or {},
             total=int((file.media or {}).get("lines", 0)),
             expires_at=datetime.now(UTC) + WINDOWS[body.completion_window],
+            webhook_url=body.webhook_url or user.webhook_url,
         )  # fmt: skip
     return await _out(maker, batch)
 

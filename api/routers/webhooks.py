@@ -44,6 +44,7 @@ class DeliveryOut(BaseModel):
     object: Literal["webhook.delivery"] = "webhook.delivery"
     event: str
     job_id: str | None
+    batch_id: str | None
     url: str
     status: Literal["pending", "delivered", "failed"]
     attempts: list[Attempt]
@@ -64,6 +65,7 @@ def delivery_out(d: WebhookDelivery) -> DeliveryOut:
         id=d.id,
         event=d.event,
         job_id=d.job_id,
+        batch_id=d.batch_id,
         url=d.url,
         status=d.status,
         attempts=[Attempt(**a) for a in history],
@@ -104,6 +106,7 @@ async def list_deliveries(
     user: UserDep,
     maker: SessionMakerDep,
     job_id: Annotated[str | None, Query(max_length=40)] = None,
+    batch_id: Annotated[str | None, Query(max_length=40)] = None,
     after: Annotated[str | None, Query(max_length=40, description="a delivery id: the page after it")] = None,
     limit: Annotated[int, Query(ge=1, le=webhooks_repo.MAX_PAGE)] = 20,
 ) -> DeliveryList:
@@ -115,6 +118,6 @@ async def list_deliveries(
             if cursor is None:
                 raise NotFound(f"no delivery {after!r}")
         rows, more = await webhooks_repo.list_deliveries(
-            session=session, user_id=user.id, job_id=job_id, after=cursor, limit=limit
+            session=session, user_id=user.id, job_id=job_id, batch_id=batch_id, after=cursor, limit=limit
         )
     return DeliveryList(data=[delivery_out(d) for d in rows], has_more=more)

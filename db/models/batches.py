@@ -43,6 +43,7 @@ class Batch(Base):
     next_part: Mapped[int] = mapped_column(Integer, default=0)
     next_line: Mapped[int] = mapped_column(Integer, default=0)
     submitted: Mapped[int] = mapped_column(Integer, default=0)  # lines handled (a job, or an error)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))  # its own, or its owner's default
     ending: Mapped[str | None] = mapped_column(String(16))  # cancelled | expired, once it is ending so
     worked_at: Mapped[datetime | None]  # the runner's latest turn on it (turns go round)
     output_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="SET NULL"))

@@ -19,12 +19,14 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint("job_id", "event", name="uq_webhook_deliveries_job_event"),
+        UniqueConstraint("batch_id", "event", name="uq_webhook_deliveries_batch_event"),
         Index("ix_webhook_deliveries_user_created", "user_id", "created_at", "id"),
         Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "msg"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     event: Mapped[str] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(String(2000))
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import contains_eager
+from sqlalchemy.orm import Session, contains_eager
 
 from db.models import Batch, BatchLineError, Job, User
 from db.repo.jobs import _READ, _jobs
@@ -31,11 +31,12 @@ async def create_batch(
     metadata: dict[str, str],
     total: int,
     expires_at: datetime,
+    webhook_url: str | None = None,
 ) -> Batch:
     batch = Batch(
         user_id=user_id, input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
         status="validating", metadata_=metadata, total=total, next_part=0, next_line=0, submitted=0,
-        expires_at=expires_at,
+        expires_at=expires_at, webhook_url=webhook_url,
     )  # fmt: skip
     session.add(batch)
     await session.flush()
@@ -71,25 +72,37 @@ async def list_batches(
     return rows[:limit], len(rows) > limit
 
 
-async def counts(*, session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
-    """For each batch: its jobs by status, and `line_errors`."""
-    out: dict[str, dict[str, int]] = {b: {} for b in batch_ids}
-    if not batch_ids:
-        return out
+def _count_statements(batch_ids: Sequence[str]) -> tuple[Select[Any, Any, Any], Select[Any, Any, Any]]:
     jobs = (
         select(Job.batch_id, Job.status, func.count())
         .where(Job.batch_id.in_(batch_ids))
         .group_by(Job.batch_id, Job.status)
     )
-    for batch_id, status, n in await session.execute(jobs):
-        out[str(batch_id)][status] = int(n)
     errors = (
-        select(BatchLineError.batch_id, func.count())
+        select(BatchLineError.batch_id, literal("line_errors"), func.count())
         .where(BatchLineError.batch_id.in_(batch_ids))
         .group_by(BatchLineError.batch_id)
     )
-    for batch_id, n in await session.execute(errors):
-        out[batch_id]["line_errors"] = int(n)
+    return jobs, errors
+
+
+def counts_sync(*, session: Session, batch_id: str) -> dict[str, int]:
+    """`counts` for one batch, for a worker-side process (the webhook dispatcher)."""
+    out: dict[str, int] = {}
+    for statement in _count_statements([batch_id]):
+        for _, key, n in session.execute(statement):
+            out[str(key)] = int(n)
+    return out
+
+
+async def counts(*, session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """For each batch: its jobs by status, and `line_errors`."""
+    out: dict[str, dict[str, int]] = {b: {} for b in batch_ids}
+    if not batch_ids:
+        return out
+    for statement in _count_statements(batch_ids):
+        for batch_id, key, n in await session.execute(statement):
+            out[str(batch_id)][str(key)] = int(n)
     return out
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from core.webhooks import EVENT_OF_STATUS
+from core.webhooks import EVENT_OF_BATCH_STATUS, EVENT_OF_STATUS
 from db.ids import new_id
 from db.models import User, WebhookDelivery
 from db.repo.jobs import TERMINAL
@@ -28,20 +28,34 @@ ORDER BY finished_at LIMIT :limit
 
 
 def create_for_ended(*, session: Session, since: datetime, limit: int = 500) -> tuple[int, datetime | None]:
-    """A pending delivery for each job with a webhook that ended since `since` and has none yet.
-    Returns how many were made and the latest finish time seen."""
-    rows = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
-    if not rows:
-        return 0, None
+    """A pending delivery for each job or batch with a webhook that ended since `since` and has
+    none yet. Returns how many were made and the latest end seen."""
+    jobs = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
+    batches = session.execute(_BATCHES_ENDED, {"since": since, "limit": limit}).all()
     values = [
-        {
-            "id": new_id("msg"), "user_id": user_id, "job_id": job_id, "event": EVENT_OF_STATUS[status],
-            "url": url, "status": "pending", "attempts": 0, "history": [],
-        }
-        for job_id, user_id, status, url, _ in rows
-    ]  # fmt: skip
-    session.execute(pg_insert(WebhookDelivery).values(values).on_conflict_do_nothing())
-    return len(values), max(row[4] for row in rows)
+        {"job_id": job_id, "user_id": user_id, "event": EVENT_OF_STATUS[status], "url": url}
+        for job_id, user_id, status, url, _ in jobs
+    ] + [
+        {"batch_id": batch_id, "user_id": user_id, "event": EVENT_OF_BATCH_STATUS[status], "url": url}
+        for batch_id, user_id, status, url, _ in batches
+    ]
+    if not values:
+        return 0, None
+    fresh = {"status": "pending", "attempts": 0, "history": []}
+    rows = [{"id": new_id("msg"), "job_id": None, "batch_id": None} | v | fresh for v in values]
+    session.execute(pg_insert(WebhookDelivery).values(rows).on_conflict_do_nothing())
+    return len(rows), max(row[4] for row in [*jobs, *batches])
+
+
+_BATCHES_ENDED = text("""
+SELECT id, user_id, status, webhook_url, ended FROM (
+  SELECT *, coalesce(completed_at, cancelled_at, expired_at, failed_at) AS ended FROM batches
+  WHERE webhook_url IS NOT NULL AND status IN ('completed', 'failed', 'cancelled', 'expired')
+) b
+WHERE ended >= :since
+  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.batch_id = b.id)
+ORDER BY ended LIMIT :limit
+""")
 
 
 def claim_due(*, session: Session, limit: int, lease_s: float) -> list[WebhookDelivery]:
@@ -99,11 +113,19 @@ def record_attempt(
 
 
 async def list_deliveries(
-    *, session: AsyncSession, user_id: str, job_id: str | None, after: WebhookDelivery | None, limit: int
+    *,
+    session: AsyncSession,
+    user_id: str,
+    job_id: str | None,
+    batch_id: str | None,
+    after: WebhookDelivery | None,
+    limit: int,
 ) -> tuple[list[WebhookDelivery], bool]:
     stmt = select(WebhookDelivery).where(WebhookDelivery.user_id == user_id)
     if job_id is not None:
         stmt = stmt.where(WebhookDelivery.job_id == job_id)
+    if batch_id is not None:
+        stmt = stmt.where(WebhookDelivery.batch_id == batch_id)
     if after is not None:
         stmt = stmt.where(
             or_(

@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("next_part", sa.Integer(), nullable=False),
         sa.Column("next_line", sa.Integer(), nullable=False),
         sa.Column("submitted", sa.Integer(), nullable=False),
+        sa.Column("webhook_url", sa.String(length=2000), nullable=True),
         sa.Column("ending", sa.String(length=16), nullable=True),
         sa.Column("worked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("output_file_id", sa.String(length=40), nullable=True),
@@ -105,9 +106,22 @@ def upgrade() -> None:
     op.create_foreign_key(
         op.f("fk_jobs_batch_id_batches"), "jobs", "batches", ["batch_id"], ["id"], ondelete="CASCADE"
     )
+    op.add_column("webhook_deliveries", sa.Column("batch_id", sa.String(length=40), nullable=True))
+    op.create_foreign_key(
+        op.f("fk_webhook_deliveries_batch_id_batches"), "webhook_deliveries", "batches", ["batch_id"], ["id"],
+        ondelete="CASCADE",
+    )  # fmt: skip
+    op.create_unique_constraint(
+        "uq_webhook_deliveries_batch_event", "webhook_deliveries", ["batch_id", "event"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_constraint("uq_webhook_deliveries_batch_event", "webhook_deliveries", type_="unique")
+    op.drop_constraint(
+        op.f("fk_webhook_deliveries_batch_id_batches"), "webhook_deliveries", type_="foreignkey"
+    )
+    op.drop_column("webhook_deliveries", "batch_id")
     op.drop_constraint(op.f("fk_jobs_batch_id_batches"), "jobs", type_="foreignkey")
     op.drop_index("ix_jobs_batch_line", table_name="jobs", postgresql_where="batch_id IS NOT NULL")
     op.drop_column("jobs", "batch_line")

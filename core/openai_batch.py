@@ -1,0 +1,100 @@
+"""The OpenAI Batch object, as `/v1/batches` returns it and as `batch.*` webhooks carry it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+
+class BatchRow(Protocol):
+    """What `batch_out` reads of a batch (db.models.Batch)."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: datetime
+    in_progress_at: datetime | None
+    expires_at: datetime
+    finalizing_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    expired_at: datetime | None
+    cancelling_at: datetime | None
+    cancelled_at: datetime | None
+    total: int
+    metadata_: dict[str, Any]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchOut(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: dict[str, Any] | None = None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+    ]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def _epoch(at: datetime | None) -> int | None:
+    return int(at.timestamp()) if at is not None else None
+
+
+def batch_out(batch: BatchRow, counts: dict[str, int]) -> BatchOut:
+    """`request_counts`: completed = lines whose job succeeded; failed = lines whose job failed or
+    expired, and lines that could not become a job; cancelled lines count in neither."""
+    failed = counts.get("failed", 0) + counts.get("expired", 0) + counts.get("line_errors", 0)
+    return BatchOut(
+        id=batch.id,
+        endpoint=batch.endpoint,
+        input_file_id=batch.input_file_id,
+        completion_window=batch.completion_window,
+        status=batch.status,
+        output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id,
+        created_at=int(batch.created_at.timestamp()),
+        in_progress_at=_epoch(batch.in_progress_at),
+        expires_at=int(batch.expires_at.timestamp()),
+        finalizing_at=_epoch(batch.finalizing_at),
+        completed_at=_epoch(batch.completed_at),
+        failed_at=_epoch(batch.failed_at),
+        expired_at=_epoch(batch.expired_at),
+        cancelling_at=_epoch(batch.cancelling_at),
+        cancelled_at=_epoch(batch.cancelled_at),
+        request_counts=RequestCounts(total=batch.total, completed=counts.get("succeeded", 0), failed=failed),
+        metadata=batch.metadata_ or None,
+    )
