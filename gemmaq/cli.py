@@ -233,26 +233,76 @@ def submit(
     url: Annotated[str, typer.Option(envvar="GEMMAQ_URL")] = "http://127.0.0.1:8000",
     key: Annotated[str, typer.Option(envvar="GEMMAQ_API_KEY", help="API key")] = "",
     timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300,
+    stream: Annotated[bool, typer.Option("--stream", help="print the reply as it is generated")] = False,
 ) -> None:
     """Submit a text job, wait for it, print the reply."""
-    from gemmaq.client import Client, JobFailed
+    from gemmaq.client import ApiError, Client, JobFailed
 
     body_input = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    job_body = {
+        "variant": variant,
+        "task": "text",
+        "input": body_input,
+        "params": {"max_new_tokens": max_new_tokens, "temperature": temperature},
+    }
     with Client(url, key) as client:
         try:
-            job = client.run(
-                {
-                    "variant": variant,
-                    "task": "text",
-                    "input": body_input,
-                    "params": {"max_new_tokens": max_new_tokens, "temperature": temperature},
-                },
-                timeout=timeout,
-            )
-        except JobFailed as exc:
+            if stream:
+                for event in client.stream(client.submit(job_body)["id"]):
+                    if event["event"] == "delta":
+                        typer.echo(event["data"]["text"], nl=False)
+                    elif event["event"] == "done":
+                        typer.echo("")
+                        if event["data"]["status"] != "succeeded":
+                            raise JobFailed(event["data"])
+                return
+            job = client.run(job_body, timeout=timeout)
+        except (JobFailed, ApiError) as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(1) from exc
     typer.echo(job["result"]["text"])
+
+
+@app.command()
+def batch(
+    requests: Annotated[str, typer.Argument(help="a JSONL file of /v1/chat/completions requests")],
+    out: Annotated[str, typer.Option(help="where the output lines go")] = "batch_output.jsonl",
+    errors: Annotated[str, typer.Option(help="where the error lines go, if any")] = "batch_errors.jsonl",
+    webhook_url: Annotated[str | None, typer.Option(help="also report the batch's end here")] = None,
+    url: Annotated[str, typer.Option(envvar="GEMMAQ_URL")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="GEMMAQ_API_KEY", help="API key")] = "",
+) -> None:
+    """Run a batch: upload the file, follow the batch with a progress bar, download its results."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gemmaq.client import ApiError, Client
+
+    size = Path(requests).stat().st_size
+    with Client(url, key) as client, Progress(TextColumn("{task.description}"), BarColumn()) as bars:
+        try:
+            sending = bars.add_task("upload", total=size)
+            bars.columns = (*bars.columns, DownloadColumn())
+            file = client.upload_batch(requests, progress=lambda n: bars.advance(sending, n))
+            created = client.create_batch(file["id"], webhook_url=webhook_url)
+            bars.columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+            running = bars.add_task(f"batch {created['id']}", total=created["request_counts"]["total"])
+            ended = client.wait_batch(created["id"], progress=lambda n: bars.advance(running, n))
+            for file_id, path in ((ended["output_file_id"], out), (ended["error_file_id"], errors)):
+                if file_id:
+                    client.download(file_id, path)
+        except ApiError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from exc
+    counts = ended["request_counts"]
+    typer.echo(
+        f"{ended['id']}: {ended['status']}; {counts['completed']} completed, {counts['failed']} failed of "
+        f"{counts['total']}; output {out if ended['output_file_id'] else '(none)'}"
+        + (f", errors {errors}" if ended["error_file_id"] else "")
+    )
+    if ended["status"] != "completed":
+        raise typer.Exit(1)
 
 
 @models_app.command("prepare")
