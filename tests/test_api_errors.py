@@ -40,7 +40,7 @@ def test_another_users_job_and_batch_are_404(stack: Stack, client: httpx.Client)
     request = {
         "custom_id": "a",
         "url": "/v1/chat/completions",
-        "body": {"model": "echo-late", "messages": []},
+        "body": {"model": "echo-held", "messages": []},
     }
     upload = {"file": ("in.jsonl", (json.dumps(request) + "\n").encode())}
     file = client.post("/v1/files", files=upload, data={"purpose": "batch"}).json()

@@ -144,7 +144,7 @@ def test_lines_that_cannot_run_go_to_the_error_file(stack: Stack, key: str) -> N
 
 
 def test_a_50000_line_file_is_stored_and_served_in_parts(stack: Stack, client: httpx.Client) -> None:
-    data = jsonl([line(i, model="echo-late") for i in range(50_000)])
+    data = jsonl([line(i, model="echo-held") for i in range(50_000)])
     response = client.post("/v1/files", files={"file": ("big.jsonl", data)}, data={"purpose": "batch"})
     assert response.status_code == 201, response.text
     file = response.json()

@@ -50,11 +50,11 @@ def test_metrics_move_as_jobs_run(stack: Stack, client: httpx.Client) -> None:
     jobs = [wait_job(client, job_id) for job_id in ids]
     assert all(j["status"] == "succeeded" for j in jobs), jobs
     # A job for a variant no worker serves stays queued: the gauges show it, then it is cancelled.
-    held = client.post("/v1/jobs", json={"variant": "echo-late", "input": {"prompt": "wait"}}).json()
+    held = client.post("/v1/jobs", json={"variant": "echo-held", "input": {"prompt": "wait"}}).json()
     during, _ = scrape(stack)
-    assert value(during, "gemmaq_jobs", variant="echo-late", status="queued") >= 1
-    assert value(during, "gemmaq_queue_depth", variant="echo-late") >= 1
-    assert value(during, "gemmaq_oldest_queued_seconds", variant="echo-late") >= 0
+    assert value(during, "gemmaq_jobs", variant="echo-held", status="queued") >= 1
+    assert value(during, "gemmaq_queue_depth", variant="echo-held") >= 1
+    assert value(during, "gemmaq_oldest_queued_seconds", variant="echo-held") >= 0
     assert client.post(f"/v1/jobs/{held['id']}/cancel").json()["status"] == "cancelled"
     after, families = scrape(stack)
 
@@ -63,7 +63,7 @@ def test_metrics_move_as_jobs_run(stack: Stack, client: httpx.Client) -> None:
 
     assert moved("gemmaq_jobs_submitted_total", variant=variant) >= 2
     assert moved("gemmaq_jobs_ended_total", variant=variant, status="succeeded", code="") >= 2
-    assert moved("gemmaq_jobs_ended_total", variant="echo-late", status="cancelled", code="CANCELLED") == 1
+    assert moved("gemmaq_jobs_ended_total", variant="echo-held", status="cancelled", code="CANCELLED") == 1
     for kind in ("input", "output"):
         used = sum(j["result"]["usage"][f"{kind}_tokens"] for j in jobs)
         assert moved("gemmaq_tokens_total", variant=variant, kind=kind) >= used > 0
@@ -113,7 +113,7 @@ def test_summary_over_the_callers_jobs(stack: Stack) -> None:
         ]
         jobs = [wait_job(client, job_id) for job_id in ids]
         assert all(j["status"] == "succeeded" for j in jobs)
-        held = client.post("/v1/jobs", json={"variant": "echo-late", "input": {"prompt": "x"}}).json()
+        held = client.post("/v1/jobs", json={"variant": "echo-held", "input": {"prompt": "x"}}).json()
         assert client.post(f"/v1/jobs/{held['id']}/cancel").status_code == 200
 
         summary = client.get("/v1/metrics/summary", params={"window": "15m"}).json()
@@ -127,7 +127,7 @@ def test_summary_over_the_callers_jobs(stack: Stack) -> None:
         assert summary["tokens_per_second"] > 0 and summary["time_to_first_token_ms"]["mean"] > 0
         assert summary["alerts"] == []  # the defaults: p95 ≤ 10 s, ≥ 5 tokens/s, ≥ 95 % succeeded
 
-        one = client.get("/v1/metrics/summary", params={"variant": "echo-late", "window": "1h"}).json()
+        one = client.get("/v1/metrics/summary", params={"variant": "echo-held", "window": "1h"}).json()
         assert one["jobs"]["total"] == 1 and one["success_rate"] is None
         for window in ("abc", "0m", "40d", "5w"):
             bad = client.get("/v1/metrics/summary", params={"window": window})

@@ -112,7 +112,7 @@ def test_private_loopback_and_link_local_targets_are_refused(stack: Stack, clien
 def test_default_url_gets_the_cancelled_event(client: httpx.Client, receiver: Receiver) -> None:
     settings = client.put("/v1/webhooks/settings", json={"default_url": receiver.url("/default")}).json()
     assert settings["default_url"] == receiver.url("/default")
-    queued = client.post("/v1/jobs", json={"variant": "echo-late", "input": {"prompt": "never runs"}}).json()
+    queued = client.post("/v1/jobs", json={"variant": "echo-held", "input": {"prompt": "never runs"}}).json()
     assert client.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
     ((headers, raw),) = receiver.wait("/default", 1)
     event = Webhook(settings["secret"]).verify(raw, headers)
