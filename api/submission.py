@@ -37,7 +37,7 @@ from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_
 from core import faults
 from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
-from core.metrics import record_ended
+from core.metrics import record_ended_args
 from core.queues import cancel_key, job_done_channel
 from core.quotas import AsyncQuotas
 from core.schemas import JobCreate, JobOut
@@ -169,7 +169,8 @@ class Submitter:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 if charge.ended is not None:  # as workers.outcome does for the jobs workers end
-                    record_ended(pipe, self.settings, [charge.ended])
+                    keys, args = record_ended_args(self.settings, [charge.ended])
+                    await self.quota.record_ended(keys=keys, args=args, client=pipe)
                 pipe.publish(job_done_channel(self.settings, job_id), "cancelled")
                 await pipe.execute()
         except RedisError:  # waiters re-read their job every few seconds
@@ -284,7 +285,7 @@ async def _enqueue_or_withdraw(
             raise Unavailable("the job queue is not answering; retry shortly") from exc
 
 
-def _submitter(
+async def _submitter(
     request: Request,
     user: UserDep,
     quota: QuotasDep,

@@ -7,8 +7,9 @@ the worker appends text deltas as a continuous batch generates them. `GET /v1/jo
 Server-Sent Events id, so a client that reconnects with `Last-Event-ID` reads on from there
 and gets nothing twice. The deltas of a job, joined, are its result's text.
 
-Appends are queued on a pipeline the caller already sends (no round trip of their own); each
-stream expires `events_ttl_s` after its latest entry.
+Appends are queued on a pipeline the caller already sends (no round trip of their own), or,
+for terminal statuses, made by core/metrics.py's script; a stream expires `events_ttl_s` after
+its job was queued or ended, whichever is later.
 """
 
 from __future__ import annotations
@@ -34,18 +35,28 @@ def events_key(settings: Settings, job_id: str) -> str:
     return settings.key("events", job_id)
 
 
-def add_status(pipe: Pipe, settings: Settings, job_id: str, status: str) -> None:
-    _add(pipe, settings, job_id, STATUS, {"status": status})
+def add_status(pipe: Pipe, settings: Settings, job_id: str, status: str, *, expire: bool = True) -> None:
+    """`expire=False`: leave the stream's time to live as it is (set when the job was queued,
+    renewed when it ends) — one command less on a hot path."""
+    _add(pipe, settings, job_id, STATUS, {"status": status}, expire=expire)
+
+
+def status_data(status: str) -> str:
+    """A status event's data (as scripts that append one write it)."""
+    return json.dumps({"status": status})
 
 
 def add_delta(pipe: Pipe, settings: Settings, job_id: str, text: str) -> None:
     _add(pipe, settings, job_id, DELTA, {"text": text})
 
 
-def _add(pipe: Pipe, settings: Settings, job_id: str, event: str, data: dict[str, Any]) -> None:
+def _add(
+    pipe: Pipe, settings: Settings, job_id: str, event: str, data: dict[str, Any], *, expire: bool = True
+) -> None:
     key = events_key(settings, job_id)
     pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=MAX_ENTRIES, approximate=True)
-    pipe.expire(key, settings.events_ttl_s)
+    if expire:
+        pipe.expire(key, settings.events_ttl_s)
 
 
 def parse(fields: dict[bytes, bytes]) -> tuple[str, dict[str, Any]]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from core.events import add_status
+from core import events
 from core.settings import Settings
 
 SEP = "|"  # variant names are [a-z0-9.-]; statuses and codes are words
@@ -84,18 +84,6 @@ class Ended:
     metrics: Mapping[str, Any] | None = None  # its attempt's job_metrics values, when it ran
 
 
-class Pipe(Protocol):
-    """What `add_ended` needs of a Redis pipeline (sync or asyncio: commands only queue)."""
-
-    def hincrby(self, name: str, key: str, amount: int = 1) -> Any: ...
-
-    def hincrbyfloat(self, name: str, key: str, amount: float = 1.0) -> Any: ...
-
-    def xadd(self, name: str, fields: Any, *, maxlen: int | None = ..., approximate: bool = ...) -> Any: ...
-
-    def expire(self, name: str, time: int) -> Any: ...
-
-
 def ended_key(settings: Settings) -> str:
     return settings.key("metrics", "ended")
 
@@ -112,26 +100,59 @@ def histogram_key(settings: Settings, histogram: Histogram) -> str:
     return settings.key("metrics", "hist", histogram.name)
 
 
-def record_ended(pipe: Pipe, settings: Settings, jobs: Sequence[Ended]) -> None:
-    """Queue on `pipe` (the caller executes it) what follows each job's move to its terminal
-    state: its terminal event (core/events.py) and its counts for /metrics."""
+# One script for all that a group of endings adds (one command and one round trip, however
+# many jobs and histograms): KEYS = ended, tokens, the histograms' hashes, then each job's event
+# stream; ARGV = histograms, events TTL, stream cap, jobs, then per job: variant, status, code,
+# input and output tokens, and per histogram its bucket ('' when not observed) and value.
+RECORD_ENDED = """
+local histograms, ttl, cap, jobs = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+local a = 5
+for j = 1, jobs do
+  local variant, status, code = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local input, output = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  a = a + 5
+  redis.call('HINCRBY', KEYS[1], variant .. '|' .. status .. '|' .. code, 1)
+  if input > 0 then redis.call('HINCRBY', KEYS[2], variant .. '|input', input) end
+  if output > 0 then redis.call('HINCRBY', KEYS[2], variant .. '|output', output) end
+  for h = 1, histograms do
+    local bucket, value = ARGV[a], ARGV[a + 1]
+    a = a + 2
+    if bucket ~= '' then
+      redis.call('HINCRBY', KEYS[2 + h], variant .. '|' .. bucket, 1)
+      redis.call('HINCRBYFLOAT', KEYS[2 + h], variant .. '|sum', value)
+      redis.call('HINCRBY', KEYS[2 + h], variant .. '|count', 1)
+    end
+  end
+  local stream = KEYS[2 + histograms + j]
+  redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'event', 'status', 'data', ARGV[a])
+  redis.call('EXPIRE', stream, ttl)
+  a = a + 1
+end
+return jobs
+"""
+
+
+def record_ended_args(settings: Settings, jobs: Sequence[Ended]) -> tuple[list[str], list[str | int | float]]:
+    """KEYS and ARGV of `RECORD_ENDED` for these endings: each job's terminal event
+    (core/events.py) and its counts for /metrics."""
+    keys = [ended_key(settings), tokens_key(settings), *(histogram_key(settings, h) for h in HISTOGRAMS)]
+    args: list[str | int | float] = [len(HISTOGRAMS), settings.events_ttl_s, events.MAX_ENTRIES, len(jobs)]
     for job in jobs:
-        add_status(pipe, settings, job.job_id, job.status)
-        pipe.hincrby(ended_key(settings), SEP.join((job.variant, job.status, job.code or "")), 1)
         metrics = job.metrics or {}
-        for kind in ("input", "output"):
-            if tokens := metrics.get(f"{kind}_tokens"):
-                pipe.hincrby(tokens_key(settings), f"{job.variant}{SEP}{kind}", int(tokens))
+        args += [
+            job.variant, job.status, job.code or "",
+            int(metrics.get("input_tokens") or 0), int(metrics.get("output_tokens") or 0),
+        ]  # fmt: skip
         for histogram in HISTOGRAMS:
             value = metrics.get(histogram.field)
             if value is None:
+                args += ["", 0]
                 continue
             value = float(value) * histogram.scale
-            key = histogram_key(settings, histogram)
-            bucket = bisect.bisect_left(histogram.bounds, value)  # first bound ≥ value
-            pipe.hincrby(key, f"{job.variant}{SEP}{bucket}", 1)
-            pipe.hincrbyfloat(key, f"{job.variant}{SEP}sum", value)
-            pipe.hincrby(key, f"{job.variant}{SEP}count", 1)
+            args += [bisect.bisect_left(histogram.bounds, value), value]  # first bound ≥ value
+        args.append(events.status_data(job.status))
+        keys.append(events.events_key(settings, job.job_id))
+    return keys, args
 
 
 def split(field: bytes | str) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from core.metrics import RECORD_ENDED
 from core.settings import Settings
 
 WINDOW_MS = 60_000
@@ -282,6 +283,7 @@ class AsyncQuotas:
     def __init__(self, redis: AsyncRedis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self.record_ended = redis.register_script(RECORD_ENDED)  # core/metrics.py
         self._admit = redis.register_script(_ADMIT)
         self._peek = redis.register_script(_PEEK)
         self._settle = redis.register_script(_SETTLE)
@@ -341,6 +343,7 @@ class SyncQuotas:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self.record_ended = redis.register_script(RECORD_ENDED)  # core/metrics.py
         self._settle = redis.register_script(_SETTLE)
         self._end = redis.register_script(_END)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import redis
 import structlog
 
-from core.metrics import record_ended
+from core.metrics import record_ended_args
 from core.queues import cancel_key, job_done_channel
 from core.quotas import Ending, SyncQuotas
 from core.settings import Settings
@@ -42,8 +42,7 @@ def ended(quotas: SyncQuotas, settings: Settings, charges: Sequence[Charge]) -> 
     just_ended = [c.ended for c in charges if c.ended is not None]
     if just_ended:
         try:
-            with quotas.redis.pipeline(transaction=False) as pipe:
-                record_ended(pipe, settings, just_ended)
-                pipe.execute()
+            keys, args = record_ended_args(settings, just_ended)
+            quotas.record_ended(keys=keys, args=args)
         except redis.RedisError:
             log.warning("job.events_failed", job_ids=[e.job_id for e in just_ended])

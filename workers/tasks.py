@@ -54,7 +54,7 @@ def _claim_group(claiming: list[tuple[VariantPool, str]]) -> list[Claimed | None
         with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*(message_key(pool.settings, job_id) for job_id in taken))  # as message_taken does
             for job_id in taken:
-                add_status(pipe, pool.settings, job_id, "running")
+                add_status(pipe, pool.settings, job_id, "running", expire=False)
             pipe.execute()
     return jobs
 
