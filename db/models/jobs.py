@@ -35,6 +35,8 @@ class Job(Base):
         Index("ix_jobs_queued", "status", "created_at", postgresql_where="status = 'queued'"),
         Index("ix_jobs_running", "status", postgresql_where="status = 'running'"),
         Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
+        # The webhook dispatcher's scan (db/repo/webhooks.py): only jobs that have a webhook.
+        Index("ix_jobs_webhook_finished", "finished_at", postgresql_where="webhook_url IS NOT NULL"),
         Index("ix_jobs_batch_line", "batch_id", "batch_line", postgresql_where="batch_id IS NOT NULL"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=partial(new_id, "job"))

@@ -21,7 +21,7 @@ MAX_PAGE = 100
 
 _ENDED = text("""
 SELECT id, user_id, status, webhook_url, finished_at FROM jobs
-WHERE finished_at >= :since AND webhook_url IS NOT NULL AND status = ANY(:terminal)
+WHERE webhook_url IS NOT NULL AND finished_at >= :since AND status = ANY(:terminal)
   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = jobs.id)
 ORDER BY finished_at LIMIT :limit
 """)

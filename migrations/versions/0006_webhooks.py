@@ -21,6 +21,12 @@ NOW = sa.text("now()")
 
 
 def upgrade() -> None:
+    op.create_index(
+        "ix_jobs_webhook_finished",
+        "jobs",
+        ["finished_at"],
+        postgresql_where=sa.text("webhook_url IS NOT NULL"),
+    )
     op.add_column("users", sa.Column("webhook_url", sa.String(length=2000), nullable=True))
     op.add_column("users", sa.Column("webhook_secret", sa.String(length=100), nullable=True))
     op.create_table(
@@ -58,6 +64,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_webhook_finished", table_name="jobs")
     op.drop_index("ix_webhook_deliveries_due", table_name="webhook_deliveries")
     op.drop_index("ix_webhook_deliveries_user_created", table_name="webhook_deliveries")
     op.drop_table("webhook_deliveries")
