@@ -11,8 +11,9 @@ Each turn it locks one batch (the least recently worked on; another process's ar
   has ended: `finalizing`;
 - past its `expires_at`, or cancelled: `cancelling` — queued jobs end `cancelled`, running ones
   are asked to stop; once none is left: `finalizing`;
-- `finalizing`: writes the output file (succeeded lines) and the error file (the rest), in parts
-  and in line order, then `completed`, `cancelled` or `expired`.
+- `finalizing`: writes the output file (succeeded lines, in line order) and the error file (the
+  other jobs, then the lines that never became one), in parts, then `completed`, `cancelled` or
+  `expired`.
 A batch's file is read one part (about 1 MiB of whole lines) at a time.
 """
 
@@ -21,24 +22,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import FastAPI
 from pydantic import ValidationError
+from sqlalchemy import RowMapping
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.submission import Submitter
 from core import openai_chat
 from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable
 from core.openai_chat import ChatRequest
-from db.models import Batch
+from db.models import Batch, BatchLineError
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
 from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 BATCH_PRIORITY = 2  # below interactive jobs (5 by default)
 LINES_PER_TURN = 256
@@ -239,36 +243,41 @@ class BatchRunner:
             yield bytes(buffer), count
 
     async def _records(self, batch: Batch, errors: bool) -> AsyncIterator[dict[str, Any]]:
-        after = -1
-        while True:
-            async with self.state.sessionmaker() as session:
-                rows = await batches_repo.jobs_page(
-                    session=session, batch_id=batch.id, after_line=after, limit=PAGE
-                )
-            for row in rows:
-                job = jobs_repo.job_out(row)
-                record = _record(job)
-                if (record["error"] is not None) == errors:
-                    yield record
-            if len(rows) < PAGE:
-                break
-            after = rows[-1]["batch_line"]
+        """The output file's lines (succeeded jobs), or the error file's: the other jobs, then the
+        lines that never became a job — each in line order."""
+
+        def jobs(session: AsyncSession, after: int) -> Awaitable[list[RowMapping]]:
+            return batches_repo.jobs_page(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
+
+        async for row in self._paged(jobs, lambda row: int(row["batch_line"])):
+            record = _record(jobs_repo.job_out(row))
+            if (record["error"] is not None) == errors:
+                yield record
         if not errors:
             return
+
+        def failed(session: AsyncSession, after: int) -> Awaitable[list[BatchLineError]]:
+            return batches_repo.line_errors(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
+
+        async for e in self._paged(failed, lambda e: e.line):
+            yield {
+                "id": f"batch_req_{batch.id}_{e.line}", "custom_id": e.custom_id, "response": None,
+                "error": {"code": e.code, "message": e.message, "line": e.line},
+            }  # fmt: skip
+
+    async def _paged(
+        self, fetch: Callable[[AsyncSession, int], Awaitable[list[T]]], line: Callable[[T], int]
+    ) -> AsyncIterator[T]:
+        """Every item `fetch` pages through, `PAGE` at a time after the last one's line."""
         after = -1
         while True:
             async with self.state.sessionmaker() as session:
-                failed = await batches_repo.line_errors(
-                    session=session, batch_id=batch.id, after_line=after, limit=PAGE
-                )
-            for e in failed:
-                yield {
-                    "id": f"batch_req_{batch.id}_{e.line}", "custom_id": e.custom_id, "response": None,
-                    "error": {"code": e.code, "message": e.message, "line": e.line},
-                }  # fmt: skip
-            if len(failed) < PAGE:
+                page = await fetch(session, after)
+            for item in page:
+                yield item
+            if len(page) < PAGE:
                 return
-            after = failed[-1].line
+            after = line(page[-1])
 
 
 class _LineError(Exception):

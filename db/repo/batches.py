@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, func, literal, or_, select, update
+from sqlalchemy import Select, and_, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -160,7 +160,3 @@ async def line_errors(
         .limit(limit)
     )
     return list((await session.execute(stmt)).scalars())
-
-
-async def set_fields(*, session: AsyncSession, batch_id: str, **values: Any) -> None:
-    await session.execute(update(Batch).where(Batch.id == batch_id).values(**values))

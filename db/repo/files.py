@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
@@ -127,7 +127,3 @@ async def create_parted_file(
 
 async def read_part(*, session: AsyncSession, file_id: str, seq: int) -> FilePart | None:
     return await session.get(FilePart, (file_id, seq))
-
-
-async def part_count(*, session: AsyncSession, file_id: str) -> int:
-    return int((await session.execute(select(func.count()).where(FilePart.file_id == file_id))).scalar_one())
