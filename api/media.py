@@ -60,7 +60,7 @@ def check_parts(spec: JobCreate, variant: Variant, settings: Settings, variants:
                 f"{variant.name} transcribes speech; it takes no tools", {"variant": variant.name}
             )
         language = (spec.params.language or "en").lower()
-        if variant.ct2_model == "whisper-tiny-en" and language not in ("en", "english"):
+        if variant.english_only and language not in ("en", "english"):
             raise ValidationFailed(f"{variant.name} hears English only", {"language": spec.params.language})
     if spec.task == "text" and kinds:
         raise ValidationFailed(

@@ -38,7 +38,7 @@ from core import faults
 from core.broker import send_job
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
 from core.metrics import record_ended_args
-from core.queues import cancel_key, job_done_channel
+from core.queues import cancel_channel, cancel_key, job_done_channel
 from core.quotas import AsyncQuotas
 from core.schemas import JobCreate, JobOut
 from core.settings import Settings
@@ -53,7 +53,6 @@ log = structlog.get_logger(__name__)
 # A token is at least ~1 character; input far past the variant's token cap is refused here,
 # the exact token count is checked by the worker's tokenizer.
 CHARS_PER_TOKEN_CEILING = 8
-WHISPER_WINDOW_S = 29.0  # one 30 s window, less the silence the engine puts around the clips
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class Submitter:
                 async with self.maker() as session, session.begin():
                     media = await store_media(
                         session=session, user_id=user.id, spec=spec, inline=inline,
-                        max_audio_seconds=WHISPER_WINDOW_S if variant.engine == "whisper" else None,
+                        max_audio_seconds=variant.max_audio_seconds,
                     )  # fmt: skip
                     job = await insert(session, await admit(media))
             else:  # its row alone: one statement
@@ -181,7 +180,10 @@ class Submitter:
     async def stop_running(self, job_id: str) -> None:
         """Ask the worker running the job to stop it at its next decoding step."""
         flag = cancel_key(self.settings, job_id)
-        await self.redis.set(flag, time.time(), ex=self.settings.visibility_timeout_s)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(flag, time.time(), ex=self.settings.visibility_timeout_s)
+            pipe.publish(cancel_channel(self.settings), job_id)
+            await pipe.execute()
 
 
 async def _check_spec(
@@ -224,10 +226,10 @@ async def _check_spec(
     check_parts(spec, variant, settings, variants)
     if variant.engine == "whisper" and spec.params.audio_task == "translate":
         target = (spec.params.target_language or "english").lower()
-        if variant.ct2_model == "whisper-tiny-en" or target not in ("en", "english"):
+        if not variant.translate or target not in ("en", "english"):
             raise ValidationFailed(
                 f"{variant.name} cannot translate into {spec.params.target_language or 'English'}: "
-                "Whisper translates into English only (whisper-tiny-en not at all)",
+                + ("Whisper translates into English only" if variant.translate else "it does not translate"),
                 {"variant": variant.name, "target_language": spec.params.target_language},
             )
     if spec.webhook_url is not None:

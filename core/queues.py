@@ -22,6 +22,12 @@ def cancel_key(settings: Settings, job_id: str) -> str:
     return settings.key("cancel", job_id)
 
 
+def cancel_channel(settings: Settings) -> str:
+    """Pub/sub channel the API announces a running job's cancel on (its id), so a worker's shell
+    passes it to the engine at once instead of at its next poll of the flags."""
+    return settings.key("cancels")
+
+
 def cancel_requested_at(value: bytes | str | None) -> float | None:
     if value is None:
         return None

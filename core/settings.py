@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Memory a worker fills with warm variants (MiB); None → 90% of the GPU's memory, or half
     # the host's RAM on CPU. Least recently used variants are evicted to load others.
     worker_memory_mb: int | None = Field(default=None, ge=1)
+    # Torch threads of a worker's engine process (workers.engine), set once at its start;
+    # None: one per core.
+    engine_threads: int | None = Field(default=None, ge=1)
     # Attempts a job gets when its worker dies under it; then it ends failed.
     max_attempts: int = 3
     # A running job's lease: renewed by its worker's heartbeat; a job whose lease stays gone

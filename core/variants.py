@@ -21,6 +21,9 @@ Task = Literal["text", "image", "audio"]
 Quantization = Literal["none", "int8", "nf4"]
 Source = Literal["gguf-package", "hf", "cache", "generated", "ct2-package", "echo"]
 EngineKind = Literal["text", "processor", "whisper", "echo"]
+# continuous: rows join and leave a running batch between decoding steps; static: a batch runs
+# until its longest member is done (engines that cannot decode step by step).
+Batching = Literal["continuous", "static"]
 
 
 class Variant(BaseModel):
@@ -39,17 +42,25 @@ class Variant(BaseModel):
     base: str | None = None
     # generated: which tiny random model to build; ct2-package: which shipped CTranslate2 model.
     builder: Literal["gemma3-vision", "gemma3n"] | None = None
-    ct2_model: Literal["whisper-base", "whisper-tiny-en"] | None = None
+    ct2_model: Literal["base", "tiny.en"] | None = None
     distributions: tuple[str, ...] = ()
     path: Path | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quantization: Quantization = "none"
+    batching: Batching = "static"
+    # Rows a batch holds on the CPU, and on a CUDA device (None: as on the CPU).
     max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size_cuda: int | None = Field(None, ge=1, le=1024)
     max_wait_ms: float = Field(25, ge=0)
     max_new_tokens: int = Field(512, ge=1)
     max_input_tokens: int = Field(4096, ge=1)
     timeout_s: int = Field(600, ge=1)
     memory_mb: int = 0
+    # Speech: whether it translates (into English), whether it hears English only, and the
+    # longest audio one job may carry (None: only the deployment's per-clip limit).
+    translate: bool = False
+    english_only: bool = False
+    max_audio_seconds: float | None = Field(None, gt=0)
     description: str = ""
 
     @property
@@ -59,6 +70,12 @@ class Variant(BaseModel):
     @property
     def queue(self) -> str:
         return f"variant.{self.name}"
+
+    def batch_size(self, device: str) -> int:
+        """Rows one batch holds on `device` ("cpu", "cuda:0", …)."""
+        if device.startswith("cuda") and self.max_batch_size_cuda is not None:
+            return self.max_batch_size_cuda
+        return self.max_batch_size
 
 
 class VariantRegistry:

@@ -89,13 +89,7 @@ def worker(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     settings = _settings()
-    import torch
-
-    if device == "auto":
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        device = "cuda:0"
-    from workers.app import run_worker
+    from workers.app import run_worker  # the engine process resolves "auto" and "cuda"
 
     names = _names(variants or settings.default_variant)
     if memory_mb is not None:

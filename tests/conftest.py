@@ -73,12 +73,17 @@ tasks = ["audio"]
 source = "hf"
 path = "{model_cache / name}"
 engine = "whisper"
-ct2_model = "{name}"
+ct2_model = "{model}"
+{ability}
+max_audio_seconds = 29
 dtype = "float32"
 memory_mb = {mb}
 description = "test-only copy of {name} for the variant cache tests"
 """
-        for name, mb in (("whisper-tiny-en", 200), ("whisper-base", 300))
+        for name, model, ability, mb in (
+            ("whisper-tiny-en", "tiny.en", "english_only = true", 200),
+            ("whisper-base", "base", "translate = true", 300),
+        )
     )
 
 

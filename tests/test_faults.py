@@ -130,13 +130,68 @@ def _wait_running(client: httpx.Client, job_ids: list[str]) -> None:
         time.sleep(0.1)
 
 
+def _engine_pid(faulty: Faulty, worker: str) -> int:
+    """The pid of the worker's engine process now (the latest it spawned)."""
+    events = _events(faulty.stack.logs / f"worker-{worker}.log")
+    spawned = [e for e in events if e["event"] == "engine.spawned"]
+    assert spawned, "the worker logged no engine"
+    return int(spawned[-1]["pid"])
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_sigkill_of_the_engine_mid_batch_restarts_it_and_every_job_succeeds_once(faulty: Faulty) -> None:
+    shell = faulty.worker("e")
+    engine = _engine_pid(faulty, "e")
+    with faulty.client() as client:
+        jobs = faulty.submit_batch(client, [f"{STORY} Verse {i}." for i in range(4)], max_new_tokens=64)
+        _wait_running(client, jobs)
+        time.sleep(1.0)  # some tokens into the batch
+        os.kill(engine, signal.SIGKILL)
+        seen: set[str] = set()  # what /v1/models says of the worker meanwhile
+        deadline = time.monotonic() + 120
+        while not all(client.get(f"/v1/jobs/{j}").json()["status"] == "succeeded" for j in jobs):
+            assert time.monotonic() < deadline, "the jobs did not finish after the engine died"
+            models = client.get("/v1/models").json()["data"]
+            seen |= {w["state"] for m in models if m["id"] == "gemma-3-270m" for w in m["workers"]
+                     if w["worker"] == "e@faults"}  # fmt: skip
+            time.sleep(0.1)
+        done = [wait_job(client, j) for j in jobs]
+    assert shell.poll() is None, "the shell must outlive its engine"
+    assert _engine_pid(faulty, "e") != engine, "no new engine was started"
+    assert "loading" in seen, seen
+    for job in done:  # the same attempt, finished by the new engine: one result each
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert job["metrics"]["worker"] == "e@faults" and job["result"]["usage"]["output_tokens"] == 64
+    attempts = faulty.stack.sql("SELECT attempt, output_tokens FROM job_metrics WHERE job_id = ANY(%s)", jobs)
+    assert sorted(attempts) == [(1, 64)] * 4
+    died = [e for e in _events(faulty.stack.logs / "worker-e.log") if e["event"] == "engine.died"]
+    assert len(died) == 1 and died[0]["in_hand"] == 4 and died[0]["failed"] == 0, died
+    faulty.audit(jobs)
+    faulty.stop(shell, signal.SIGTERM)
+    assert not _running(_engine_pid(faulty, "e")), "the engine outlived a stopped worker"
+
+
 def test_sigkill_mid_batch_every_job_still_succeeds_once(faulty: Faulty) -> None:
     first = faulty.worker("a")
+    engine = _engine_pid(faulty, "a")
     with faulty.client() as client:
         jobs = faulty.submit_batch(client, [f"{STORY} Part {i}." for i in range(4)], max_new_tokens=96)
         _wait_running(client, jobs)
         time.sleep(1.0)  # some tokens into the batch
         assert faulty.stop(first, signal.SIGKILL) == -signal.SIGKILL
+        # The shell is gone: its engine follows it within 5 s, leaving nothing on the device.
+        deadline = time.monotonic() + 5
+        while _running(engine):
+            assert time.monotonic() < deadline, "the engine outlived its shell"
+            time.sleep(0.05)
         second = faulty.worker("b")
         done = [wait_job(client, j) for j in jobs]
     for job in done:

@@ -1,7 +1,9 @@
-"""The Celery worker: pins its device, warms its variants, then consumes their queues.
+"""The Celery worker shell: starts its engine process, then consumes its variants' queues.
 
-`run_worker` must be reached with CUDA_VISIBLE_DEVICES already set (the CLI does it
-before anything imports torch).
+The shell claims jobs, reads their inputs and media, hands them to the engine process
+(workers.engine) and writes what comes back; the engine owns the device and the models.
+CUDA_VISIBLE_DEVICES is set before the engine starts (the CLI pins it); the shell itself never
+imports torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from core.queues import RUN_JOB_TASK
 from core.settings import Settings
 from core.variants import Variant, load_variants
 from workers import tasks
+from workers.engine.client import EngineStartFailed
 from workers.runtime.pool import VariantPool
 
 log = structlog.get_logger(__name__)
@@ -44,14 +47,14 @@ def default_worker_name(device: str) -> str:
 CONTINUOUS_HEADROOM = 2
 
 
-def task_threads(variant: Variant) -> int:
+def task_threads(variant: Variant, device: str) -> int:
     """Task threads (and so broker messages in hand) for one variant. A text variant batches
     continuously: its slots plus a couple waiting, so a job that arrives later (another user's)
     is not stuck behind a worker-side backlog. Static engines get two batches' worth: while one
     batch runs, the next is claimed and waiting, so the device never idles between batches."""
-    if variant.engine == "text":
-        return variant.max_batch_size + CONTINUOUS_HEADROOM
-    return 2 * variant.max_batch_size
+    if variant.batching == "continuous":
+        return variant.batch_size(device) + CONTINUOUS_HEADROOM
+    return 2 * variant.batch_size(device)
 
 
 def run_worker(
@@ -74,17 +77,21 @@ def run_worker(
             f"GEMMAQ_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} must exceed the longest job "
             f"time limit ({longest} s), or the broker would hand running jobs to a second worker"
         )
-    name = name or default_worker_name(device)
-    structlog.contextvars.bind_contextvars(worker=name)
-    pool = VariantPool(settings, registry, device=device, worker=name)
+    pool = VariantPool(settings, registry, device=device, name_for=lambda d: name or default_worker_name(d))
     tasks.POOL = pool
-    pool.start(variants, preload)
+    try:
+        pool.start(variants, preload)
+    except EngineStartFailed as exc:
+        pool.close()
+        raise SystemExit(str(exc)) from exc
+    name = pool.worker
+    structlog.contextvars.bind_contextvars(worker=name)
     served = pool.servable()
     if not served:
         log.error("worker.nothing_to_serve", variants=list(variants))
         _idle_until_signal(pool)
         return
-    concurrency = sum(task_threads(s.variant) for s in served)
+    concurrency = sum(task_threads(v, pool.device) for v in served)
     app = create_worker_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -108,18 +115,19 @@ def run_worker(
 
     log.info(
         "worker.ready",
-        variants=[s.variant.name for s in served],
-        warm=[s.variant.name for s in pool.cache.warm()],
-        device=device,
+        variants=[v.name for v in served],
+        warm=[n for n, r in pool.engine.report().items() if r["state"] == "warm"],
+        device=pool.device,
+        engine_pid=pool.engine.pid,
         concurrency=concurrency,
-        memory_budget_mb=round(pool.cache.budget / 2**20, 1),
+        memory_budget_mb=round(pool.engine.memory()[1] / 2**20, 1),
     )
     argv = [
         "--quiet",
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency}",
-        f"--queues={','.join(s.variant.queue for s in served)}",
+        f"--queues={','.join(v.queue for v in served)}",
         f"--hostname={name}",
         "--without-gossip",
         "--without-mingle",

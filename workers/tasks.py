@@ -25,7 +25,7 @@ from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.grouped import Grouped
 from workers.outcome import ended
-from workers.runtime.base import Request, RequestError, Result, ShuttingDown
+from workers.runtime.base import EngineFailure, Request, RequestError, Result, ShuttingDown
 from workers.runtime.media import file_ids, load_media
 from workers.runtime.pool import VariantPool
 
@@ -175,9 +175,9 @@ def _run(pool: VariantPool, job: Claimed) -> None:
 
 def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
     started = time.monotonic()
-    state = pool.states.get(job.variant)
-    if state is None or state.state == "unavailable":
-        reason = state.reason if state else "this worker does not serve the variant"
+    variant = pool.registry.get(job.variant)
+    reason = pool.unavailable(job.variant) if variant is not None else "unknown variant"
+    if variant is None or reason is not None:
         _fail(pool, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
     try:
@@ -186,7 +186,7 @@ def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
         _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
     future = pool.submit(job.variant, request)  # a cold variant loads first, within the limit
-    limit = min(request.params.timeout_s or state.variant.timeout_s, state.variant.timeout_s)
+    limit = min(request.params.timeout_s or variant.timeout_s, variant.timeout_s)
     try:
         result = future.result(timeout=limit)
     except FutureTimeout:
@@ -202,8 +202,9 @@ def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
         _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
     except Exception as exc:
-        log.error("job.generation_failed", error=type(exc).__name__)
-        _fail(pool, job, errors.GENERATION_ERROR, f"generation failed ({type(exc).__name__})", queue_ms)
+        kind = exc.kind if isinstance(exc, EngineFailure) else type(exc).__name__
+        log.error("job.generation_failed", error=kind)
+        _fail(pool, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms)
         return
     _succeed(pool, job, request, result, queue_ms, started)
 

@@ -1,4 +1,10 @@
-"""The runtime's interface: a request in, a result out, engines that batch them."""
+"""The runtime's interface: a request in, a result out, engines that batch them.
+
+An engine is loaded for one variant and runs in the engine process (workers.engine). How its
+requests are batched is the variant's `batching` (core/variants.toml), not the engine's type:
+`static` engines take a whole batch (`StaticEngine.generate`), `continuous` ones are run step
+by step (`workers.runtime.continuous.ContinuousEngine`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,16 @@ from typing import Any, Protocol
 
 from core.schemas import FinishReason, GenerationParams, Tool
 
-__all__ = ["CancelCheck", "Engine", "FinishReason", "Request", "RequestError", "Result"]
+__all__ = [
+    "CancelCheck",
+    "Engine",
+    "EngineFailure",
+    "FinishReason",
+    "Request",
+    "RequestError",
+    "Result",
+    "StaticEngine",
+]
 
 
 @dataclass
@@ -54,6 +69,14 @@ class RequestError(Exception):
     """A request this engine refuses (too long, malformed); the job fails, the worker goes on."""
 
 
+class EngineFailure(Exception):
+    """Generation raised in the engine process; `kind` names the exception it raised there."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
 # Asked between decoding steps: which of these job ids should stop now? For each, the time
 # (epoch seconds) its cancel was requested, or None.
 CancelCheck = Callable[[Sequence[str]], list[float | None]]
@@ -62,8 +85,11 @@ CancelCheck = Callable[[Sequence[str]], list[float | None]]
 class Engine(Protocol):
     name: str
     device: str
-    max_batch_size: int
 
     def warmup(self) -> None: ...
+
+
+class StaticEngine(Engine, Protocol):
+    """Runs a whole batch at once: its rows come back together."""
 
     def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]: ...

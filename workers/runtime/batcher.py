@@ -1,8 +1,8 @@
-"""Dynamic batching: task threads hand requests in; one thread per variant runs them.
+"""Dynamic batching: requests are handed in; one thread per variant runs them.
 
-Engines that decode step by step (text: `ContinuousEngine`) run continuous batching: a request
-joins the running batch at the next step when a slot is free, a finished one leaves at once.
-Other engines run static batches: a batch flushes when it holds `max_batch_size` requests, or
+The variant's `batching` (core/variants.toml) says how. `continuous`: a request joins the
+running batch at the next step when a slot is free, a finished one leaves at once (the engine
+is a `ContinuousEngine`). `static`: a batch flushes when it holds `max_batch_size` requests, or
 `max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
 Either way an idle batcher waits like that for a burst before it starts, and engines on one
 device take turns under the device lock (per step, or per static batch).
@@ -16,10 +16,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import cast
 
 import structlog
 
-from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
+from core.variants import Batching
+from workers.runtime.base import (
+    CancelCheck,
+    Engine,
+    Request,
+    RequestError,
+    Result,
+    ShuttingDown,
+    StaticEngine,
+)
 from workers.runtime.continuous import ContinuousDecoder, ContinuousEngine
 
 log = structlog.get_logger(__name__)
@@ -38,6 +48,7 @@ class Batcher:
         self,
         engine: Engine,
         *,
+        batching: Batching,
         max_batch_size: int,
         max_wait_ms: float,
         device_lock: threading.Lock,
@@ -45,7 +56,12 @@ class Batcher:
         load_ms: float | None = None,
         publish: Publish | None = None,
     ) -> None:
+        if batching == "continuous" and not isinstance(engine, ContinuousEngine):
+            raise TypeError(
+                f"{engine.name}: batching is continuous, but its engine does not decode step by step"
+            )
         self.engine = engine
+        self.batching = batching
         self.publish = publish
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -94,11 +110,12 @@ class Batcher:
         return [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
-        if isinstance(self.engine, ContinuousEngine):
+        if self.batching == "continuous":
+            engine = cast(ContinuousEngine, self.engine)
             while True:  # a bug in the loop fails the requests in hand, never the thread
-                stream, waiting = self.engine.stream(), collections.deque[Item]()
+                stream, waiting = engine.stream(), collections.deque[Item]()
                 try:
-                    self._continuous(self.engine, stream, waiting)
+                    self._continuous(engine, stream, waiting)
                     return
                 except Exception as exc:
                     log.exception("batcher.failed", variant=self.engine.name)
@@ -120,7 +137,7 @@ class Batcher:
         requests = [r for r, _ in batch]
         try:
             with self.device_lock:
-                outcomes = self.engine.generate(requests, self.cancelled)
+                outcomes = cast(StaticEngine, self.engine).generate(requests, self.cancelled)
         except Exception as exc:
             log.exception("batch.failed", variant=self.engine.name, batch_size=len(batch))
             if len(batch) == 1:

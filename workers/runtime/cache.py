@@ -287,7 +287,8 @@ class VariantCache:
             return
         batcher = Batcher(
             engine,
-            max_batch_size=v.max_batch_size,
+            batching=v.batching,
+            max_batch_size=v.batch_size(self.device),
             max_wait_ms=v.max_wait_ms,
             device_lock=self.device_lock,
             cancelled=self.cancelled,

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import DynamicCache
 
-from workers.runtime.base import CancelCheck, Request, Result
+from workers.runtime.base import CancelCheck, Engine, Request, Result
 from workers.runtime.generation import Decoder, peak_memory
 from workers.runtime.sampling import sample_row
 
@@ -41,10 +41,8 @@ DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while i
 
 
 @runtime_checkable
-class ContinuousEngine(Protocol):
+class ContinuousEngine(Engine, Protocol):
     """An engine the batcher runs step by step (see workers.runtime.batcher)."""
-
-    name: str
 
     def encode(self, request: Request) -> list[int]: ...
 

@@ -183,7 +183,7 @@ def place(model: Any, variant: Variant, device: str) -> Any:
 
 def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cache_root: Path) -> Engine:
     if variant.engine == "echo":
-        return EchoEngine(variant.name, variant.max_batch_size)
+        return EchoEngine(variant.name, variant.batch_size(device))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -200,7 +200,7 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
             model=place(AutoModelForImageTextToText.from_pretrained(path, **kwargs), variant, device),
             processor=AutoProcessor.from_pretrained(path, **LOCAL),
             device=device,
-            max_batch_size=variant.max_batch_size,
+            max_batch_size=variant.batch_size(device),
             max_input_tokens=variant.max_input_tokens,
         )
     if variant.engine == "whisper":
@@ -213,8 +213,8 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
             model=place(WhisperForConditionalGeneration.from_pretrained(path, **kwargs), variant, device),
             processor=WhisperProcessor.from_pretrained(path, **LOCAL),
             device=device,
-            max_batch_size=variant.max_batch_size,
-            translate=variant.ct2_model != "whisper-tiny-en",
+            max_batch_size=variant.batch_size(device),
+            translate=variant.translate,
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,6 +226,6 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         model=place(model, variant, device),
         tokenizer=tokenizer,
         device=device,
-        max_batch_size=variant.max_batch_size,
+        max_batch_size=variant.batch_size(device),
         max_input_tokens=variant.max_input_tokens,
     )

@@ -81,7 +81,7 @@ class ProcessorEngine:
         warm = Request(
             job_id="warmup", messages=None, prompt="Hello", params=GenerationParams(max_new_tokens=2)
         )
-        self.generate([warm], lambda ids: [False] * len(ids))
+        self.generate([warm], lambda ids: [None] * len(ids))
 
     def _inputs(self, batch: Sequence[Request]) -> dict[str, torch.Tensor]:
         if batch[0].prompt is not None:

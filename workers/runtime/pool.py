@@ -1,4 +1,5 @@
-"""The worker's runtime state: its warm variants (workers.runtime.cache), job leases, heartbeat."""
+"""The worker shell's runtime state: its engine process (workers.engine), job leases, cancels,
+heartbeat. Nothing here imports torch: the models live in the engine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import redis
@@ -17,19 +18,19 @@ import structlog
 
 from core.broker import make_celery, redis_client
 from core.events import add_delta
-from core.queues import cancel_key, cancel_requested_at, lease_key, message_key, worker_key
+from core.queues import cancel_channel, cancel_key, cancel_requested_at, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
-from core.variants import VariantRegistry
-from workers.runtime import memory
+from core.variants import Variant, VariantRegistry
+from workers.engine.client import EngineClient
 from workers.runtime.base import Request, Result
-from workers.runtime.cache import VariantCache, VariantState
-from workers.runtime.loading import load_engine
 
 log = structlog.get_logger(__name__)
 
-# How long a job given up on (timed out) stays on the list the decoding steps check.
-ABANDONED_TTL_S = 3600.0
+MB = 2**20
+# The cancel flags of the jobs in hand are read this often, besides the announcements on the
+# cancel channel (which a Redis reconnect may miss).
+CANCEL_POLL_S = 0.5
 
 # Delete a lease only if this run still holds it.
 _RELEASE_LEASE = """
@@ -47,24 +48,15 @@ return 0
 
 
 class VariantPool:
-    def __init__(self, settings: Settings, registry: VariantRegistry, *, device: str, worker: str) -> None:
+    def __init__(
+        self, settings: Settings, registry: VariantRegistry, *, device: str, name_for: Callable[[str], str]
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.device = device
-        self.worker = worker
         self.redis = redis_client(settings)
         self.quotas = SyncQuotas(self.redis, settings)
-        self._device_lock = threading.Lock()
-        budget = settings.worker_memory_mb
-        self.cache = VariantCache(
-            registry,
-            device=device,
-            budget_bytes=budget * memory.MB if budget is not None else memory.default_budget_bytes(device),
-            device_lock=self._device_lock,
-            cancelled=self.cancelled,
-            load=lambda v: load_engine(v, registry, device=device, cache_root=settings.model_cache),
-            on_change=self._publish,
-            publish=self.publish_deltas,
+        self.engine = EngineClient(
+            settings, device=device, name_for=name_for, on_change=self._publish, publish=self.publish_deltas
         )
         self._stop = threading.Event()
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
@@ -72,46 +64,50 @@ class VariantPool:
         # Jobs claimed here and not yet finished: their leases are renewed by the heartbeat.
         self._in_hand: dict[str, str] = {}  # job id → this run's lease token
         self._in_hand_lock = threading.Lock()
-        self._abandoned: dict[str, float] = {}  # job id → when it was given up (timeout)
-        self._abandoned_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
         self.broker = make_celery(settings, name="gemmaq-worker-producer")  # to put jobs back
         self.draining = False
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-
-    # ---- variants (see workers.runtime.cache) ---------------------------------------------
+        self._cancels = threading.Thread(target=self._watch_cancels, name="cancels", daemon=True)
 
     @property
-    def states(self) -> dict[str, VariantState]:
-        return self.cache.states
+    def worker(self) -> str:
+        """This worker's name (known once the engine has said which device it runs on)."""
+        return self.engine.worker
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
+    # ---- variants (kept warm in the engine process) -----------------------------------------
 
     def start(self, names: Sequence[str], preload: Sequence[str] | None = None) -> None:
+        """Start the engine and wait for its preloads; then the heartbeat and the cancel watch."""
         self._heartbeat.start()
-        self.cache.start(names, preload)
+        self.engine.start(names, preload)
+        self._cancels.start()
 
-    def servable(self) -> list[VariantState]:
+    def servable(self) -> list[Variant]:
         """Variants whose jobs this worker takes: warm, or cold and loaded when a job comes."""
-        return self.cache.servable()
+        return [
+            v
+            for name, report in self.engine.report().items()
+            if report["state"] != "unavailable" and (v := self.registry.get(name)) is not None
+        ]
+
+    def unavailable(self, variant: str) -> str | None:
+        """Why this worker cannot run the variant's jobs, or None when it can."""
+        report = self.engine.report().get(variant)
+        if report is None:
+            return "this worker does not serve the variant"
+        return str(report["reason"]) if report["state"] == "unavailable" else None
 
     def submit(self, variant: str, request: Request) -> Future[Result]:
-        """Hand a request to its variant, loading the variant first if it is cold."""
-        return self.cache.submit(variant, request)
-
-    def memory_bytes(self) -> int | None:
-        return memory.allocated(self.device)
+        """Hand a request to the engine (which loads its variant first if it is cold)."""
+        return self.engine.submit(variant, request)
 
     # ---- what task threads call ----------------------------------------------------------
-
-    def cancelled(self, job_ids: Sequence[str]) -> list[float | None]:
-        """Between decoding steps: the cancel flags in Redis, and the jobs given up here."""
-        with self._abandoned_lock:
-            abandoned = [self._abandoned.get(j) for j in job_ids]
-        try:
-            values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
-        except redis.RedisError:
-            return abandoned
-        return [mine or cancel_requested_at(v) for mine, v in zip(abandoned, values, strict=True)]
 
     def publish_deltas(self, deltas: Sequence[tuple[str, str]]) -> None:
         """Text generated meanwhile, appended to each job's events (one round trip)."""
@@ -124,16 +120,40 @@ class VariantPool:
             log.warning("job.deltas_failed", jobs=len(deltas))
 
     def request_cancel(self, job_id: str) -> None:
-        """Stop a running request at its next step: a job that timed out here. Remembered in this
-        process too, as ending the job clears its flag in Redis before the batch sees it."""
-        now = time.time()
-        with self._abandoned_lock:
-            self._abandoned = {j: t for j, t in self._abandoned.items() if now - t < ABANDONED_TTL_S}
-            self._abandoned[job_id] = now
-        with contextlib.suppress(redis.RedisError):
-            self.redis.set(
-                cancel_key(self.settings, job_id), time.time(), ex=self.settings.visibility_timeout_s
-            )
+        """Stop a running request at its next step: a job that timed out here."""
+        self.engine.cancel(job_id, time.time())
+
+    def _watch_cancels(self) -> None:
+        """Cancels of the jobs in hand, passed to the engine: announced on the cancel channel
+        (at once), and read from their flags every CANCEL_POLL_S (whatever was missed)."""
+        polled = 0.0
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(cancel_channel(self.settings))
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=CANCEL_POLL_S)
+                    if message is not None and message["type"] == "message":
+                        job_id = message["data"].decode() if isinstance(message["data"], bytes) else ""
+                        if job_id in self.in_hand():
+                            self._forward_cancels([job_id])
+                    if time.monotonic() - polled >= CANCEL_POLL_S:
+                        polled = time.monotonic()
+                        self._forward_cancels(list(self.in_hand()))
+            except redis.RedisError:
+                self._stop.wait(1.0)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def _forward_cancels(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
+        for job_id, value in zip(job_ids, values, strict=True):
+            at = cancel_requested_at(value)
+            if at is not None:
+                self.engine.cancel(job_id, at)
 
     # ---- leases -------------------------------------------------------------------------
 
@@ -173,7 +193,7 @@ class VariantPool:
     def drain(self) -> None:
         """SIGTERM: no new batches; requests waiting for one go back to the queue unstarted."""
         self.draining = True
-        self.cache.drain()
+        self.engine.drain()
 
     def in_hand(self) -> dict[str, str]:
         with self._in_hand_lock:
@@ -197,18 +217,22 @@ class VariantPool:
     # ---- heartbeat -----------------------------------------------------------------------
 
     def _publish(self) -> None:
-        variants = self.cache.report()
+        if not self.worker:  # the engine has not said yet which device it runs on
+            return
+        variants = self.engine.report()
         for report in variants.values():
             if report["state"] == "warm" and not self.consuming:
                 report["state"] = "loading"
+        memory_bytes, budget, used = self.engine.memory()
         body = {
             "worker": self.worker,
             "host": socket.gethostname(),
             "device": self.device,
             "variants": variants,
-            "memory_bytes": self.memory_bytes(),
-            "memory_budget_mb": round(self.cache.budget / memory.MB, 1),
-            "memory_used_mb": round(self.cache.used() / memory.MB, 1),
+            "memory_bytes": memory_bytes,
+            "memory_budget_mb": round(budget / MB, 1),
+            "memory_used_mb": round(used / MB, 1),
+            "engine_pid": self.engine.pid,
             "at": time.time(),
         }
         ttl = max(int(self.settings.worker_heartbeat_s * 3), 2)
@@ -229,6 +253,7 @@ class VariantPool:
 
     def close(self) -> None:
         self._stop.set()
-        self.cache.close()
-        with contextlib.suppress(redis.RedisError):
-            self.redis.delete(worker_key(self.settings, self.worker))
+        self.engine.close()
+        if self.worker:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.delete(worker_key(self.settings, self.worker))

