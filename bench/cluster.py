@@ -24,9 +24,16 @@ NAMESPACE = "bench"
 
 class Cluster:
     def __init__(
-        self, folder: Path, *, variants: str = "gemma-3-270m,echo", workers: int = 2, log_level: str = "INFO"
+        self,
+        folder: Path,
+        *,
+        variants: str = "gemma-3-270m,echo",
+        workers: int = 2,
+        log_level: str = "INFO",
+        device: str = "cpu",
     ) -> None:
         self.folder = folder
+        self.device = device
         self.log_level = log_level
         self.variants = variants
         self.worker_count = workers
@@ -84,7 +91,7 @@ class Cluster:
     def add_worker(self) -> str:
         self.serial += 1
         name = f"w{self.serial}@chaos"
-        args = ["worker", "--variants", self.variants, "--device", "cpu", "--name", name]
+        args = ["worker", "--variants", self.variants, "--device", self.device, "--name", name]
         self.workers[name] = self.spawn(f"worker-{self.serial}", args)
         return name
 

@@ -81,7 +81,10 @@ def main() -> None:
     print(f"{gpu}, torch {torch.__version__}, {args.new_tokens} new tokens")
     print(f"\n{'precision':<9} {'batch':>5} {'engine tok/s':>13} {'generate tok/s':>15} {'peak MiB':>9}")
     for precision in ("none", "int8", "nf4"):
-        variant = base.model_copy(update={"quantization": precision, "max_batch_size": max(sizes)})
+        cap = max(sizes)
+        variant = base.model_copy(
+            update={"quantization": precision, "max_batch_size": cap, "max_batch_size_cuda": cap}
+        )
         engine = load_engine(variant, registry, device=args.device, cache_root=settings.model_cache)
         engine.warmup()
         for batch in sizes:
