@@ -20,6 +20,8 @@ from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
 
 NAMESPACE = "bench"
+# Settings of the caller's environment the stack keeps (all other GEMMAQ_* are its own).
+PASSED = ("GEMMAQ_MODEL_CACHE", "GEMMAQ_ENGINE_THREADS")
 
 
 class Cluster:
@@ -52,7 +54,9 @@ class Cluster:
         self.redis.start()
         database = self.pg.create_database("gemmaq")
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GEMMAQ_") or k in ("GEMMAQ_MODEL_CACHE", "GEMMAQ_ENGINE_THREADS")
         }
         self.env = env | {
             "GEMMAQ_DATABASE_URL": database,

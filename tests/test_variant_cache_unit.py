@@ -19,6 +19,7 @@ from core.schemas import GenerationParams
 from core.variants import Variant, parse_variants
 from workers.runtime.base import CancelCheck, Request, RequestError, Result, ShuttingDown
 from workers.runtime.cache import VariantCache
+from workers.runtime.device import LockedRunner
 
 MB = 2**20
 
@@ -57,7 +58,7 @@ class Harness:
             parse_variants({"variants": body}),
             device="cpu",
             budget_bytes=budget_mb * MB,
-            device_lock=threading.Lock(),
+            runner=LockedRunner(),
             cancelled=lambda ids: [None] * len(ids),
             load=self._load,
         )

@@ -40,6 +40,7 @@ from workers.engine.messages import (
     Submit,
 )
 from workers.runtime.base import Result
+from workers.runtime.device import DeviceThread
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +67,8 @@ class EngineServer:
         self._jobs: dict[int, str] = {}  # rid → job id, for requests in hand
         self._stop = threading.Event()
         self.cache: Any = None
+        # Every torch call runs on this process's main thread (see workers.runtime.device).
+        self.device_thread = DeviceThread()
 
     def send(self, message: FromEngine) -> None:
         try:
@@ -112,7 +115,7 @@ class EngineServer:
             budget_bytes=budget * memory.MB
             if budget is not None
             else memory.default_budget_bytes(self.device),
-            device_lock=threading.Lock(),
+            runner=self.device_thread,
             cancelled=self.cancelled,
             load=lambda v: load_engine(v, registry, device=self.device, cache_root=settings.model_cache),
             on_change=self.send_states,
@@ -123,9 +126,18 @@ class EngineServer:
         self.cache.start(start.names, start.preload)
         self.send_states()
         self.send(Ready())
-        while not self._stop.wait(settings.worker_heartbeat_s):
-            self.send_states()  # memory moves with the batches
-        self.cache.close()
+        # The main thread now runs the device work the batchers and the loader hand in, and
+        # reports the cache every heartbeat (memory moves with the batches).
+        self.device_thread.serve(self._stop, settings.worker_heartbeat_s, self.send_states)
+        closed = threading.Event()
+
+        def close() -> None:
+            self.cache.close()  # the batches in hand finish, on this thread
+            closed.set()
+            self.device_thread.wake()
+
+        threading.Thread(target=close, name="engine-close", daemon=True).start()
+        self.device_thread.serve(closed, 1.0, lambda: None)
 
     def _read(self) -> None:
         while True:
@@ -141,6 +153,7 @@ class EngineServer:
                 self.cache.drain()
             elif isinstance(message, Stop):
                 self._stop.set()
+                self.device_thread.wake()
 
     def _submit(self, message: Submit) -> None:
         self._jobs[message.rid] = message.request.job_id

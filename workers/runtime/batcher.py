@@ -5,7 +5,7 @@ running batch at the next step when a slot is free, a finished one leaves at onc
 is a `ContinuousEngine`). `static`: a batch flushes when it holds `max_batch_size` requests, or
 `max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
 Either way an idle batcher waits like that for a burst before it starts, and engines on one
-device take turns under the device lock (per step, or per static batch).
+device take turns on its runner (workers.runtime.device: per step, or per static batch).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from workers.runtime.base import (
     StaticEngine,
 )
 from workers.runtime.continuous import ContinuousDecoder, ContinuousEngine
+from workers.runtime.device import DeviceRunner
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,7 @@ class Batcher:
         batching: Batching,
         max_batch_size: int,
         max_wait_ms: float,
-        device_lock: threading.Lock,
+        device: DeviceRunner,
         cancelled: CancelCheck,
         load_ms: float | None = None,
         publish: Publish | None = None,
@@ -65,7 +66,7 @@ class Batcher:
         self.publish = publish
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self.device_lock = device_lock
+        self.device = device
         self.cancelled = cancelled
         self._pending_load_ms = load_ms  # reported once, on the first batch after the load
         self._queue: queue.Queue[Item | object | None] = queue.Queue()
@@ -113,7 +114,7 @@ class Batcher:
         if self.batching == "continuous":
             engine = cast(ContinuousEngine, self.engine)
             while True:  # a bug in the loop fails the requests in hand, never the thread
-                stream, waiting = engine.stream(), collections.deque[Item]()
+                stream, waiting = self.device.run(engine.stream), collections.deque[Item]()
                 try:
                     self._continuous(engine, stream, waiting)
                     return
@@ -136,8 +137,8 @@ class Batcher:
     def _run(self, batch: list[tuple[Request, Future[Result]]]) -> None:
         requests = [r for r, _ in batch]
         try:
-            with self.device_lock:
-                outcomes = cast(StaticEngine, self.engine).generate(requests, self.cancelled)
+            engine = cast(StaticEngine, self.engine)
+            outcomes = self.device.run(lambda: engine.generate(requests, self.cancelled))
         except Exception as exc:
             log.exception("batch.failed", variant=self.engine.name, batch_size=len(batch))
             if len(batch) == 1:
@@ -211,8 +212,7 @@ class Batcher:
         if not joiners:
             return []
         try:
-            with self.device_lock:
-                return stream.join(joiners)
+            return self.device.run(lambda: stream.join(joiners))
         except Exception as exc:
             # The newcomers may be half spliced in: the whole running batch fails with them.
             log.exception("batch.join_failed", variant=self.engine.name, joining=len(joiners))
@@ -221,8 +221,7 @@ class Batcher:
 
     def _step(self, stream: ContinuousDecoder) -> Done:
         try:
-            with self.device_lock:
-                return stream.step(self.cancelled)
+            return self.device.run(lambda: stream.step(self.cancelled))
         except Exception as exc:
             log.exception("batch.step_failed", variant=self.engine.name, batch_size=len(stream.rows))
             return [(key, exc) for key in stream.abandon()]

@@ -1,7 +1,7 @@
 """The worker's warm variants: as many resident as its memory budget holds, least recently used
 evicted to make room for a variant whose jobs arrive while it is cold.
 
-Every load and eviction runs on one loader thread and under the device lock, so never in the
+Every load and eviction runs on one loader thread and on the device's runner, so never in the
 middle of a batch; a variant is evicted only while none of its requests is in hand (waiting in
 its batcher or running). A job for a cold variant waits for the load, bounded by the job's own
 time limit (its task stops waiting); when nothing can be evicted yet, the load waits for a warm
@@ -24,6 +24,7 @@ from core.variants import Variant, VariantRegistry, weights_problem
 from workers.runtime import memory
 from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
 from workers.runtime.batcher import Batcher, Publish
+from workers.runtime.device import DeviceRunner
 from workers.runtime.loading import WeightsUnavailable
 
 log = structlog.get_logger(__name__)
@@ -106,7 +107,7 @@ class VariantCache:
         *,
         device: str,
         budget_bytes: int,
-        device_lock: threading.Lock,
+        runner: DeviceRunner,
         cancelled: CancelCheck,
         load: Callable[[Variant], Engine],
         on_change: Callable[[], None] = lambda: None,
@@ -115,7 +116,7 @@ class VariantCache:
         self.registry = registry
         self.device = device
         self.budget = budget_bytes
-        self.device_lock = device_lock
+        self.runner = runner
         self.cancelled = cancelled
         self.publish = publish
         self._load_engine = load
@@ -264,23 +265,9 @@ class VariantCache:
 
     def _load(self, st: VariantState) -> None:
         v = st.variant
-        # Under the device lock: no batch of any variant runs while weights move in, and the
+        # On the device's runner: no batch of any variant runs while weights move in, and the
         # growth of CUDA allocations is this variant's alone.
-        with self.device_lock:
-            memory.release(self.device)
-            before = memory.allocated(self.device)
-            start = time.perf_counter()
-            engine: Engine | None = None
-            try:
-                engine = self._load_engine(v)
-                engine.warmup()
-            except WeightsUnavailable as exc:
-                engine, reason = None, str(exc)
-            except Exception as exc:
-                log.exception("variant.load_failed", variant=v.name)
-                engine, reason = None, f"failed to load: {type(exc).__name__}: {exc}"
-            load_ms = (time.perf_counter() - start) * 1000
-            size = memory.resident_bytes(engine, self.device, before) if engine is not None else 0
+        engine, reason, load_ms, size = self.runner.run(lambda: self._load_on_device(v))
         if engine is None:
             memory.release(self.device)
             self._unavailable(st, reason)
@@ -290,7 +277,7 @@ class VariantCache:
             batching=v.batching,
             max_batch_size=v.batch_size(self.device),
             max_wait_ms=v.max_wait_ms,
-            device_lock=self.device_lock,
+            device=self.runner,
             cancelled=self.cancelled,
             load_ms=load_ms,
             publish=self.publish,
@@ -317,6 +304,24 @@ class VariantCache:
         for w in ready:
             w.handle.follow(self._send(st, batcher, w.request))
         self._on_change()
+
+    def _load_on_device(self, v: Variant) -> tuple[Engine | None, str, float, int]:
+        memory.release(self.device)
+        before = memory.allocated(self.device)
+        start = time.perf_counter()
+        engine: Engine | None = None
+        reason = ""
+        try:
+            engine = self._load_engine(v)
+            engine.warmup()
+        except WeightsUnavailable as exc:
+            engine, reason = None, str(exc)
+        except Exception as exc:
+            log.exception("variant.load_failed", variant=v.name)
+            engine, reason = None, f"failed to load: {type(exc).__name__}: {exc}"
+        load_ms = (time.perf_counter() - start) * 1000
+        size = memory.resident_bytes(engine, self.device, before) if engine is not None else 0
+        return engine, reason, load_ms, size
 
     def _too_big(self, st: VariantState) -> str:
         return (
