@@ -89,14 +89,14 @@ class Batcher:
         self._draining.set()
         self._queue.put(_WAKE)
 
-    def _collect(self, first: Item) -> list[Item]:
-        """Gather up to `max_batch_size`: wait `max_wait` past the latest arrival (a burst keeps
-        filling the batch), never longer than `MAX_WAIT_FACTOR` times `max_wait` in all.
-        The requests that were not cancelled meanwhile are marked running."""
-        batch = [first]
+    def _collect(self, first: Item | None, have: int = 0) -> list[Item]:
+        """Gather up to `max_batch_size` (`have` already in hand): wait `max_wait` past the latest
+        arrival (a burst keeps filling the batch), never longer than `MAX_WAIT_FACTOR` times
+        `max_wait` in all. The requests that were not cancelled meanwhile are marked running."""
+        batch = [first] if first is not None else []
         start = time.monotonic()
         deadline = start + self.max_wait
-        while len(batch) < self.max_batch_size and not self._draining.is_set():
+        while have + len(batch) < self.max_batch_size and not self._draining.is_set():
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
@@ -169,6 +169,11 @@ class Batcher:
                 if first is _WAKE:
                     continue
                 waiting.extend(self._collect(first))  # type: ignore[arg-type]
+            elif not stream.rows and len(waiting) < stream.free:
+                # Every row ended at once (rows of one length): gather a burst before the prefill,
+                # as an idle batcher does, rather than run a few rows and splice the others in one
+                # by one as their jobs reach the engine.
+                waiting.extend(self._collect(None, len(waiting)))
             while True:  # whatever else arrived, without waiting
                 try:
                     item = self._queue.get_nowait()
