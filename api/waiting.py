@@ -24,7 +24,11 @@ from core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-RECHECK_S = 5.0  # how often a waiter re-reads its job besides the done message
+# A waiter re-reads its job besides the done message: after RECHECK_S, then at doubling
+# intervals up to RECHECK_MAX_S (a reconnected listener wakes every waiter anyway), so that
+# hundreds of long waits do not cost a query each every few seconds.
+RECHECK_S = 5.0
+RECHECK_MAX_S = 30.0
 POLL_S = 1.0  # ... while the listener is not subscribed
 RETRY_S = 0.5  # between the listener's attempts to subscribe
 
@@ -62,13 +66,14 @@ class DoneListener:
                 if not waiters:
                     del self._waiters[job_id]
 
-    def recheck_s(self) -> float:
-        return RECHECK_S if self.subscribed else POLL_S
+    def recheck_s(self, after: float = RECHECK_S) -> float:
+        return after if self.subscribed else POLL_S
 
     async def wait_for(self, job_id: str, read: Callable[[], Awaitable[JobOut]], seconds: float) -> JobOut:
         """The job (`read` reads it) once terminal, or as it is when `seconds` have passed."""
         deadline = time.monotonic() + seconds
         # Watching starts before the first read, so a done message published after it wakes us.
+        recheck = RECHECK_S
         async with self.watch(job_id) as finished:
             while True:
                 job = await read()
@@ -76,9 +81,10 @@ class DoneListener:
                 if job.status in TERMINAL_STATUSES or remaining <= 0:
                     return job
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(remaining, self.recheck_s())):
+                    async with asyncio.timeout(min(remaining, self.recheck_s(recheck))):
                         await finished.wait()
                 finished.clear()
+                recheck = min(2 * recheck, RECHECK_MAX_S)
 
     async def _run(self) -> None:
         while True:
