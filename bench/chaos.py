@@ -7,7 +7,8 @@ It starts its own PostgreSQL and Redis (gemmaq.servers: pip-installed binaries, 
 folders), an API, the reconciler and two workers (gemma-3-270m + echo, CPU), and never touches
 the machine's shared services. Every job is submitted with an Idempotency-Key and retried until
 the API answers 202, as a well-behaved client does through an outage. Faults, one at a time at
-random moments: SIGKILL of a worker (a new one starts), SIGTERM of a worker (likewise), Redis
+random moments: SIGKILL of a worker (a new one starts), SIGTERM of a worker (likewise), SIGKILL
+of a worker's engine process (its shell starts a new one and resends what it held), Redis
 killed and restarted empty, PostgreSQL crashed (immediate stop) and restarted.
 
 The audit: jobs by status; jobs not terminal or never written (lost); jobs with more than one
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import sys
@@ -75,7 +77,7 @@ def inject(cluster: Cluster, faults: int, submitted: threading.Event, log: list[
         "restart-redis",
         "restart-postgres",
         "term-worker",
-        "kill-worker",
+        "kill-engine",
         "restart-redis",
     ]
     for n in range(faults):
@@ -89,6 +91,12 @@ def inject(cluster: Cluster, faults: int, submitted: threading.Event, log: list[
             proc.wait(timeout=120)
             cluster.add_worker()
             detail = name
+        elif kind == "kill-engine":  # the worker's shell stays; it starts a new engine itself
+            name = cluster.busy_worker(rng)
+            pid = cluster.engine_pid(name)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+            detail = f"{name}'s engine, pid {pid}"
         elif kind == "restart-redis":
             cluster.redis.stop()
             time.sleep(rng.uniform(2, 5))

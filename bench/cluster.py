@@ -99,6 +99,19 @@ class Cluster:
         self.workers[name] = self.spawn(f"worker-{self.serial}", args)
         return name
 
+    def engine_pid(self, name: str) -> int | None:
+        """The pid of the engine process the worker `name` runs now (its child)."""
+        shell = str(self.workers[name].pid)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if fields[1] == shell and b"workers.engine" in cmdline:
+                return int(stat.parent.name)
+        return None
+
     def busy_worker(self, rng: random.Random, wait_s: float = 10) -> str:
         """A worker that holds running jobs right now (any worker if none does within `wait_s`)."""
         deadline = time.monotonic() + wait_s

@@ -24,6 +24,7 @@ import pytest
 from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
 from tests.conftest import ROOT, Stack, wait_healthy, wait_job
+from tests.test_events import sse
 
 VARIANTS = "gemma-3-270m,echo"
 STORY = "Write a very long story about a lighthouse keeper and the sea."
@@ -170,6 +171,11 @@ def test_sigkill_of_the_engine_mid_batch_restarts_it_and_every_job_succeeds_once
     for job in done:  # the same attempt, finished by the new engine: one result each
         assert job["status"] == "succeeded" and job["attempts"] == 1, job
         assert job["metrics"]["worker"] == "e@faults" and job["result"]["usage"]["output_tokens"] == 64
+        # Deltas published before the death are not published again by the re-run.
+        with faulty.client() as client:
+            events = list(sse(client, job["id"]))
+        text = "".join(e["data"]["text"] for e in events if e["event"] == "delta")
+        assert text == job["result"]["text"], (text, job["result"]["text"])
     attempts = faulty.stack.sql("SELECT attempt, output_tokens FROM job_metrics WHERE job_id = ANY(%s)", jobs)
     assert sorted(attempts) == [(1, 64)] * 4
     died = [e for e in _events(faulty.stack.logs / "worker-e.log") if e["event"] == "engine.died"]

@@ -190,9 +190,9 @@ def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
     try:
         result = future.result(timeout=limit)
     except FutureTimeout:
-        # Drop it from the batcher if it has not started; stop it between steps if it has.
-        future.cancel()
+        # Stop it at the engine's next step (or its first, if it has not started), then let go.
         pool.request_cancel(job.id)
+        future.cancel()
         _fail(pool, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms)
         return
     except ShuttingDown:
