@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ def test_sigkill_of_the_engine_mid_batch_restarts_it_and_every_job_succeeds_once
         jobs = faulty.submit_batch(client, [f"{STORY} Verse {i}." for i in range(4)], max_new_tokens=64)
         _wait_running(client, jobs)
         time.sleep(1.0)  # some tokens into the batch
+        killed_at = time.time()
         os.kill(engine, signal.SIGKILL)
         seen: set[str] = set()  # what /v1/models says of the worker meanwhile
         deadline = time.monotonic() + 120
@@ -180,6 +182,8 @@ def test_sigkill_of_the_engine_mid_batch_restarts_it_and_every_job_succeeds_once
     assert sorted(attempts) == [(1, 64)] * 4
     died = [e for e in _events(faulty.stack.logs / "worker-e.log") if e["event"] == "engine.died"]
     assert len(died) == 1 and died[0]["in_hand"] == 4 and died[0]["failed"] == 0, died
+    noticed = datetime.fromisoformat(died[0]["timestamp"]).timestamp() - killed_at
+    assert noticed < 1.0, f"the shell noticed its engine's death after {noticed:.2f} s"
     faulty.audit(jobs)
     faulty.stop(shell, signal.SIGTERM)
     assert not _running(_engine_pid(faulty, "e")), "the engine outlived a stopped worker"
