@@ -14,6 +14,10 @@ log = structlog.get_logger(__name__)
 
 # Points the code passes through; a test names them in GEMMAQ_FAULTS.
 API_AFTER_COMMIT = "api.after_commit"  # the job row is committed, its message not yet sent
+# The engine process takes a request whose prompt holds POISON: it dies, as a request that
+# crashes the model (an OOM, a CUDA error) would make it.
+ENGINE_POISON = "engine.poison"
+POISON = "GEMMAQ-FAULT-POISON"
 
 
 def crash_here(settings: Settings, point: str) -> None:

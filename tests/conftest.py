@@ -121,10 +121,12 @@ class Stack:
     def gemmaq_command() -> list[str]:
         return [sys.executable, "-m", "gemmaq"]
 
-    def gemmaq(self, *args: str, log: str | None = None) -> subprocess.Popen[bytes]:
+    def gemmaq(
+        self, *args: str, log: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         out = open(self.logs / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(
-            [*self.gemmaq_command(), *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            [*self.gemmaq_command(), *args], env=self.env | (env or {}), stdout=out, stderr=subprocess.STDOUT
         )
         self.processes.append(proc)
         return proc

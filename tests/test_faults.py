@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core import faults
 from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
 from tests.conftest import ROOT, Stack, wait_healthy, wait_job
@@ -38,9 +39,11 @@ class Faulty:
     redis: RedisProcess
     key: str
 
-    def worker(self, name: str, variants: str = VARIANTS) -> subprocess.Popen[bytes]:
+    def worker(
+        self, name: str, variants: str = VARIANTS, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         proc = self.stack.gemmaq("worker", "--variants", variants, "--device", "cpu", "--name",
-                                 f"{name}@faults", log=f"worker-{name}.log")  # fmt: skip
+                                 f"{name}@faults", log=f"worker-{name}.log", env=env)  # fmt: skip
         self.stack.wait_worker(self.key, variants.split(","), name=f"{name}@faults")
         return proc
 
@@ -187,6 +190,31 @@ def test_sigkill_of_the_engine_mid_batch_restarts_it_and_every_job_succeeds_once
     faulty.audit(jobs)
     faulty.stop(shell, signal.SIGTERM)
     assert not _running(_engine_pid(faulty, "e")), "the engine outlived a stopped worker"
+
+
+def test_a_request_that_kills_the_engine_fails_alone_and_its_batch_mates_succeed(faulty: Faulty) -> None:
+    """A tenant's request that crashes the engine (here by a fault point; in life an OOM or a
+    CUDA error) takes the engine down once with its batch mates in hand, then once more on its
+    own: it fails, and the other tenant's jobs, sent again one at a time, all succeed."""
+    shell = faulty.worker("p", env={"GEMMAQ_FAULTS": json.dumps([faults.ENGINE_POISON])})
+    with faulty.client() as client:
+        innocent = faulty.submit_batch(client, [f"{STORY} Song {i}." for i in range(3)], max_new_tokens=48)
+        _wait_running(client, innocent)
+        time.sleep(0.5)  # decoding, when the hostile request arrives
+        with faulty.stack.client(faulty.stack.new_key("hostile")) as hostile:
+            poison = faulty.submit(hostile, f"Hello {faults.POISON}", max_new_tokens=8)
+            failed = wait_job(hostile, poison)
+        done = [wait_job(client, j) for j in innocent]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "GENERATION_ERROR", failed
+    assert "engine process died" in failed["error"]["message"]
+    for job in done:
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert job["result"]["usage"]["output_tokens"] == 48
+    died = [e for e in _events(faulty.stack.logs / "worker-p.log") if e["event"] == "engine.died"]
+    assert [d["failed"] for d in died] == [0, 1], died
+    assert shell.poll() is None
+    faulty.audit([*innocent, poison])
+    faulty.stop(shell, signal.SIGTERM)
 
 
 def test_sigkill_mid_batch_every_job_still_succeeds_once(faulty: Faulty) -> None:

@@ -4,14 +4,18 @@
 cache's state come back on one reader thread. Requests in hand are kept here until their
 result arrives, so when the engine dies (SIGKILL, OOM, a CUDA error) nothing is lost: the
 reader sees the channel close at once, the variants are reported `loading`, a new engine is
-started, and every request in hand is sent to it again. A request the engine died running
-`MAX_DEATHS` times fails instead (it may be what kills it). Text already published as deltas
+started, and every request in hand is sent to it again. One tenant's request that kills the
+engine must not take its batch mates down with it: a request that was in hand at a death is a
+suspect, and suspects go back one at a time, each alone among suspects; a suspect that was the
+only one in flight when the engine died again fails (it is what kills it), and so does any
+request in hand at `MAX_DEATHS` deaths. Text already published as deltas
 is not published twice: a request sent again is re-run with the same seed, and its deltas are
 passed on only past what was sent before.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import secrets
@@ -46,7 +50,7 @@ from workers.runtime.base import Request, RequestError, Result, ShuttingDown
 
 log = structlog.get_logger(__name__)
 
-MAX_DEATHS = 2  # deaths of the engine while it held a request, before that request fails
+MAX_DEATHS = 3  # deaths of the engine while it held a request, before that request fails anyway
 START_TRIES = 3  # engines that die before they are ready, in a row, before the worker gives up
 BACKOFF_S = (0.2, 1.0, 5.0, 15.0, 30.0)
 CANCEL_TTL_S = 3600.0
@@ -64,6 +68,7 @@ class _Pending:
     future: Future[Result]
     sent: bool = False
     deaths: int = 0
+    solo: bool = False  # sent as the one suspect in flight
     published: int = 0  # characters of its text published as deltas, over all engine lives
     seen: int = 0  # characters of deltas this engine life has produced
 
@@ -89,6 +94,8 @@ class EngineClient:
         self._pending: dict[int, _Pending] = {}
         self._by_job: dict[str, int] = {}
         self._cancels: dict[str, float] = {}
+        self._suspects: collections.deque[int] = collections.deque()  # rids, to be sent one at a time
+        self._solo: int | None = None  # the suspect in flight
         self._rids = itertools.count(1)
         self._conn: Connection | None = None  # set while the engine is ready
         self._proc: subprocess.Popen[bytes] | None = None
@@ -190,18 +197,20 @@ class EngineClient:
     def _became_ready(self, conn: Connection) -> None:
         with self._lock:
             self._conn = conn
-            resend = list(self._pending.values())
+            resend = [p for p in self._pending.values() if not p.sent and not p.deaths]
             for p in resend:
                 p.sent, p.seen = True, 0
             cancels = dict(self._cancels)
             draining = self.draining
         for p in resend:
             self._send(conn, Submit(p.rid, p.variant, p.request))
+        self._send_next_suspect()
         for job_id, at in cancels.items():
             self._send(conn, Cancel(job_id, at))
         if draining:
             self._send(conn, Drain())
-        log.info("engine.ready", pid=self.pid, resent=len(resend), restarts=self.deaths)
+        log.info("engine.ready", pid=self.pid, resent=len(resend), suspects=len(self._suspects),
+                 restarts=self.deaths)  # fmt: skip
         self._ready_once.set()
         self._on_change()
 
@@ -218,11 +227,15 @@ class EngineClient:
                 if not p.sent:
                     continue
                 p.deaths += 1
-                if p.deaths >= MAX_DEATHS:
+                p.sent = False
+                if p.solo or p.deaths >= MAX_DEATHS:
                     message = f"the engine process died {p.deaths} times while running it"
                     failed.append((p, RequestError(message)))
+                else:
+                    self._suspects.append(p.rid)
             for p, _ in failed:
                 self._forget(p)
+            self._solo = None
         log.error("engine.died", pid=self.pid, exit_code=code, in_hand=len(self._pending) + len(failed),
                   failed=len(failed), deaths=self.deaths)  # fmt: skip
         for p, exc in failed:
@@ -309,6 +322,7 @@ class EngineClient:
                 self._forget(p)
         if p is not None:
             _settle(p.future, message.outcome())
+        self._send_next_suspect()
 
     def _drop(self, rid: int) -> None:
         """A future done here (a result, or given up by its task): nothing to resend."""
@@ -316,10 +330,29 @@ class EngineClient:
             p = self._pending.get(rid)
             if p is not None:
                 self._forget(p)
+        self._send_next_suspect()
+
+    def _send_next_suspect(self) -> None:
+        """Send the next suspect, if none is in flight and the engine is ready."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or self._solo is not None:
+                return
+            while self._suspects:
+                p = self._pending.get(self._suspects.popleft())
+                if p is not None:
+                    break
+            else:
+                return
+            p.sent, p.seen, p.solo = True, 0, True
+            self._solo = p.rid
+        self._send(conn, Submit(p.rid, p.variant, p.request))
 
     def _forget(self, p: _Pending) -> None:
         """Under the lock."""
         self._pending.pop(p.rid, None)
+        if self._solo == p.rid:
+            self._solo = None
         if self._by_job.get(p.request.job_id) == p.rid:
             del self._by_job[p.request.job_id]
             self._cancels.pop(p.request.job_id, None)

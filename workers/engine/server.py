@@ -24,7 +24,9 @@ from typing import Any
 
 import structlog
 
+from core import faults
 from core.logging import configure_logging
+from core.settings import Settings
 from core.variants import load_variants
 from workers.engine.messages import (
     Cancel,
@@ -67,6 +69,7 @@ class EngineServer:
         self._jobs: dict[int, str] = {}  # rid → job id, for requests in hand
         self._stop = threading.Event()
         self.cache: Any = None
+        self.faults: Settings | None = None  # the settings, when faults are injected (tests)
         # Every torch call runs on this process's main thread (see workers.runtime.device).
         self.device_thread = DeviceThread()
 
@@ -107,6 +110,7 @@ class EngineServer:
         from workers.runtime.loading import load_engine
 
         settings = start.settings
+        self.faults = settings if settings.faults else None
         registry = load_variants(settings.variants_file)
         budget = settings.worker_memory_mb
         self.cache = VariantCache(
@@ -156,6 +160,8 @@ class EngineServer:
                 self.device_thread.wake()
 
     def _submit(self, message: Submit) -> None:
+        if self.faults and faults.POISON in (message.request.prompt or ""):
+            faults.crash_here(self.faults, faults.ENGINE_POISON)
         self._jobs[message.rid] = message.request.job_id
         future = self.cache.submit(message.variant, message.request)
         future.add_done_callback(lambda f: self._done(message.rid, f))
