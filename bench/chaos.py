@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to end")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gemmaq-chaos-"))
-    cluster = Cluster(folder)
+    cluster = Cluster(folder, fast_failover=True)
     started = time.monotonic()
     try:
         print(f"starting PostgreSQL, Redis, API, reconciler and 2 workers (logs in {folder})", flush=True)

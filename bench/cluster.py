@@ -33,9 +33,11 @@ class Cluster:
         workers: int = 2,
         log_level: str = "INFO",
         device: str = "cpu",
+        fast_failover: bool = False,
     ) -> None:
         self.folder = folder
         self.device = device
+        self.fast_failover = fast_failover
         self.log_level = log_level
         self.variants = variants
         self.worker_count = workers
@@ -63,12 +65,17 @@ class Cluster:
             "GEMMAQ_REDIS_URL": self.redis.url,
             "GEMMAQ_NAMESPACE": NAMESPACE,
             "GEMMAQ_LOG_LEVEL": self.log_level,
-            "GEMMAQ_WORKER_HEARTBEAT_S": "1",
-            "GEMMAQ_LEASE_S": "3",
-            "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
-            "GEMMAQ_ENQUEUE_GRACE_S": "2",
-            "GEMMAQ_SHUTDOWN_GRACE_S": "30",
         }
+        if self.fast_failover:
+            # Faults are noticed and repaired within seconds (chaos.py); the speed benches keep
+            # the defaults a deployment runs with, and their quieter heartbeats and reconciles.
+            self.env |= {
+                "GEMMAQ_WORKER_HEARTBEAT_S": "1",
+                "GEMMAQ_LEASE_S": "3",
+                "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
+                "GEMMAQ_ENQUEUE_GRACE_S": "2",
+                "GEMMAQ_SHUTDOWN_GRACE_S": "30",
+            }
         self.cli("migrate")
         # Quotas out of the way (as bench/fairness.py does for its users): with the default 64
         # concurrent jobs, submissions that outpace the workers would be refused.
