@@ -22,20 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
 from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import RowMapping
+from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.submission import Submitter
 from core import openai_chat
 from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable
 from core.openai_chat import ChatRequest
+from core.schemas import JobCreate
 from db.models import Batch, BatchLineError
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
@@ -50,6 +53,9 @@ CANCELS_PER_TURN = 500
 PAGE = 500  # jobs read at a time while the output files are written
 PART_BYTES = 1024 * 1024
 IDLE_S = 0.5  # between turns when no batch needs one
+REFUSED_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # a quota refused a line: the batch's next turns wait
+FAILED_BACKOFF_S = (1.0, 5.0, 30.0, 120.0)  # a turn failed (a bug, the database away)
+PARTS_KEPT = 8  # batch file parts kept in memory between turns (about 1 MiB each)
 ENDPOINT = "/v1/chat/completions"
 
 
@@ -57,6 +63,10 @@ class BatchRunner:
     def __init__(self, app: FastAPI) -> None:
         self.state = app.state
         self._task: asyncio.Task[None] | None = None
+        self._cached_parts: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
+        self._held: dict[str, tuple[int, str, JobCreate]] = {}  # batch → a refused line's job
+        self._refusals: dict[str, int] = {}  # batch → quota refusals in a row
+        self._failures: dict[str, int] = {}  # batch → failed turns in a row
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batch-runner")
@@ -77,27 +87,45 @@ class BatchRunner:
             await asyncio.sleep(0 if worked else IDLE_S)
 
     async def turn(self) -> bool:
-        """Work on one batch; False when none needed it."""
-        async with self.state.sessionmaker() as session, session.begin():
-            batch = await batches_repo.lock_next(session=session)
-            if batch is None:
-                return False
-            batch.worked_at = datetime.now(UTC)
-            user = await batches_repo.owner(session=session, user_id=batch.user_id)
-            if user is None:
-                return True
-            submitter = Submitter(
-                user, self.state.quotas, self.state.sessionmaker, self.state.autocommit, self.state.broker,
-                self.state.redis, self.state.fleet, self.state.settings, self.state.variants,
-            )  # fmt: skip
-            structlog.contextvars.bind_contextvars(batch_id=batch.id, user_id=user.id)
-            try:
-                await self._advance(batch, submitter)
-            finally:
-                structlog.contextvars.unbind_contextvars("batch_id", "user_id")
+        """Work on one batch; False when none needed it. Whatever goes wrong in a turn stays in
+        that batch: the turn is rolled back, and the batch waits longer and longer before its
+        next one while the others go on."""
+        batch_id: str | None = None
+        try:
+            async with self.state.sessionmaker() as session, session.begin():
+                batch = await batches_repo.lock_next(session=session)
+                if batch is None:
+                    return False
+                batch_id = batch.id
+                batch.worked_at, batch.next_turn_at = datetime.now(UTC), None
+                user = await batches_repo.owner(session=session, user_id=batch.user_id)
+                if user is None:
+                    return True
+                submitter = Submitter(
+                    user, self.state.quotas, self.state.sessionmaker, self.state.autocommit,
+                    self.state.broker, self.state.redis, self.state.fleet, self.state.settings,
+                    self.state.variants,
+                )  # fmt: skip
+                structlog.contextvars.bind_contextvars(batch_id=batch.id, user_id=user.id)
+                wait = await self._advance(batch, submitter)
+                if wait:
+                    batch.next_turn_at = datetime.now(UTC) + timedelta(seconds=wait)
+        except Exception:
+            if batch_id is None:
+                raise
+            failures = self._failures[batch_id] = self._failures.get(batch_id, 0) + 1
+            wait = _backoff(FAILED_BACKOFF_S, failures)
+            log.exception("batch.turn_failed", batch_id=batch_id, failures=failures, retry_in_s=wait)
+            async with self.state.sessionmaker() as session, session.begin():
+                await batches_repo.put_off(session=session, batch_id=batch_id, seconds=wait)
+            return True
+        finally:
+            structlog.contextvars.unbind_contextvars("batch_id", "user_id")
+        self._failures.pop(batch_id, None)
         return True
 
-    async def _advance(self, batch: Batch, submitter: Submitter) -> None:
+    async def _advance(self, batch: Batch, submitter: Submitter) -> float | None:
+        """One step of the batch's life; the seconds to wait before its next turn, if any."""
         now = datetime.now(UTC)
         if batch.status == "validating":
             batch.status, batch.in_progress_at = "in_progress", now
@@ -107,69 +135,83 @@ class BatchRunner:
             log.info("batch.expiring")
         if batch.status == "in_progress":
             if batch.submitted < batch.total:
-                await self._submit_lines(batch, submitter)
-            elif not await self._pending(batch):
+                return await self._submit_lines(batch, submitter)
+            if not await self._pending(batch):
                 batch.status, batch.finalizing_at = "finalizing", now
         elif batch.status == "cancelling":
             if not await self._stop_jobs(batch, submitter):
                 batch.status, batch.finalizing_at = "finalizing", now
         elif batch.status == "finalizing":
             await self._finalize(batch)
+        self._refusals.pop(batch.id, None)
+        self._held.pop(batch.id, None)
+        return None
 
     # ---- in progress ---------------------------------------------------------------------
 
-    async def _submit_lines(self, batch: Batch, submitter: Submitter) -> None:
-        async with self.state.sessionmaker() as session:
-            part = await files_repo.read_part(
-                session=session, file_id=batch.input_file_id, seq=batch.next_part
-            )
-        if part is None:  # every part read: the count at upload was the truth
+    async def _submit_lines(self, batch: Batch, submitter: Submitter) -> float | None:
+        """Queue the batch's next lines; the seconds to wait when a quota refused one."""
+        lines = await self._lines(batch.input_file_id, batch.next_part)
+        if lines is None:  # every part read: the count at upload was the truth
             batch.total = batch.submitted
-            return
-        lines = bytes(part.data).split(b"\n")
+            return None
         submitted = 0
         while batch.next_line < len(lines) and submitted < LINES_PER_TURN:
             raw = lines[batch.next_line]
             if raw.strip():
                 if not await self._submit_line(batch, submitter, raw, batch.submitted):
-                    return  # a quota is full: this line again next turn
+                    # A quota is full: this line again, later and later while it stays full.
+                    refusals = self._refusals[batch.id] = self._refusals.get(batch.id, 0) + 1
+                    return _backoff(REFUSED_BACKOFF_S, refusals)
                 batch.submitted += 1
                 submitted += 1
             batch.next_line += 1
+        self._refusals.pop(batch.id, None)
         if batch.next_line >= len(lines):
+            self._cached_parts.pop((batch.input_file_id, batch.next_part), None)
             batch.next_part, batch.next_line = batch.next_part + 1, 0
+        return None
+
+    async def _lines(self, file_id: str, seq: int) -> list[bytes] | None:
+        """The lines of a batch file's part `seq` (None past the last), kept for the next turns."""
+        key = (file_id, seq)
+        if key in self._cached_parts:
+            self._cached_parts.move_to_end(key)
+            return self._cached_parts[key]
+        async with self.state.sessionmaker() as session:
+            part = await files_repo.read_part(session=session, file_id=file_id, seq=seq)
+        if part is None:
+            return None
+        lines = bytes(part.data).split(b"\n")
+        self._cached_parts[key] = lines
+        while len(self._cached_parts) > PARTS_KEPT:
+            self._cached_parts.popitem(last=False)
+        return lines
 
     async def _submit_line(self, batch: Batch, submitter: Submitter, raw: bytes, line: int) -> bool:
-        """Queue one line's job, or record why it cannot be one; False: refused for now (quota)."""
+        """Queue one line's job, or record why it cannot be one; False: refused for now (quota).
+        A refused line's job is kept, decoded, for the next turn."""
         custom_id: str | None = None
         try:
-            request = json.loads(raw)
-            custom_id = request.get("custom_id") if isinstance(request.get("custom_id"), str) else None
-            if custom_id is None or not 0 < len(custom_id) <= 200:
-                raise _LineError("invalid_request", "custom_id: a string of 1 to 200 characters")
-            if request.get("method", "POST") != "POST" or request.get("url") != batch.endpoint:
-                raise _LineError("invalid_request", f"each line is a POST to {batch.endpoint}")
-            body = ChatRequest.model_validate(request.get("body"))
-            if body.stream:
-                raise _LineError("invalid_request", "body.stream: a batch line is not streamed")
-            spec = openai_chat.to_job(
-                body, priority=BATCH_PRIORITY, metadata={"batch_id": batch.id, "custom_id": custom_id}
-            )
-            await submitter.submit(spec, idempotency_key=f"{batch.id}:{line}", batch=(batch.id, line))
-        except (RateLimited, QuotaExceeded, Unavailable):
-            return False
+            held = self._held.pop(batch.id, None)
+            if held is not None and held[0] == line:
+                _, custom_id, spec = held
+            else:
+                custom_id, spec = _decode(batch, raw)
+            try:
+                await submitter.submit(spec, idempotency_key=f"{batch.id}:{line}", batch=(batch.id, line))
+            except (RateLimited, QuotaExceeded, Unavailable):
+                self._held[batch.id] = (line, custom_id, spec)
+                return False
         except _LineError as exc:
-            await self._line_error(batch.id, line, custom_id, exc.code, exc.message)
+            await self._line_error(batch.id, line, exc.custom_id, exc.code, exc.message)
         except AppError as exc:
             await self._line_error(batch.id, line, custom_id, exc.code, exc.message)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+        except DataError:  # what validation missed and PostgreSQL refused: this line's, not the batch's
+            log.warning("batch.line_unstorable", line=line)
             await self._line_error(
-                batch.id, line, custom_id, "invalid_request", f"body.{where}: {first['msg']}"
+                batch.id, line, custom_id, "invalid_request", "the line holds a value that cannot be stored"
             )
-        except (ValueError, AttributeError):
-            await self._line_error(batch.id, line, custom_id, "invalid_json", "the line is not a JSON object")
         return True
 
     async def _line_error(
@@ -225,6 +267,7 @@ class BatchRunner:
                 session=session, user_id=batch.user_id, purpose="batch_output",
                 filename=f"{batch.id}_{'error' if errors else 'output'}.jsonl",
                 parts=self._parts(batch, errors),
+                expires_at=files_repo.expiry(self.state.settings.files_retention_s),
             )  # fmt: skip
             if not (file.media or {}).get("lines"):
                 await files_repo.delete_file(session=session, user_id=batch.user_id, file_id=file.id)
@@ -281,9 +324,44 @@ class BatchRunner:
 
 
 class _LineError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, custom_id: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.custom_id = code, message, custom_id
+
+
+def _decode(batch: Batch, raw: bytes) -> tuple[str, JobCreate]:
+    """A line's custom_id and job, or a `_LineError` saying why it cannot be one."""
+    try:
+        request = json.loads(raw)
+    except RecursionError:
+        raise _LineError("invalid_json", "the line nests too deeply") from None
+    except ValueError:
+        raise _LineError("invalid_json", "the line is not a JSON object") from None
+    if not isinstance(request, dict):
+        raise _LineError("invalid_json", "the line is not a JSON object")
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= 200 or "\x00" in custom_id:
+        raise _LineError("invalid_request", "custom_id: a string of 1 to 200 characters, without NUL")
+    if request.get("method", "POST") != "POST" or request.get("url") != batch.endpoint:
+        raise _LineError("invalid_request", f"each line is a POST to {batch.endpoint}", custom_id)
+    try:
+        body = ChatRequest.model_validate(request.get("body"))
+        if body.stream:
+            raise _LineError("invalid_request", "body.stream: a batch line is not streamed", custom_id)
+        spec = openai_chat.to_job(
+            body, priority=BATCH_PRIORITY, metadata={"batch_id": batch.id, "custom_id": custom_id}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise _LineError("invalid_request", f"body.{where}: {first['msg']}", custom_id) from None
+    except AppError as exc:
+        raise _LineError(exc.code, exc.message, custom_id) from None
+    return custom_id, spec
+
+
+def _backoff(steps: tuple[float, ...], times: int) -> float:
+    return steps[min(times, len(steps)) - 1]
 
 
 def _record(job: Any) -> dict[str, Any]:

@@ -44,9 +44,22 @@ def check_variant(limits: Limits, variant: str) -> None:
         )
 
 
+def check_storage(limits: Limits, *, files: int, used: int, adding: int) -> None:
+    """One more file of `adding` bytes, beside the `files` holding `used` bytes the user keeps."""
+    if files + 1 > limits.max_files:
+        raise QuotaExceeded(
+            f"you keep {files} files; your quota allows {limits.max_files} (delete some, or let them expire)",
+            {"limit": "max_files", "value": limits.max_files, "files": files},
+        )
+    if used + adding > limits.max_storage_bytes:
+        raise QuotaExceeded(
+            f"your files hold {used} bytes; this one does not fit in your {limits.max_storage_bytes}",
+            {"limit": "max_storage_bytes", "value": limits.max_storage_bytes, "used_bytes": used},
+        )
+
+
 def input_bytes(spec: JobCreate, media: MediaTotals) -> int:
-    text = spec.input.prompt or "".join(m.text() for m in spec.input.messages or [])
-    return len(text.encode()) + media.bytes
+    return len(spec.input.text().encode()) + media.bytes
 
 
 def remember(request: Request, snapshot: Snapshot) -> None:
@@ -83,10 +96,13 @@ async def admit(
         if request is not None:
             remember(request, outcome.snapshot)
         if outcome.outcome == quotas.SEED:
-            async with maker() as session:
+            # One snapshot: every job is either settled in the ledger or in flight, never both.
+            async with maker() as session, session.begin():
+                await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
                 rows = await jobs_repo.ledger(session=session, user_id=user.id, since=day)
+                flying = await jobs_repo.in_flight(session=session, user_id=user.id)
             settled = sum(r.input_tokens + r.output_tokens for r in rows if r.day == day)
-            await quota.seed(user_id=user.id, day=day, settled=settled)
+            await quota.seed(user_id=user.id, day=day, settled=settled, in_flight=flying)
             continue
         break
     if outcome.outcome == quotas.OK:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,8 @@ Role = Literal["system", "user", "assistant"]
 MAX_MESSAGES = 50
 MAX_TEXT_CHARS = 32_000
 MAX_STOP_STRINGS = 8
+MAX_SCHEMA_BYTES = 16_384  # a tool's `parameters`, as JSON
+MAX_SCHEMA_DEPTH = 16  # nesting of objects and arrays in a tool's `parameters`
 
 
 def _no_nul(value: str) -> str:
@@ -24,6 +27,19 @@ def _no_nul(value: str) -> str:
 
 # Every user-supplied string: PostgreSQL cannot store NUL in text or jsonb.
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in `value` (0 for a scalar), without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class TextPart(BaseModel):
@@ -83,6 +99,13 @@ class FunctionSpec(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"`parameters` nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        dumped = json.dumps(value, allow_nan=False)
+        if len(dumped.encode()) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"`parameters` is more than {MAX_SCHEMA_BYTES} bytes of JSON")
+        if "\\u0000" in dumped:
+            raise ValueError("`parameters` must not contain NUL (\\u0000) characters")
         properties = value.get("properties", {})
         if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
             raise ValueError("`parameters.properties` must map each argument name to a JSON schema object")
@@ -126,11 +149,17 @@ class JobInput(BaseModel):
     def media(self) -> list[ImagePart | AudioPart]:
         return [part for m in self.messages or [] for part in m.media()]
 
+    def text(self) -> str:
+        """The input's text as the model reads it, the tools' declarations included: what the
+        size budgets and the token reservation count."""
+        text = self.prompt if self.prompt is not None else "".join(m.text() for m in self.messages or [])
+        if self.tools:
+            text += json.dumps([t.model_dump() for t in self.tools])
+        return text
+
     def chars(self) -> int:
         """Characters of text in the input, for the size budget checked at admission."""
-        if self.prompt is not None:
-            return len(self.prompt)
-        return sum(len(m.text()) for m in self.messages or [])
+        return len(self.text())
 
 
 class GenerationParams(BaseModel):
@@ -256,6 +285,8 @@ class QuotaUpdate(BaseModel):
     max_concurrent_jobs: int | None = Field(None, ge=0, le=100_000)
     max_input_bytes: int | None = Field(None, ge=0, le=10**10)
     allowed_variants: list[Annotated[SafeStr, Field(max_length=100)]] | None = Field(None, max_length=200)
+    max_storage_bytes: int | None = Field(None, ge=0, le=10**13)
+    max_files: int | None = Field(None, ge=0, le=10**7)
 
 
 class QuotaOut(BaseModel):
@@ -264,6 +295,8 @@ class QuotaOut(BaseModel):
     max_concurrent_jobs: int
     max_input_bytes: int
     allowed_variants: list[str] | None
+    max_storage_bytes: int
+    max_files: int
 
 
 class UserOut(BaseModel):
@@ -324,10 +357,18 @@ class DayUsage(BaseModel):
     jobs: int = Field(description="jobs that used tokens, charged to the day they were submitted")
 
 
+class StorageWindow(BaseModel):
+    limit_bytes: int
+    used_bytes: int
+    limit_files: int
+    files: int
+
+
 class UsageOut(BaseModel):
     user: str
     limits: QuotaOut
     requests: RequestWindow
     tokens: TokenWindow
     concurrent_jobs: ConcurrencyWindow
+    storage: StorageWindow = Field(description="the files you keep (uploads, batch outputs, inline media)")
     days: list[DayUsage] = Field(description="per-day token use from the usage ledger, newest first")

@@ -28,7 +28,7 @@ def line(i: int, model: str = "echo", **body: Any) -> dict[str, Any]:
     return {"custom_id": f"req-{i}", "method": "POST", "url": ENDPOINT, "body": request | body}
 
 
-def jsonl(lines: list[dict[str, Any]]) -> bytes:
+def jsonl(lines: list[dict[str, Any]] | list[dict[str, Any] | bytes]) -> bytes:
     return b"".join(
         (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
     )

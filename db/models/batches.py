@@ -46,6 +46,7 @@ class Batch(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2000))  # its own, or its owner's default
     ending: Mapped[str | None] = mapped_column(String(16))  # cancelled | expired, once it is ending so
     worked_at: Mapped[datetime | None]  # the runner's latest turn on it (turns go round)
+    next_turn_at: Mapped[datetime | None]  # no turn before this (a quota refused, a turn failed)
     output_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="SET NULL"))
     error_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

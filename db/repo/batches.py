@@ -4,14 +4,14 @@ batch runner (api/batches.py) — one batch at a time, locked, turns going round
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, literal, or_, select
+from sqlalchemy import Select, and_, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, contains_eager
+from sqlalchemy.orm import Session, aliased, contains_eager
 
 from db.models import Batch, BatchLineError, Job, User
 from db.repo.jobs import _READ, _jobs
@@ -107,16 +107,35 @@ async def counts(*, session: AsyncSession, batch_ids: Sequence[str]) -> dict[str
 
 
 async def lock_next(*, session: AsyncSession) -> Batch | None:
-    """The batch whose turn it is (least recently worked on), locked for this transaction;
-    batches another runner holds are skipped."""
+    """The batch whose turn it is, locked for this transaction; batches another runner holds,
+    and batches told to wait (`next_turn_at`), are skipped. Turns go round the owners first —
+    the owner whose latest turn is oldest — then round that owner's batches, so a user with a
+    hundred batches gets no more turns than a user with one."""
+    other = aliased(Batch)
+    owners_turn = (
+        select(func.max(other.worked_at))
+        .where(other.user_id == Batch.user_id, other.status.in_(WORKING))
+        .scalar_subquery()
+    )
     stmt = (
         select(Batch)
-        .where(Batch.status.in_(WORKING))
-        .order_by(Batch.worked_at.asc().nulls_first(), Batch.created_at)
+        .where(Batch.status.in_(WORKING), or_(Batch.next_turn_at.is_(None), Batch.next_turn_at <= func.now()))
+        .order_by(
+            owners_turn.asc().nulls_first(), Batch.worked_at.asc().nulls_first(), Batch.created_at, Batch.id
+        )
         .limit(1)
-        .with_for_update(skip_locked=True, key_share=True)  # as in get_batch
+        .with_for_update(skip_locked=True, key_share=True, of=Batch)  # as in get_batch
     )
     return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def put_off(*, session: AsyncSession, batch_id: str, seconds: float) -> None:
+    """No turn for `batch_id` in the next `seconds` (a turn that failed, in its own transaction)."""
+    await session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(worked_at=func.now(), next_turn_at=func.now() + timedelta(seconds=seconds))
+    )
 
 
 async def owner(*, session: AsyncSession, user_id: str) -> User | None:
@@ -129,9 +148,20 @@ async def add_line_error(
 ) -> None:
     await session.execute(
         pg_insert(BatchLineError)
-        .values(batch_id=batch_id, line=line, custom_id=custom_id, code=code, message=message[:2000])
+        .values(
+            batch_id=batch_id,
+            line=line,
+            custom_id=custom_id and _text(custom_id),
+            code=code,
+            message=_text(message)[:2000],
+        )
         .on_conflict_do_nothing()
     )
+
+
+def _text(value: str) -> str:
+    """A user's text as PostgreSQL stores it (no NUL), for the error file."""
+    return value.replace("\x00", "\ufffd")
 
 
 async def job_ids(*, session: AsyncSession, batch_id: str, status: str, limit: int) -> list[str]:
