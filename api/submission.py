@@ -89,8 +89,6 @@ class Submitter:
         admission.check_variant(limits, spec.variant)
         variant = await _check_spec(spec, self.variants, self.fleet, settings)
         request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
-        if spec.webhook_url is None and user.webhook_url:  # the user's default, fixed on the job
-            spec = spec.model_copy(update={"webhook_url": user.webhook_url})
         if idempotency_key is not None:
             async with autocommit.connect() as connection:
                 earlier = await jobs_repo.find_idempotent(
@@ -125,7 +123,7 @@ class Submitter:
                 async with self.maker() as session, session.begin():
                     media = await store_media(
                         session=session, user_id=user.id, spec=spec, inline=inline,
-                        max_audio_seconds=variant.max_audio_seconds,
+                        max_audio_seconds=variant.max_audio_seconds, retention_s=settings.files_retention_s,
                     )  # fmt: skip
                     job = await insert(session, await admit(media))
             else:  # its row alone: one statement

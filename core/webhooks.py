@@ -3,7 +3,9 @@
 - Targets: http(s) URLs whose host resolves only to public addresses. Private, loopback,
   link-local (cloud metadata at 169.254.169.254 among them), multicast, reserved and unspecified
   addresses are refused — at submission, and again before every attempt (DNS may change) —
-  unless `webhook_allow_hosts` names the host, the address or a block holding it.
+  unless `webhook_allow_hosts` names the host, the address or a block holding it. An attempt
+  connects to the address it checked (`Target`), never to what a second lookup answers. A URL
+  the sender could not use (no host, a bad port, spaces or control characters) is refused too.
 - Events: `job.succeeded`, `job.failed` (an expired job too), `job.cancelled`, and for batches
   `batch.completed`, `batch.failed` (an expired batch too), `batch.cancelled`; the body is
   `{"type", "timestamp", "data": <the job or batch as GET /v1/jobs/{id} or /v1/batches/{id} shows it>}`.
@@ -19,15 +21,18 @@ import base64
 import ipaddress
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
+import httpx
 from standardwebhooks import Webhook
 
 from core.errors import ValidationFailed
 from core.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_URL_CHARS = 2000
 EVENT_OF_STATUS = {
     "succeeded": "job.succeeded",
     "failed": "job.failed",
@@ -50,30 +55,51 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def check_target(url: str, settings: Settings) -> None:
-    """Raise `TargetRefused` unless `url` may be called (resolves the host: call off the event loop)."""
-    parts = urlsplit(url)
+@dataclass(frozen=True)
+class Target:
+    """A webhook URL that passed the check, and the address it was checked at: the attempt
+    connects there and nowhere else (a name that resolves again to a private address gets
+    nothing)."""
+
+    url: str
+    host: str
+    port: int
+    address: str
+
+
+def check_target(url: str, settings: Settings) -> Target:
+    """The `Target` for `url`, or `TargetRefused` (resolves the host: call off the event loop)."""
+    if len(url) > MAX_URL_CHARS or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise TargetRefused(
+            "webhook_url: at most 2000 characters, with no spaces or control characters",
+            {"webhook_url": url[:200]},
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        httpx.URL(url)  # what the sender will parse, so that a URL checked here can be sent to
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise TargetRefused(f"webhook_url: not a valid URL ({exc})", {"webhook_url": url[:200]}) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TargetRefused("webhook_url: an http or https URL with a host", {"webhook_url": url[:200]})
     if parts.username or parts.password:
         raise TargetRefused("webhook_url: credentials in the URL are not allowed")
     host = parts.hostname.lower().rstrip(".")
     allowed = [entry.lower() for entry in settings.webhook_allow_hosts]
-    if host in allowed:
-        return
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnicodeError) as exc:
         raise TargetRefused(f"webhook_url: {host!r} does not resolve", {"host": host}) from exc
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not _public(address) and not _allowed(address, allowed):
-            raise TargetRefused(
-                f"webhook_url: {host!r} is a private, loopback or link-local address "
-                "(allow it with GEMMAQ_WEBHOOK_ALLOW_HOSTS)",
-                {"host": host, "address": str(address)},
-            )
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if host not in allowed:
+        for address in addresses:
+            if not _public(address) and not _allowed(address, allowed):
+                raise TargetRefused(
+                    f"webhook_url: {host!r} is a private, loopback or link-local address "
+                    "(allow it with GEMMAQ_WEBHOOK_ALLOW_HOSTS)",
+                    {"host": host, "address": str(address)},
+                )
+    return Target(url=url, host=host, port=port, address=str(addresses[0]))
 
 
 def _public(address: IPAddress) -> bool:

@@ -1,4 +1,4 @@
-"""The webhook dispatcher: runs beside the reconciler (its own thread in that process).
+"""The webhook dispatcher: one of the duties (workers/reconciler.py `Duties`), in its own thread.
 
 Each round it makes a pending delivery for every job with a `webhook_url` that has ended since
 the last round (a delivery exists iff a job with a webhook ended: made from the jobs table, so
@@ -11,14 +11,17 @@ delivery is taken by one (SKIP LOCKED) and pushed past its attempt's time limit 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import structlog
 from sqlalchemy.exc import OperationalError
@@ -26,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from core.openai_batch import batch_out
 from core.settings import Settings
-from core.webhooks import TargetRefused, backoff_s, check_target, new_secret, signed_headers
+from core.webhooks import Target, TargetRefused, backoff_s, check_target, new_secret, signed_headers
 from db.models import Batch
 from db.repo import batches as batches_repo
 from db.repo import jobs as jobs_repo
@@ -39,6 +42,8 @@ LOOKBACK = timedelta(days=1)  # at start: jobs that ended this recently still ge
 SLACK = timedelta(seconds=30)  # jobs committed a little out of finish-time order are not missed
 SENDERS = 8
 PER_ROUND = 32
+MAX_RESPONSE_BYTES = 64 * 1024  # of a receiver's answer, read before it is let go
+PER_USER = 4  # of one user's deliveries in a round: users take turns
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,15 @@ class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.maker = sync_sessionmaker(settings.db_url)
-        self.http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
+        self.tls = httpx.create_ssl_context()
         self.senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook")
         self.since = datetime.now(UTC) - LOOKBACK
 
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, args=(stop,), name="webhooks", daemon=True)
-        thread.start()
-        return thread
-
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, active: Callable[[], bool] = lambda: True) -> None:
+        """Rounds every `webhook_interval_s` while `active()` (this process holds the duties)."""
         while not stop.wait(self.settings.webhook_interval_s):
+            if not active():
+                continue
             try:
                 self.once()
             except OperationalError as exc:
@@ -75,19 +78,22 @@ class Dispatcher:
             except Exception:
                 log.exception("webhooks.round_failed")
         self.senders.shutdown(wait=True)
-        self.http.close()
 
     def once(self) -> int:
         """One round: deliveries made for newly ended jobs, due ones attempted; how many attempted."""
         with self.maker.begin() as session:
-            _, latest = webhooks_repo.create_for_ended(session=session, since=self.since - SLACK)
+            _, latest = webhooks_repo.create_for_ended(
+                session=session, since=self.since - SLACK, max_pending=self.settings.webhook_max_pending
+            )
         if latest is not None:
             self.since = max(self.since, latest)
         with self.maker.begin() as session:
             lease = self.settings.webhook_timeout_s + 30
             due = [
                 _Due(d.id, d.user_id, d.job_id, d.batch_id, d.event, d.url, d.attempts, d.payload)
-                for d in webhooks_repo.claim_due(session=session, limit=PER_ROUND, lease_s=lease)
+                for d in webhooks_repo.claim_due(
+                    session=session, limit=PER_ROUND, per_user=PER_USER, lease_s=lease
+                )
             ]
         list(self.senders.map(self._attempt, due))
         return len(due)
@@ -135,16 +141,104 @@ class Dispatcher:
         code: int | None = None
         error: str | None = None
         try:
-            check_target(d.url, self.settings)  # again: what the name resolves to may have changed
-            response = self.http.post(
-                d.url, content=payload, headers=signed_headers(secret, d.id, at, payload)
-            )
-            code = response.status_code
+            target = check_target(d.url, self.settings)  # again: what the name resolves to may have changed
+            headers = signed_headers(secret, d.id, at, payload)
+            deadline = started + self.settings.webhook_timeout_s
+            code = post(target, payload.encode(), headers, deadline, self.tls)
             if not 200 <= code < 300:
                 error = f"HTTP {code}"
         except TargetRefused as exc:
             error = f"refused: {exc.message}"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # whatever the cause, this attempt failed: recorded, retried later
             error = f"{type(exc).__name__}: {exc}"[:300]
         ms = round((time.monotonic() - started) * 1000, 1)
         return {"at": at.isoformat(), "status_code": code, "error": error, "ms": ms}
+
+
+def post(target: Target, body: bytes, headers: dict[str, str], deadline: float, tls: ssl.SSLContext) -> int:
+    """POST `body` to the target's checked address (TLS still verifies the URL's host) and read
+    the answer, all of it before `deadline` (monotonic) and at most `MAX_RESPONSE_BYTES` of its
+    body: a receiver that trickles, or streams without end, fails the attempt. Returns the
+    status code."""
+    url = httpx.URL(target.url)
+    left = max(deadline - time.monotonic(), 0.001)
+    with (
+        httpcore.ConnectionPool(ssl_context=tls, network_backend=_Pinned(target.address, deadline)) as pool,
+        pool.stream(
+            "POST",
+            httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+            headers=[(b"host", url.netloc), *((k.encode(), v.encode()) for k, v in headers.items())],
+            content=body,
+            extensions={"timeout": {"connect": left, "read": left, "write": left, "pool": left}},
+        ) as response,
+    ):
+        read = 0
+        for chunk in response.iter_stream():
+            read += len(chunk)
+            if read > MAX_RESPONSE_BYTES:
+                raise ResponseTooLarge(f"the response is more than {MAX_RESPONSE_BYTES} bytes")
+        return response.status
+
+
+class ResponseTooLarge(Exception):
+    pass
+
+
+class _Pinned(httpcore.NetworkBackend):
+    """Connects to one address, whatever host the URL names; every read and write ends by the
+    attempt's deadline (a receiver that trickles a byte a second gets no more time)."""
+
+    def __init__(self, address: str, deadline: float) -> None:
+        self.address, self.deadline = address, deadline
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_tcp(
+            self.address, port, _left(self.deadline, timeout), local_address, socket_options
+        )
+        return _Deadline(stream, self.deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("webhooks are not sent over Unix sockets")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class _Deadline(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float) -> None:
+        self._stream, self.deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(self.deadline, timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(self.deadline, timeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(ssl_context, server_hostname, _left(self.deadline, timeout))
+        return _Deadline(tls, self.deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+def _left(deadline: float, timeout: float | None) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise httpcore.TimeoutException("the attempt's time limit passed")
+    return left if timeout is None else min(timeout, left)

@@ -19,6 +19,7 @@ from core.webhooks import check_target
 from db.models import Batch
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
+from db.repo import webhooks as webhooks_repo
 
 router = APIRouter(tags=["batches"])
 
@@ -60,12 +61,13 @@ async def create_batch(
             raise ValidationFailed(
                 "input_file_id: upload the file with purpose=batch", {"purpose": file.purpose}
             )
+        default = await webhooks_repo.default_url(session=session, user_id=user.id)
         batch = await batches_repo.create_batch(
             session=session, user_id=user.id, input_file_id=file.id, endpoint=body.endpoint,
             completion_window=body.completion_window, metadata=body.metadata or {},
             total=int((file.media or {}).get("lines", 0)),
             expires_at=datetime.now(UTC) + WINDOWS[body.completion_window],
-            webhook_url=body.webhook_url or user.webhook_url,
+            webhook_url=body.webhook_url or default,
         )  # fmt: skip
     return await _out(maker, batch)
 

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import renew_key_epoch
-from api.deps import RedisDep, SessionMakerDep, SettingsDep, UserDep
+from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from core.errors import NotFound
 from core.schemas import SafeStr
@@ -86,8 +85,10 @@ async def get_settings(user: UserDep, maker: SessionMakerDep) -> WebhookSettings
 
 @router.put("/settings", responses=responses(401, 422), summary="Set your default webhook URL")
 async def put_settings(
-    body: WebhookSettingsIn, user: UserDep, maker: SessionMakerDep, redis: RedisDep, settings: SettingsDep
+    body: WebhookSettingsIn, user: UserDep, maker: SessionMakerDep, settings: SettingsDep
 ) -> WebhookSettings:
+    """Jobs and batches submitted from now on, by any API process, take the new default (it is
+    read with each submission, not from a cache)."""
     if body.default_url is not None:
         await run_in_threadpool(check_target, body.default_url, settings)
     async with maker() as session, session.begin():
@@ -95,7 +96,6 @@ async def put_settings(
         url, secret = await webhooks_repo.settings_of(
             session=session, user_id=user.id, new_secret=new_secret()
         )
-    await renew_key_epoch(redis, settings)  # API processes re-read the user (and its default) at once
     return WebhookSettings(default_url=url, secret=secret)
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from core.metrics import Ended
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
 from db.ids import new_id
-from db.models import Job, JobMetric, UsageLedger
+from db.models import Job, JobMetric, UsageLedger, User
 
 MAX_PAGE = 100
 TERMINAL = sorted(TERMINAL_STATUSES)
@@ -135,7 +135,12 @@ async def create_job(
         values["charged_on"] = charged_on
     if batch is not None:  # a batch's line: (batch id, line number)
         values["batch_id"], values["batch_line"] = batch
-    inserted = (await session.execute(_INSERT, values)).mappings().first()
+    statement = _INSERT
+    if spec.webhook_url is None:  # the owner's default as it is now, not as a cache last saw it
+        del values["webhook_url"]
+        default = select(User.webhook_url).where(User.id == user_id).scalar_subquery()
+        statement = _INSERT.values(webhook_url=default)
+    inserted = (await session.execute(statement, values)).mappings().first()
     if inserted is not None:
         return inserted, True
     assert idempotency_key is not None  # nothing else can conflict with a new id
@@ -227,6 +232,14 @@ async def withdraw(*, session: AsyncSession, job_id: str) -> bool:
     """Delete a job whose message could not be sent — only while it is still queued."""
     stmt = delete(Job).where(Job.id == job_id, Job.status == "queued").returning(Job.id)
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def in_flight(*, session: AsyncSession, user_id: str) -> list[tuple[str, int, date]]:
+    """The user's queued and running jobs: (id, tokens reserved at admission, the day charged)."""
+    stmt = select(Job.id, Job.reserved_tokens, Job.charged_on).where(
+        Job.user_id == user_id, Job.status.in_(("queued", "running"))
+    )
+    return [(str(i), int(t or 0), d) for i, t, d in (await session.execute(stmt)).all() if d is not None]
 
 
 async def ledger(*, session: AsyncSession, user_id: str, since: date) -> list[UsageLedger]:

@@ -3,7 +3,7 @@ reconciler process: workers/webhooks.py); listed and configured by the API (asyn
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, or_, select, text, update
@@ -27,9 +27,12 @@ ORDER BY finished_at LIMIT :limit
 """)
 
 
-def create_for_ended(*, session: Session, since: datetime, limit: int = 500) -> tuple[int, datetime | None]:
+def create_for_ended(
+    *, session: Session, since: datetime, max_pending: int, limit: int = 500
+) -> tuple[int, datetime | None]:
     """A pending delivery for each job or batch with a webhook that ended since `since` and has
-    none yet. Returns how many were made and the latest end seen."""
+    none yet — failed at once, with why, past the owner's `max_pending` pending deliveries.
+    Returns how many were made and the latest end seen."""
     jobs = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
     batches = session.execute(_BATCHES_ENDED, {"since": since, "limit": limit}).all()
     values = [
@@ -41,8 +44,25 @@ def create_for_ended(*, session: Session, since: datetime, limit: int = 500) -> 
     ]
     if not values:
         return 0, None
-    fresh = {"status": "pending", "attempts": 0, "history": []}
-    rows = [{"id": new_id("msg"), "job_id": None, "batch_id": None} | v | fresh for v in values]
+    pending = dict(
+        session.execute(
+            select(WebhookDelivery.user_id, func.count())
+            .where(
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.user_id.in_({v["user_id"] for v in values}),
+            )
+            .group_by(WebhookDelivery.user_id)
+        ).all()
+    )
+    rows = []
+    for v in values:
+        held = pending[v["user_id"]] = pending.get(v["user_id"], 0) + 1
+        fresh: dict[str, Any] = {"status": "pending", "attempts": 0, "history": []}
+        if held > max_pending:  # recorded, not attempted: the user's receiver is far behind
+            dropped = f"dropped: more than {max_pending} of your deliveries are pending"
+            fresh = {"status": "failed", "attempts": 0, "history": [{"at": datetime.now(UTC).isoformat(),
+                     "status_code": None, "error": dropped, "ms": 0}]}  # fmt: skip
+        rows.append({"id": new_id("msg"), "job_id": None, "batch_id": None} | v | fresh)
     session.execute(pg_insert(WebhookDelivery).values(rows).on_conflict_do_nothing())
     return len(rows), max(row[4] for row in [*jobs, *batches])
 
@@ -58,17 +78,30 @@ ORDER BY ended LIMIT :limit
 """)
 
 
-def claim_due(*, session: Session, limit: int, lease_s: float) -> list[WebhookDelivery]:
-    """Pending deliveries due now, pushed `lease_s` ahead so no other dispatcher takes them
-    while they are attempted (if this one dies, they are due again then)."""
-    due = (
+_DUE = text("""
+SELECT id FROM (
+  SELECT id, next_attempt_at, row_number() OVER (PARTITION BY user_id ORDER BY next_attempt_at) AS turn
+  FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+) due
+WHERE turn <= :per_user ORDER BY turn, next_attempt_at LIMIT :limit
+""")
+
+
+def claim_due(*, session: Session, limit: int, per_user: int, lease_s: float) -> list[WebhookDelivery]:
+    """Pending deliveries due now — at most `per_user` of each user's, round the users first, so
+    one user's backlog or slow receiver never holds up another's — pushed `lease_s` ahead so no
+    other dispatcher takes them while they are attempted (if this one dies, they are due again
+    then)."""
+    ids = list(session.execute(_DUE, {"per_user": per_user, "limit": limit}).scalars())
+    if not ids:
+        return []
+    locked = (
         select(WebhookDelivery)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= func.now())
+        .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
         .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    deliveries = list(session.execute(due).scalars())
+    deliveries = list(session.execute(locked).scalars())
     for d in deliveries:
         d.next_attempt_at = datetime.now(d.next_attempt_at.tzinfo) + timedelta(seconds=lease_s)
     return deliveries
@@ -155,6 +188,12 @@ async def settings_of(*, session: AsyncSession, user_id: str, new_secret: str) -
     )
     url, secret = (await session.execute(stmt)).one()
     return url, str(secret)
+
+
+async def default_url(*, session: AsyncSession, user_id: str) -> str | None:
+    """The user's default webhook URL as it is now (the API's cached users may be older)."""
+    url: str | None = (await session.execute(select(User.webhook_url).where(User.id == user_id))).scalar()
+    return url
 
 
 async def set_default_url(*, session: AsyncSession, user_id: str, url: str | None) -> None:
