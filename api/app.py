@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -14,7 +14,8 @@ from api.auth import Authenticator
 from api.batches import BatchRunner
 from api.errors import install_error_handlers
 from api.fleet_view import FleetView
-from api.limits import BodyLimit, RateLimitHeaders
+from api.holds import Holds
+from api.limits import BodyLimit, KeyFirst, RateLimitHeaders
 from api.routers import admin, batches, chat, files, health, jobs, metrics, models, usage, webhooks
 from api.waiting import DoneListener
 from core import __version__
@@ -34,12 +35,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     # Give up fast: one immediate retry (a pooled connection gone stale when Redis restarted
     # reconnects), no backoff, so with Redis down a request is answered 503 in well under a second.
-    app.state.redis = Redis.from_url(
-        settings.broker_url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
+    # A bounded pool: past `redis_max_connections` a command waits for a connection (up to the
+    # socket timeout, then 503) rather than open one more; api/holds.py keeps streams, which
+    # hold theirs while they block, to half of it.
+    app.state.redis = Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            settings.broker_url,
+            max_connections=settings.redis_max_connections,
+            timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 1),
+        )
     )
     app.state.quotas = AsyncQuotas(app.state.redis, settings)
     app.state.auth = Authenticator(app.state.sessionmaker, app.state.redis, app.state.quotas, settings)
@@ -68,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.variants = load_variants(settings.variants_file)
+    app.state.holds = Holds(settings)
     app.include_router(health.router)
     app.include_router(metrics.router)
     for router in (
@@ -80,4 +89,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.files_max_bytes + 1024 * 1024
     )
+    app.add_middleware(KeyFirst)  # outermost of these: no body is read for a caller without a key
     return app

@@ -15,8 +15,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api.auth import Authenticator
+from api.auth import Caller
 from api.fleet_view import FleetView
+from api.holds import Holds
+from api.limits import MISSING_KEY
 from api.quota import remember
 from api.waiting import DoneListener
 from core.errors import Unauthorized
@@ -71,6 +73,11 @@ async def get_done(request: Request) -> DoneListener:
     return done
 
 
+async def get_holds(request: Request) -> Holds:
+    holds: Holds = request.app.state.holds
+    return holds
+
+
 async def get_variants(request: Request) -> VariantRegistry:
     variants: VariantRegistry = request.app.state.variants
     return variants
@@ -86,6 +93,7 @@ DoneDep = Annotated[DoneListener, Depends(get_done)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 BrokerDep = Annotated[Celery, Depends(get_broker)]
 VariantsDep = Annotated[VariantRegistry, Depends(get_variants)]
+HoldsDep = Annotated[Holds, Depends(get_holds)]
 QuotasDep = Annotated[AsyncQuotas, Depends(get_quotas)]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq users create`")
@@ -94,12 +102,11 @@ _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq u
 async def authenticate(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> User:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    auth: Authenticator = request.app.state.auth
-    caller = await auth(credentials.credentials)
+    """The caller api/limits.py `KeyFirst` authenticated before the body was read (`credentials`
+    is declared for the OpenAPI document's security scheme)."""
+    caller: Caller | None = getattr(request.state, "caller", None)
     if caller is None:
-        raise Unauthorized("invalid or revoked API key")
+        raise Unauthorized(MISSING_KEY)
     structlog.contextvars.bind_contextvars(user_id=caller.user.id)
     if caller.snapshot is not None:
         remember(request, caller.snapshot)

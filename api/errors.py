@@ -109,6 +109,18 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "INTERNAL", "internal error", {"request_id": request_id})
 
 
+async def response_for(request: Request, exc: Exception) -> JSONResponse:
+    """The answer the handlers below give for `exc`, for code that runs outside the app's own
+    exception handling (the ASGI layers of api/limits.py)."""
+    if isinstance(exc, AppError):
+        return await _app_error(request, exc)
+    if isinstance(exc, DBAPIError | PoolTimeout):
+        return await _database_error(request, exc)
+    if isinstance(exc, RedisError):
+        return await _redis_error(request, exc)
+    return await _unhandled(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

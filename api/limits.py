@@ -1,15 +1,50 @@
-"""Two wrappers around every request: a cap on its body, enforced while it streams in (before any
-parsing or authentication), and the RateLimit-* headers on every authenticated response."""
+"""Wrappers around every request, outermost first:
+- `KeyFirst`: the caller's API key, checked before a byte of the body is read — a request to
+  /v1/ without a valid key is answered 401 at once, however large the body it announces;
+- `BodyLimit`: a cap on the body, enforced while it streams in (before any parsing): 413,
+  whether the length is announced or the body comes chunked;
+- `RateLimitHeaders`: the RateLimit-* headers on every authenticated response."""
 
 from __future__ import annotations
 
-import json
-
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_response, response_for
 
-class BodyTooLarge(Exception):
-    pass
+_DISCONNECT: Message = {"type": "http.disconnect"}
+MISSING_KEY = "missing API key: send `Authorization: Bearer <key>`"
+
+
+class KeyFirst:
+    """Authenticates requests under `prefix` from their `Authorization: Bearer` header alone; the
+    caller is left in the request's state for the routes (api/deps.py `authenticate`)."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            refusal = error_response(401, "UNAUTHORIZED", MISSING_KEY)
+        else:
+            try:
+                caller = await scope["app"].state.auth(key.strip())
+            except Exception as exc:  # the database or Redis away: answered as the routes would be
+                await (await response_for(Request(scope), exc))(scope, receive, send)
+                return
+            if caller is not None:
+                scope.setdefault("state", {})["caller"] = caller
+                await self.app(scope, receive, send)
+                return
+            refusal = error_response(401, "UNAUTHORIZED", "invalid or revoked API key")
+        refusal.headers["www-authenticate"] = "Bearer"
+        refusal.headers["connection"] = "close"  # the body it may be sending is never read
+        await refusal(scope, receive, send)
 
 
 class BodyLimit:
@@ -33,47 +68,46 @@ class BodyLimit:
             await _refuse(send, limit)
             return
         seen = 0
-        started = False
+        started = cut = answered = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, cut, answered
+            if cut:
+                return _DISCONNECT
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge
+                    # Answered here, whatever the app makes of a body that stops: 413, never
+                    # the 400 or 422 of a body cut short.
+                    cut = True
+                    if not started:
+                        answered = True
+                        await _refuse(send, limit)
+                    return _DISCONNECT
             return message
 
         async def tracked(message: Message) -> None:
             nonlocal started
+            if answered:
+                return  # the app's own answer to the cut body: the 413 went out instead
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, tracked)
-        except BodyTooLarge:
-            if not started:
-                await _refuse(send, limit)
+        except Exception:
+            if not answered:  # a route that failed on the cut body: the 413 is the answer
+                raise
 
 
 async def _refuse(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "PAYLOAD_TOO_LARGE",
-                "message": f"the request body is over {limit} bytes",
-                "details": {"limit": limit},
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
+    response = error_response(
+        413, "PAYLOAD_TOO_LARGE", f"the request body is over {limit} bytes", {"limit": limit}
     )
-    await send({"type": "http.response.body", "body": body})
+    response.headers["connection"] = "close"  # the rest of the body is not read
+    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class RateLimitHeaders:

@@ -57,6 +57,7 @@ async def follow(
     """The job's events after `cursor`, then `done`; `read` re-reads the job (its row)."""
     key = events.events_key(settings, job.id)
     terminal = job.status in TERMINAL_STATUSES
+    attempt = 0  # the latest attempt a `running` status announced: older attempts' text is dropped
     while True:
         reply: Any
         try:
@@ -74,6 +75,10 @@ async def follow(
         for entry_id, fields in entries:
             cursor = entry_id.decode()
             event, data = events.parse(fields)
+            if event == events.STATUS and data.get("status") == "running":
+                attempt = max(attempt, int(data.get("attempt") or 0))
+            if event == events.DELTA and int(data.get("attempt") or attempt) < attempt:
+                continue  # a lost attempt's text, published late
             yield Event(cursor, event, data)
             if event == events.STATUS and data["status"] in TERMINAL_STATUSES:
                 yield Event(None, "done", (await read()).model_dump(mode="json"))

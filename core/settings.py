@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     quota_tokens_per_day: int = 10_000_000
     quota_max_concurrent_jobs: int = 64
     quota_max_input_bytes: int = 20 * 1024 * 1024
+    quota_max_storage_bytes: int = 2 * 1024 * 1024 * 1024  # files a user keeps (POST /v1/files)
+    quota_max_files: int = 1000
+    # Files expire this long after upload unless `expires_after` says otherwise (None: never).
+    files_retention_s: int | None = Field(default=30 * 86_400, ge=3600)
 
     # /v1/metrics/summary raises an alert past each of these (the seed tutorial's defaults).
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")
@@ -78,6 +82,11 @@ class Settings(BaseSettings):
 
     # POST /v1/chat/completions waits this long for its job (then 504; the job goes on).
     chat_wait_s: float = Field(default=600.0, gt=0)
+    # api/holds.py: open streams and held waits per user, in each API process; Redis
+    # connections each API process keeps (streams take at most half of them).
+    max_streams_per_user: int = Field(default=16, ge=1)
+    max_waits_per_user: int = Field(default=256, ge=1)
+    redis_max_connections: int = Field(default=100, ge=8)
     # A job's events (status changes, text deltas: core/events.py) are kept this long after the latest.
     events_ttl_s: int = Field(default=3600, ge=1)
 
@@ -89,8 +98,13 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=5.0, gt=0, description="before the 2nd attempt; doubles after")
     webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
     webhook_interval_s: float = Field(default=1.0, gt=0, description="how often deliveries are looked for")
+    webhook_max_pending: int = Field(
+        default=1000, ge=1, description="a user's pending deliveries; new ones past it fail at once"
+    )
 
     api_host: str = "127.0.0.1"
+    # GET /metrics asks for this bearer token when set (empty: open, as Prometheus scrapes it).
+    metrics_token: str | None = None
     api_port: int = 8000
     log_level: str = "INFO"
     log_json: bool = True

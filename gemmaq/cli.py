@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -34,6 +35,10 @@ def _settings() -> Settings:
     return settings
 
 
+# SIGTERM: open streams and waits get this long to finish, then the API exits anyway.
+API_GRACE_S = 5
+
+
 @app.command()
 def migrate() -> None:
     """Bring the database schema to the newest revision (alembic upgrade head)."""
@@ -48,19 +53,29 @@ def api(
     host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port: Annotated[int | None, typer.Option(help="port")] = None,
 ) -> None:
-    """Serve the HTTP API (one uvicorn process)."""
+    """Serve the HTTP API (one uvicorn process), and take a turn at the reconciler's duties."""
+    import threading
+
     import uvicorn
 
     from api.app import create_app
+    from workers.reconciler import Duties
 
     settings = _settings()
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_config=None,
-        access_log=False,
-    )
+    stop = threading.Event()
+    duties = Duties(settings, f"api@{socket.gethostname()}").start(stop)
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=API_GRACE_S,
+        )
+    finally:
+        stop.set()
+        duties.join(timeout=2)
 
 
 @app.command()
@@ -176,6 +191,8 @@ def users_set_quota(
     tokens_per_day: TpdOpt = None,
     max_concurrent_jobs: ConcOpt = None,
     max_input_bytes: Annotated[int | None, typer.Option("--max-input-bytes")] = None,
+    max_storage_bytes: Annotated[int | None, typer.Option("--max-storage-bytes")] = None,
+    max_files: Annotated[int | None, typer.Option("--max-files")] = None,
     allowed_variants: Annotated[
         str | None, typer.Option("--allowed-variants", help="comma-separated, or all")
     ] = None,
@@ -183,7 +200,11 @@ def users_set_quota(
     """Change a user's quota; it applies to their next request, no restart needed."""
     from gemmaq.admin import set_quota
 
-    more: dict[str, object] = {"max_input_bytes": max_input_bytes}
+    more: dict[str, object] = {
+        "max_input_bytes": max_input_bytes,
+        "max_storage_bytes": max_storage_bytes,
+        "max_files": max_files,
+    }
     if allowed_variants is not None:
         more["allowed_variants"] = None if allowed_variants == "all" else allowed_variants.split(",")
     changes = _quota(requests_per_minute, tokens_per_day, max_concurrent_jobs, **more)

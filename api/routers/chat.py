@@ -12,12 +12,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import DoneDep
+from api.deps import DoneDep, HoldsDep
 from api.errors import error_response, responses
+from api.holds import KeyWatch, guarded
 from api.streaming import follow
 from api.submission import SubmitterDep, read_job
 from core import openai_chat
@@ -40,16 +41,35 @@ FAILED_STATUS = {"TIMEOUT": 504, "CONTENT_FILTERED": 400}
     },
     summary="Chat completion (OpenAI-compatible)",
 )
-async def chat_completions(body: ChatRequest, submitter: SubmitterDep, done: DoneDep) -> Response:
+async def chat_completions(
+    request: Request, body: ChatRequest, submitter: SubmitterDep, done: DoneDep, holds: HoldsDep
+) -> Response:
     spec = openai_chat.to_job(body, priority=INTERACTIVE_PRIORITY, metadata={"api": "chat.completions"})
-    job = (await submitter.submit(spec)).job
+    # A place under the caller's cap first (429 past it), so a refused request queues nothing.
+    hold = holds.take("stream" if body.stream else "wait", submitter.user.id)
+    try:
+        job = (await submitter.submit(spec)).job
+    except BaseException:
+        hold.release()
+        raise
     headers = {"X-Gemmaq-Job-Id": job.id}
-    read = functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id)
     if body.stream:
+        watch = KeyWatch(request)
+
+        async def read() -> JobOut:
+            await watch.check()
+            return await read_job(submitter.autocommit, submitter.user.id, job.id)
+
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         follow_job = follow(submitter.redis, submitter.settings, job, read, "0-0")
-        return EventSourceResponse(_chunks(job, follow_job, include_usage), ping=PING_S, headers=headers)
-    job = await done.wait_for(job.id, read, submitter.settings.chat_wait_s)
+        chunks = guarded(_chunks(job, follow_job, include_usage), hold, watch)
+        return EventSourceResponse(chunks, ping=PING_S, headers=headers)
+    with hold:
+        job = await done.wait_for(
+            job.id,
+            functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id),
+            submitter.settings.chat_wait_s,
+        )
     if job.status == "succeeded":
         return JSONResponse(openai_chat.completion(job), headers=headers)
     response = _unsuccessful(job)

@@ -8,17 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import (
-    AutocommitDep,
-    DoneDep,
-    RedisDep,
-    SettingsDep,
-    UserDep,
-)
+from api.deps import AutocommitDep, DoneDep, HoldsDep, RedisDep, SettingsDep, UserDep
 from api.errors import responses
+from api.holds import KeyWatch, guarded
 from api.streaming import cursor_of, follow
 from api.submission import SubmitterDep, read_job
 from core.errors import Conflict, ValidationFailed
@@ -62,12 +57,14 @@ async def get_job(
     user: UserDep,
     autocommit: AutocommitDep,
     done: DoneDep,
+    holds: HoldsDep,
     wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds for a terminal state")] = 0,
 ) -> JobOut:
     read = functools.partial(read_job, autocommit, user.id, job_id)
     if wait <= 0:
         return await read()
-    return await done.wait_for(job_id, read, wait)
+    with holds.take("wait", user.id):
+        return await done.wait_for(job_id, read, wait)
 
 
 @router.get(
@@ -80,7 +77,9 @@ async def get_job(
     summary="Follow a job: status changes and text deltas (Server-Sent Events)",
 )
 async def job_events(
+    request: Request,
     job_id: JobIdPath,
+    holds: HoldsDep,
     user: UserDep,
     autocommit: AutocommitDep,
     redis: RedisDep,
@@ -93,13 +92,17 @@ async def job_events(
     stream ends."""
     cursor = cursor_of(last_event_id)
     job = await read_job(autocommit, user.id, job_id)  # 404 before the stream starts
+    hold, watch = holds.take("stream", user.id), KeyWatch(request)  # 429 past the user's cap
+
+    async def reread() -> JobOut:
+        await watch.check()
+        return await read_job(autocommit, user.id, job_id)
 
     async def frames() -> AsyncIterator[ServerSentEvent]:
-        reread = functools.partial(read_job, autocommit, user.id, job_id)
         async for e in follow(redis, settings, job, reread, cursor):
             yield ServerSentEvent(data=json.dumps(e.data), event=e.event, id=e.id)
 
-    return EventSourceResponse(frames(), ping=PING_S)
+    return EventSourceResponse(guarded(frames(), hold, watch), ping=PING_S)
 
 
 @router.get("/jobs", responses=responses(401, 422), summary="List your jobs, newest first")
