@@ -58,6 +58,8 @@ def limits_of(user: User, settings: Settings) -> Limits:
         max_concurrent_jobs=quota.max_concurrent_jobs,
         max_input_bytes=quota.max_input_bytes,
         allowed_variants=quota.allowed_variants,
+        max_storage_bytes=quota.max_storage_bytes,
+        max_files=quota.max_files,
     )
 
 

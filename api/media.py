@@ -99,6 +99,7 @@ async def store_media(
     spec: JobCreate,
     inline: list[InlineMedia],
     max_audio_seconds: float | None = None,
+    retention_s: int | None = None,
 ) -> MediaTotals:
     """Inside the job's transaction: store inline media as files; check referenced files are the caller's
     (and, where the model takes one window of audio per job, that the clips fit in it)."""
@@ -113,6 +114,7 @@ async def store_media(
             content=item.data,
             content_type=item.info.content_type,
             media=item.info.as_dict(),
+            expires_at=files_repo.expiry(retention_s),
         )
         item.part.data, item.part.file_id = None, stored.id
     stored_now = {id(i.part) for i in inline}

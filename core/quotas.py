@@ -121,7 +121,15 @@ return out
 """
 )
 
+# The day's counter, missing (a new day, or Redis flushed or restarted empty): the jobs still in
+# flight get their slots back first (ARGV from the 4th: job, reserved tokens, day — from
+# PostgreSQL), then the counter is the day's settled usage plus every reservation of the day.
 _SEED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 4, #ARGV, 3 do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2] .. '|' .. now)
+end
 local total = tonumber(ARGV[1])
 for _, entry in ipairs(redis.call('HVALS', KEYS[2])) do
   local reserved, day = string.match(entry, '^(%d+)|([^|]+)|')
@@ -139,6 +147,8 @@ class Limits:
     max_concurrent_jobs: int
     max_input_bytes: int
     allowed_variants: list[str] | None = None
+    max_storage_bytes: int = 0
+    max_files: int = 0
 
     @classmethod
     def defaults(cls, settings: Settings) -> Limits:
@@ -147,6 +157,8 @@ class Limits:
             tokens_per_day=settings.quota_tokens_per_day,
             max_concurrent_jobs=settings.quota_max_concurrent_jobs,
             max_input_bytes=settings.quota_max_input_bytes,
+            max_storage_bytes=settings.quota_max_storage_bytes,
+            max_files=settings.quota_max_files,
         )
 
 
@@ -312,9 +324,18 @@ class AsyncQuotas:
         )
         return _admission(limits, reply, reserve)
 
-    async def seed(self, *, user_id: str, day: date, settled: int) -> None:
+    async def seed(
+        self, *, user_id: str, day: date, settled: int, in_flight: Sequence[tuple[str, int, date]] = ()
+    ) -> None:
+        """The day's counter from PostgreSQL: `settled` usage, and the jobs `in_flight` (id,
+        reserved tokens, the day charged) holding their slots again."""
         keys = self.keys(user_id)
-        await self._seed(keys=[keys.tokens(day), keys.active], args=[settled, day.isoformat(), DAY_TTL_S])
+        jobs = [
+            str(v) for job_id, tokens, charged in in_flight for v in (job_id, tokens, charged.isoformat())
+        ]
+        await self._seed(
+            keys=[keys.tokens(day), keys.active], args=[settled, day.isoformat(), DAY_TTL_S, *jobs]
+        )
 
     async def peek(self, *, user_id: str, limits: Limits, day: date) -> Snapshot:
         keys = self.keys(user_id)

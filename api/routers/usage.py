@@ -11,7 +11,16 @@ from api import quota as admission
 from api.deps import QuotasDep, SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from core import quotas
-from core.schemas import ConcurrencyWindow, DayUsage, QuotaOut, RequestWindow, TokenWindow, UsageOut
+from core.schemas import (
+    ConcurrencyWindow,
+    DayUsage,
+    QuotaOut,
+    RequestWindow,
+    StorageWindow,
+    TokenWindow,
+    UsageOut,
+)
+from db.repo import files as files_repo
 from db.repo import jobs as jobs_repo
 
 router = APIRouter(tags=["usage"])
@@ -32,6 +41,7 @@ async def usage(
         rows = await jobs_repo.ledger(
             session=session, user_id=user.id, since=today - timedelta(days=days - 1)
         )
+        files, stored = await files_repo.storage_used(session=session, user_id=user.id)
     used = sum(r.input_tokens + r.output_tokens for r in rows if r.day == today)
     charged = max(used, snapshot.tokens_charged or 0)
     return UsageOut(
@@ -55,6 +65,9 @@ async def usage(
             limit=limits.max_concurrent_jobs,
             active=snapshot.active_jobs,
             remaining=max(0, limits.max_concurrent_jobs - snapshot.active_jobs),
+        ),
+        storage=StorageWindow(
+            limit_bytes=limits.max_storage_bytes, used_bytes=stored, limit_files=limits.max_files, files=files
         ),
         days=[
             DayUsage(

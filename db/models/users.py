@@ -47,6 +47,8 @@ class Quota(Base):
     max_concurrent_jobs: Mapped[int] = mapped_column(Integer)
     max_input_bytes: Mapped[int] = mapped_column(BigInteger)
     allowed_variants: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
+    max_storage_bytes: Mapped[int] = mapped_column(BigInteger)  # of the user's files, in all
+    max_files: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
     user: Mapped[User] = relationship(back_populates="quota", lazy="raise")

@@ -4,15 +4,49 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
-from db.models import File, FilePart
+from db.models import Batch, File, FilePart, Quota
 
 MAX_PAGE = 100
+# A file past its expires_at is gone for its owner at once; the reconciler deletes it later.
+_LIVE = or_(File.expires_at.is_(None), File.expires_at > func.now())
+
+
+def expiry(seconds: int | None) -> datetime | None:
+    """When a file kept `seconds` from now expires (None: kept until deleted)."""
+    return None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def storage_used(*, session: AsyncSession, user_id: str, lock: bool = False) -> tuple[int, int]:
+    """The user's files and their bytes. `lock`: the user's quota row is locked for the
+    transaction, so that two uploads cannot both fit in the room one had."""
+    if lock:
+        await session.execute(select(Quota.user_id).where(Quota.user_id == user_id).with_for_update())
+    count, size = (
+        await session.execute(
+            select(func.count(), func.coalesce(func.sum(File.size), 0)).where(File.user_id == user_id, _LIVE)
+        )
+    ).one()
+    return int(count), int(size)
+
+
+def delete_expired(*, session: Session, limit: int = 200) -> int:
+    """Files past their expires_at, with their parts (the reconciler); a batch's input is kept
+    while the batch is."""
+    expired = (
+        select(File.id)
+        .where(File.expires_at <= func.now(), ~exists().where(Batch.input_file_id == File.id))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(delete(File).where(File.id.in_(expired.scalar_subquery())))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def create_file(
@@ -24,8 +58,10 @@ async def create_file(
     content: bytes,
     content_type: str,
     media: dict[str, Any] | None,
+    expires_at: datetime | None = None,
 ) -> File:
     file = File(
+        expires_at=expires_at,
         user_id=user_id,
         purpose=purpose,
         filename=filename,
@@ -44,21 +80,21 @@ async def create_file(
 async def get_file(
     *, session: AsyncSession, user_id: str, file_id: str, content: bool = False
 ) -> File | None:
-    stmt = select(File).where(File.id == file_id, File.user_id == user_id)
+    stmt = select(File).where(File.id == file_id, File.user_id == user_id, _LIVE)
     if content:
         stmt = stmt.options(undefer(File.content))
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def get_files(*, session: AsyncSession, user_id: str, file_ids: list[str]) -> dict[str, File]:
-    rows = await session.execute(select(File).where(File.id.in_(file_ids), File.user_id == user_id))
+    rows = await session.execute(select(File).where(File.id.in_(file_ids), File.user_id == user_id, _LIVE))
     return {f.id: f for f in rows.scalars()}
 
 
 async def list_files(
     *, session: AsyncSession, user_id: str, purpose: str | None, after: File | None, limit: int
 ) -> tuple[list[File], bool]:
-    stmt = select(File).where(File.user_id == user_id)
+    stmt = select(File).where(File.user_id == user_id, _LIVE)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     if after is not None:
@@ -77,7 +113,7 @@ async def list_files(
 
 
 async def delete_file(*, session: AsyncSession, user_id: str, file_id: str) -> bool:
-    result = await session.execute(delete(File).where(File.id == file_id, File.user_id == user_id))
+    result = await session.execute(delete(File).where(File.id == file_id, File.user_id == user_id, _LIVE))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -99,12 +135,13 @@ async def create_parted_file(
     purpose: str,
     filename: str,
     parts: AsyncIterator[tuple[bytes, int]],
+    expires_at: datetime | None = None,
 ) -> File:
     """A file written part by part (bytes of whole lines, their line count), never whole in
     memory; `media` records its line count."""
     file = File(
         user_id=user_id, purpose=purpose, filename=filename, content=b"", content_type="application/jsonl",
-        size=0, sha256="", media=None,
+        size=0, sha256="", media=None, expires_at=expires_at,
     )  # fmt: skip
     session.add(file)
     await session.flush()

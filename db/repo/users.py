@@ -32,6 +32,8 @@ def default_quota(settings: Settings) -> dict[str, Any]:
         "max_concurrent_jobs": settings.quota_max_concurrent_jobs,
         "max_input_bytes": settings.quota_max_input_bytes,
         "allowed_variants": None,
+        "max_storage_bytes": settings.quota_max_storage_bytes,
+        "max_files": settings.quota_max_files,
     }
 
 
