@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from typing import Any
 
 import redis
@@ -86,6 +87,21 @@ def redis_client(settings: Settings) -> redis.Redis:
 MESSAGE_MARKER_TTL_S = 7 * 86_400
 
 
+def marker_value() -> str:
+    """A message marker holds when the message was sent (see `marker_age_s`)."""
+    return f"{time.time():.3f}"
+
+
+def marker_age_s(value: bytes | str | None) -> float | None:
+    """Seconds since the marked message was sent; None without a marker (an unreadable one is old)."""
+    if value is None:
+        return None
+    try:
+        return time.time() - float(value)
+    except ValueError:
+        return float("inf")
+
+
 def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0) -> None:
     """Send the job id (nothing else) to its variant's queue, marked as sent.
 
@@ -99,7 +115,7 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_fli
     markers: redis.Redis = app.conf.gemmaq_markers
     marker = message_key(settings, job_id)
     with contextlib.suppress(redis.RedisError):
-        markers.set(marker, "1", ex=MESSAGE_MARKER_TTL_S)
+        markers.set(marker, marker_value(), ex=MESSAGE_MARKER_TTL_S)
     try:
         app.send_task(
             RUN_JOB_TASK,
@@ -158,7 +174,7 @@ async def send_job(
     marker = message_key(settings, job_id)
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(marker, "1", ex=MESSAGE_MARKER_TTL_S)
+            pipe.set(marker, marker_value(), ex=MESSAGE_MARKER_TTL_S)
             pipe.lpush(queue, message)
             pipe.hincrby(submitted_key(settings), variant, 1)
             add_status(pipe, settings, job_id, "queued")

@@ -35,10 +35,21 @@ def events_key(settings: Settings, job_id: str) -> str:
     return settings.key("events", job_id)
 
 
-def add_status(pipe: Pipe, settings: Settings, job_id: str, status: str, *, expire: bool = True) -> None:
+def add_status(
+    pipe: Pipe,
+    settings: Settings,
+    job_id: str,
+    status: str,
+    *,
+    expire: bool = True,
+    attempt: int | None = None,
+) -> None:
     """`expire=False`: leave the stream's time to live as it is (set when the job was queued,
-    renewed when it ends) — one command less on a hot path."""
-    _add(pipe, settings, job_id, STATUS, {"status": status}, expire=expire)
+    renewed when it ends) — one command less on a hot path. `running` carries its attempt."""
+    data: dict[str, Any] = {"status": status}
+    if attempt is not None:
+        data["attempt"] = attempt
+    _add(pipe, settings, job_id, STATUS, data, expire=expire)
 
 
 def status_data(status: str) -> str:
@@ -46,8 +57,13 @@ def status_data(status: str) -> str:
     return json.dumps({"status": status})
 
 
-def add_delta(pipe: Pipe, settings: Settings, job_id: str, text: str) -> None:
-    _add(pipe, settings, job_id, DELTA, {"text": text})
+def add_delta(pipe: Pipe, settings: Settings, job_id: str, text: str, attempt: int | None = None) -> None:
+    """Text of the attempt that generated it: a job run again after its worker was lost starts
+    over with a `running` status of a higher attempt, and readers drop what an older one sent."""
+    data: dict[str, Any] = {"text": text}
+    if attempt is not None:
+        data["attempt"] = attempt
+    _add(pipe, settings, job_id, DELTA, data)
 
 
 def _add(

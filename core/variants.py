@@ -61,6 +61,8 @@ class Variant(BaseModel):
     translate: bool = False
     english_only: bool = False
     max_audio_seconds: float | None = Field(None, gt=0)
+    # The echo engine only: how long each of its batches takes, as a model's would (tests, benches).
+    echo_delay_ms: float = Field(0, ge=0, le=60_000)
     description: str = ""
 
     @property

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from core.schemas import QuotaUpdate
 from core.settings import Settings
 from gemmaq.admin import create_user_with_key
 from gemmaq.embedded import free_port
+from gemmaq.servers import PostgresProcess, RedisProcess
 from tests.servers import drop_namespace, scratch_database, test_servers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,16 @@ tasks = ["text"]
 source = "echo"
 engine = "echo"
 description = "test-only echo variant that no worker ever serves: its jobs stay queued"
+
+[variants.echo-slow]
+family = "diagnostic"
+size = "0"
+tasks = ["text"]
+source = "echo"
+engine = "echo"
+max_batch_size = 4
+echo_delay_ms = 1500
+description = "test-only echo variant whose batches take 1.5 s: jobs are running when a worker is killed"
 
 [variants.echo-fair]
 family = "diagnostic"
@@ -226,6 +238,40 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 except subprocess.TimeoutExpired:
                     proc.kill()
             drop_namespace(redis_url, namespace)
+
+
+@contextmanager
+def private_stack(
+    folder: Path, *, namespace: str, variants: str, env: dict[str, str]
+) -> Iterator[tuple[Stack, PostgresProcess, RedisProcess]]:
+    """A stack on a PostgreSQL and a Redis of its own (gemmaq.servers), for tests that stop,
+    kill and restart them: `variants` is its variants file's text, `env` its GEMMAQ_* settings.
+    Its processes (started with `Stack.gemmaq`) are killed at the end."""
+    pg, rd = PostgresProcess(), RedisProcess(folder / "redis")
+    pg.start()
+    rd.start()
+    variants_file = folder / "variants.toml"
+    variants_file.write_text(variants)
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"}
+    stack = Stack(url=f"http://127.0.0.1:{free_port()}", database_url=pg.create_database("gemmaq"),
+                  redis_url=rd.url, namespace=namespace, env=kept, logs=folder)  # fmt: skip
+    stack.env |= {
+        "GEMMAQ_DATABASE_URL": stack.database_url,
+        "GEMMAQ_REDIS_URL": stack.redis_url,
+        "GEMMAQ_NAMESPACE": namespace,
+        "GEMMAQ_VARIANTS_FILE": str(variants_file),
+        **env,
+    }
+    try:
+        stack.run_cli("migrate")
+        yield stack, pg, rd
+    finally:
+        for proc in stack.processes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        pg.remove()
+        rd.stop()
 
 
 @pytest.fixture

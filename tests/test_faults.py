@@ -25,7 +25,7 @@ import pytest
 from core import faults
 from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
-from tests.conftest import ROOT, Stack, wait_healthy, wait_job
+from tests.conftest import ROOT, Stack, private_stack, wait_healthy, wait_job
 from tests.test_events import sse
 
 VARIANTS = "gemma-3-270m,echo"
@@ -86,46 +86,20 @@ class Faulty:
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
-    folder = tmp_path_factory.mktemp("faults")
-    pg, rd = PostgresProcess(), RedisProcess(folder / "redis")
-    pg.start()
-    rd.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEMMAQ_") or k == "GEMMAQ_MODEL_CACHE"}
-    variants = folder / "variants.toml"  # batches wait longer for their members: deterministic batches
-    variants.write_text(
-        (ROOT / "core" / "variants.toml").read_text().replace("max_wait_ms = 25", "max_wait_ms = 400")
-    )
-    stack = Stack(
-        url=f"http://127.0.0.1:{free_port()}",
-        database_url=pg.create_database("gemmaq"),
-        redis_url=rd.url,
-        namespace="faults",
-        env=env,
-        logs=folder,
-    )
-    stack.env |= {
-        "GEMMAQ_DATABASE_URL": stack.database_url,
-        "GEMMAQ_REDIS_URL": stack.redis_url,
-        "GEMMAQ_NAMESPACE": stack.namespace,
-        "GEMMAQ_VARIANTS_FILE": str(variants),
+    # Batches wait longer for their members: deterministic batches.
+    variants = (ROOT / "core" / "variants.toml").read_text().replace("max_wait_ms = 25", "max_wait_ms = 400")
+    env = {
         "GEMMAQ_WORKER_HEARTBEAT_S": "1",
         "GEMMAQ_LEASE_S": "3",
         "GEMMAQ_RECONCILE_INTERVAL_S": "0.5",
         "GEMMAQ_ENQUEUE_GRACE_S": "2",
     }
-    try:
-        stack.run_cli("migrate")
+    folder = tmp_path_factory.mktemp("faults")
+    with private_stack(folder, namespace="faults", variants=variants, env=env) as (stack, pg, rd):
         key = stack.run_cli("users", "create", "tenant", "--admin").strip().splitlines()[-1]
         stack.gemmaq("api", "--port", stack.url.rsplit(":", 1)[1], log="api.log")
         stack.gemmaq("reconciler", log="reconciler.log")
         yield Faulty(stack, pg, rd, key)
-    finally:
-        for proc in stack.processes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-        pg.remove()
-        rd.stop()
 
 
 def _wait_running(client: httpx.Client, job_ids: list[str]) -> None:

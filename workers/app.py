@@ -15,11 +15,12 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 import structlog
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
 from core.broker import make_celery
 from core.queues import RUN_JOB_TASK
@@ -27,6 +28,7 @@ from core.settings import Settings
 from core.variants import Variant, load_variants
 from workers import tasks
 from workers.engine.client import EngineStartFailed
+from workers.reconciler import Duties
 from workers.runtime.pool import VariantPool
 
 log = structlog.get_logger(__name__)
@@ -86,6 +88,8 @@ def run_worker(
         raise SystemExit(str(exc)) from exc
     name = pool.worker
     structlog.contextvars.bind_contextvars(worker=name)
+    duties_stop = threading.Event()
+    Duties(settings, name).start(duties_stop)  # reconciling, if no other process does it now
     served = pool.servable()
     if not served:
         log.error("worker.nothing_to_serve", variants=list(variants))
@@ -97,6 +101,13 @@ def run_worker(
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: object) -> None:
         pool.mark_consuming()
+
+    @task_received.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _received(request: Any = None, **_: object) -> None:
+        # A message arrives (before a task thread is free for it): its job is reserved here.
+        args = getattr(request, "args", None) or ()
+        if request is not None and request.id and args and isinstance(args[0], str):
+            pool.reserve(request.id, args[0])
 
     @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def _drain(**_: object) -> None:
@@ -148,6 +159,7 @@ def run_worker(
             if pool.draining:
                 break
     finally:
+        duties_stop.set()
         pool.close()
 
 

@@ -6,19 +6,27 @@ Every `reconcile_interval_s` it
 - sends again a queued job whose broker message is gone (the API died between commit and
   send, or Redis restarted empty);
 - expires queued jobs past their deadline;
-- releases concurrency slots whose job ended without settling, or never got a row.
+- releases concurrency slots whose job ended without settling, or never got a row;
+- deletes files past their `expires_at` (with their parts).
 
 Each step is a conditional UPDATE or an idempotent settle, so several reconcilers (or a
 reconciler racing a worker) never move a job twice. Duplicate messages are harmless: a
 worker only claims a queued job.
+
+`Duties`: every API process, every worker and `gemmaq reconciler` run these rounds and the
+webhook dispatcher, and exactly one of them does the work at a time — the one that holds the
+duty lock in Redis, renewed every round; when it dies, another takes the lock over within
+`DUTY_TTL_S`. A deployment that forgets the reconciler process loses nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import redis
@@ -27,10 +35,11 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from core import quotas
-from core.broker import enqueue_job, make_celery, redis_client
+from core.broker import enqueue_job, make_celery, marker_age_s, queue_keys, redis_client
 from core.queues import lease_key, message_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
+from db.repo import files as files_repo
 from db.repo import runs
 from db.repo.jobs import charge_of
 from db.session import sync_sessionmaker
@@ -53,22 +62,6 @@ class Reconciler:
         # job id → (attempt, when its lease was first seen missing)
         self._lapsing: dict[str, tuple[int, float]] = {}
 
-    def run_forever(self, stop: threading.Event) -> None:
-        log.info("reconciler.started", interval_s=self.settings.reconcile_interval_s)
-        waiting = False
-        while not stop.is_set():
-            try:
-                self.once()
-                if waiting:
-                    log.info("reconciler.resumed")
-                waiting = False
-            except (OperationalError, redis.RedisError, KombuOperationalError) as exc:
-                if not waiting:  # once per outage, not once per round
-                    log.warning("reconciler.waiting", error=type(exc).__name__)
-                waiting = True
-            stop.wait(self.settings.reconcile_interval_s)
-        log.info("reconciler.stopped")
-
     def once(self) -> dict[str, int]:
         counts = {
             "requeued": 0,
@@ -76,6 +69,7 @@ class Reconciler:
             "resent": 0,
             "expired": self._expire(),
             "released": self._release_slots(),
+            "files_deleted": self._delete_expired_files(),
         }
         requeued, failed = self._lost_leases()
         counts["requeued"], counts["failed"] = requeued, failed
@@ -135,10 +129,24 @@ class Reconciler:
         if not queued:
             return 0
         markers = self.redis.mget([message_key(self.settings, q.id) for q in queued])
+        # A queued job's message is in the broker (its marker), or held by a live worker that
+        # reserved it and renews its lease; with neither, it is lost. So is a message marked as
+        # sent a while ago whose variant's queue is empty while no worker holds it: a worker
+        # that died between taking it from the broker and reserving its job took it along.
+        leases = self.redis.mget([lease_key(self.settings, q.id) for q in queued])
+        unheld = [
+            (job, marker)
+            for job, marker, lease in zip(queued, markers, leases, strict=True)
+            if lease is None
+            and (marker is None or (marker_age_s(marker) or 0) > self.settings.enqueue_grace_s)
+        ]
+        if not unheld:
+            return 0
+        empty = self._empty_queues({job.variant for job, marker in unheld if marker is not None})
         resent = 0
         per_user: collections.Counter[str] = collections.Counter()
-        for job, marker in zip(queued, markers, strict=True):
-            if marker is None:
+        for job, marker in unheld:
+            if marker is None or job.variant in empty:
                 # Each user's resent jobs, oldest first, take the fair-share steps they were
                 # admitted into (core/scheduling.py), so a resent flood stays behind others.
                 per_user[job.user_id] += 1
@@ -153,6 +161,19 @@ class Reconciler:
                 log.warning("job.resent", job_id=job.id, variant=job.variant)
         return resent
 
+    def _empty_queues(self, variants: set[str]) -> set[str]:
+        """Of these variants, those whose broker queue holds no message (every priority step)."""
+        if not variants:
+            return set()
+        names = sorted(variants)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            for key in queue_keys(self.settings, name):
+                pipe.llen(key)
+        lengths = pipe.execute()
+        steps = len(lengths) // len(names)
+        return {name for i, name in enumerate(names) if not any(lengths[i * steps : (i + 1) * steps])}
+
     def _expire(self) -> int:
         with self.maker.begin() as session:
             charges = runs.expire(session=session)
@@ -161,6 +182,10 @@ class Reconciler:
         if charges:
             ended(self.quotas, self.settings, charges)
         return len(charges)
+
+    def _delete_expired_files(self) -> int:
+        with self.maker.begin() as session:
+            return files_repo.delete_expired(session=session)
 
     # ---- quota slots --------------------------------------------------------------------
 
@@ -190,10 +215,84 @@ class Reconciler:
         return released
 
 
+# Take the duty lock, or keep it: 1 when this process holds it now.
+_HOLD = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not held then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+_LET_GO = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+DUTY_TTL_S = 6.0  # at least: a dead holder's duties are taken over within this (or 3 rounds)
+
+
+class Duties:
+    """The reconciler's rounds and the webhook dispatcher, in two threads of this process, done
+    while it holds the duty lock (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, who: str) -> None:
+        self.settings = settings
+        self.redis = redis_client(settings)
+        self.token = f"{who}/{uuid.uuid4().hex}"
+        self.key = settings.key("duties", "lock")
+        self.holding = threading.Event()
+        self._hold = self.redis.register_script(_HOLD)
+        self._let_go = self.redis.register_script(_LET_GO)
+        self._threads: list[threading.Thread] = []
+
+    def start(self, stop: threading.Event) -> Duties:
+        for target, name in ((self._reconcile, "duties"), (self._deliver, "webhooks")):
+            thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def join(self, timeout: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _ttl_ms(self) -> int:
+        return int(max(3 * self.settings.reconcile_interval_s, DUTY_TTL_S) * 1000)
+
+    def _reconcile(self, stop: threading.Event) -> None:
+        reconciler: Reconciler | None = None
+        waiting = False
+        while not stop.is_set():
+            try:
+                if self._hold(keys=[self.key], args=[self.token, self._ttl_ms()]):
+                    if not self.holding.is_set():
+                        log.info("duties.taken", interval_s=self.settings.reconcile_interval_s)
+                        self.holding.set()
+                    reconciler = reconciler or Reconciler(self.settings)
+                    reconciler.once()
+                elif self.holding.is_set():
+                    log.info("duties.handed_over")
+                    self.holding.clear()
+                    reconciler = None  # its view of lapsing leases is stale by the time it is back
+                if waiting:
+                    log.info("duties.resumed")
+                waiting = False
+            except (OperationalError, redis.RedisError, KombuOperationalError) as exc:
+                if not waiting:  # once per outage, not once per round
+                    log.warning("duties.waiting", error=type(exc).__name__)
+                waiting = True
+            stop.wait(self.settings.reconcile_interval_s)
+        self.holding.clear()
+        with contextlib.suppress(redis.RedisError):
+            self._let_go(keys=[self.key], args=[self.token])  # the next process takes over at once
+
+    def _deliver(self, stop: threading.Event) -> None:
+        Dispatcher(self.settings).run_forever(stop, active=self.holding.is_set)
+
+
 def run_reconciler(settings: Settings) -> None:
+    """`gemmaq reconciler`: the duties alone, in a process of their own."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    dispatcher = Dispatcher(settings).start(stop)  # webhooks, in their own thread
-    Reconciler(settings).run_forever(stop)
-    dispatcher.join(timeout=settings.webhook_timeout_s + 5)
+    duties = Duties(settings, "reconciler").start(stop)
+    stop.wait()
+    duties.join(timeout=settings.webhook_timeout_s + 5)

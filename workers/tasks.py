@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 import structlog
+from celery import current_task
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -53,8 +54,9 @@ def _claim_group(claiming: list[tuple[VariantPool, str]]) -> list[Claimed | None
     if taken:
         with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*(message_key(pool.settings, job_id) for job_id in taken))  # as message_taken does
-            for job_id in taken:
-                add_status(pipe, pool.settings, job_id, "running", expire=False)
+            for job in jobs:
+                if job is not None:
+                    add_status(pipe, pool.settings, job.id, "running", expire=False, attempt=job.attempts)
             pipe.execute()
     return jobs
 
@@ -126,15 +128,23 @@ def run_job(job_id: str) -> None:
     assert pool is not None, "the worker pool is not started"
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id, worker=pool.worker)
+    request = current_task.request if current_task else None
+    token = pool.reserved(request.id) if request is not None and request.id else None
     if pool.draining:  # SIGTERM arrived: leave the job queued for another worker
+        if token is not None:
+            pool.drop_lease(job_id, token)  # or the delivery of the message sent below would skip it
         try:
             _send_again(pool, job_id)
         except Exception:
             pool.message_taken(job_id)  # no marker: the reconciler sends it
             raise
         return
-    token = pool.take_lease(job_id)
+    token = token or pool.take_lease(job_id)
     if token is None:
+        # Another delivery holds the lease: a live one (here or on another worker) runs the job,
+        # or a dead worker's lease is lapsing. Either way this message is spent: its marker goes,
+        # and once no lease is left the reconciler sends the job again if it is still queued.
+        pool.message_taken(job_id)
         log.info("job.skipped", reason="another delivery of this job holds its lease")
         return
     try:
@@ -147,6 +157,7 @@ def run_job(job_id: str) -> None:
         if job is None:
             log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
+        pool.note_claimed(job.id, job.attempts)
         _run(pool, job)
     finally:
         pool.drop_lease(job_id, token)

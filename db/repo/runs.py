@@ -132,6 +132,16 @@ def running(*, session: Session) -> list[Running]:
     return [Running(*row) for row in rows]
 
 
+def held_by(*, session: Session, attempts: dict[str, int], worker: str) -> set[str]:
+    """Of the jobs (id → attempt), those running on `worker` at that attempt."""
+    rows = session.execute(
+        select(Job.id, Job.attempts).where(
+            Job.id.in_(list(attempts)), Job.status == "running", Job.worker == worker
+        )
+    )
+    return {job_id for job_id, attempt in rows if attempts.get(job_id) == attempt}
+
+
 def queued_before(*, session: Session, cutoff: datetime, limit: int = 5000) -> list[Queued]:
     rows = session.execute(
         select(Job.id, Job.variant, Job.priority, Job.user_id)

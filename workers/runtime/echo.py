@@ -19,16 +19,19 @@ def request_text(request: Request) -> str:
 
 
 class EchoEngine:
-    def __init__(self, name: str, max_batch_size: int) -> None:
+    def __init__(self, name: str, max_batch_size: int, delay_s: float = 0.0) -> None:
         self.name = name
         self.device = "none"
         self.max_batch_size = max_batch_size
+        self.delay_s = delay_s  # each batch takes this long (a variant's `echo_delay_ms`)
 
     def warmup(self) -> None:
         return None
 
     def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
         start = time.perf_counter()
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out: list[Result | Exception] = []
         for request in batch:
             words = request_text(request).split(" ")

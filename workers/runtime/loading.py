@@ -183,7 +183,7 @@ def place(model: Any, variant: Variant, device: str) -> Any:
 
 def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cache_root: Path) -> Engine:
     if variant.engine == "echo":
-        return EchoEngine(variant.name, variant.batch_size(device))
+        return EchoEngine(variant.name, variant.batch_size(device), delay_s=variant.echo_delay_ms / 1000)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

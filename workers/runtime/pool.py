@@ -22,6 +22,8 @@ from core.queues import cancel_channel, cancel_key, cancel_requested_at, lease_k
 from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
+from db.repo import runs
+from db.session import sync_sessionmaker
 from workers.engine.client import EngineClient
 from workers.runtime.base import Request, Result
 
@@ -37,12 +39,12 @@ _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# Renew a lease this run holds; set it again if it vanished (a restarted Redis); never take
-# one that another run holds.
+# Renew a lease this run holds: 1; held by another run: 0; gone: -1 — then the heartbeat
+# decides whether it may set it again (`_renew_leases`).
 _RENEW_LEASE = """
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if not held then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end
+if not held then return -1 end
 return 0
 """
 
@@ -61,8 +63,11 @@ class VariantPool:
         self._stop = threading.Event()
         # Loaded variants are reported warm only once the Celery consumer takes jobs.
         self.consuming = False
-        # Jobs claimed here and not yet finished: their leases are renewed by the heartbeat.
+        # Jobs whose message this worker holds — reserved when it arrived, then claimed — and
+        # not yet finished: their leases are renewed by the heartbeat.
         self._in_hand: dict[str, str] = {}  # job id → this run's lease token
+        self._attempts: dict[str, int] = {}  # job id → the attempt claimed (absent: reserved only)
+        self._reserved: dict[str, str] = {}  # broker message (task id) → the token reserved for it
         self._in_hand_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
@@ -112,9 +117,11 @@ class VariantPool:
     def publish_deltas(self, deltas: Sequence[tuple[str, str]]) -> None:
         """Text generated meanwhile, appended to each job's events (one round trip)."""
         try:
+            with self._in_hand_lock:
+                attempts = dict(self._attempts)
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, text in deltas:
-                    add_delta(pipe, self.settings, job_id, text)
+                    add_delta(pipe, self.settings, job_id, text, attempts.get(job_id))
                 pipe.execute()
         except redis.RedisError:
             log.warning("job.deltas_failed", jobs=len(deltas))
@@ -171,10 +178,30 @@ class VariantPool:
             self._in_hand[job_id] = token
         return token
 
+    def reserve(self, task_id: str, job_id: str) -> None:
+        """A job's message has arrived (it may wait a while for a free task thread): the job's
+        lease is taken now, and its message marker cleared — from here the lease, renewed by
+        the heartbeat, says a live worker holds the job's message. If this worker dies before
+        it runs the job, the lease lapses and the reconciler sends the job again."""
+        token = self.take_lease(job_id)
+        if token is not None:
+            self._reserved[task_id] = token
+            self.message_taken(job_id)
+
+    def reserved(self, task_id: str) -> str | None:
+        """The lease token taken when this message arrived, if one was."""
+        return self._reserved.pop(task_id, None)
+
+    def note_claimed(self, job_id: str, attempt: int) -> None:
+        with self._in_hand_lock:
+            if job_id in self._in_hand:
+                self._attempts[job_id] = attempt
+
     def drop_lease(self, job_id: str, token: str) -> None:
         with self._in_hand_lock:
             if self._in_hand.get(job_id) == token:
                 del self._in_hand[job_id]
+                self._attempts.pop(job_id, None)
         with contextlib.suppress(redis.RedisError):
             self._release(keys=[lease_key(self.settings, job_id)], args=[token])
 
@@ -210,9 +237,47 @@ class VariantPool:
         for job_id, token in jobs.items():
             self._renew(keys=[lease_key(self.settings, job_id)], args=[token, self._lease_ttl()], client=pipe)
         try:
-            pipe.execute()
+            replies = pipe.execute()
         except redis.RedisError:
             log.warning("lease.renew_failed", jobs=len(jobs))
+            return
+        gone = [job_id for job_id, reply in zip(jobs, replies, strict=True) if reply == -1]
+        if gone:
+            self._lost_leases(gone, jobs)
+
+    def _lost_leases(self, gone: list[str], tokens: dict[str, str]) -> None:
+        """Leases that vanished while this worker held them: Redis restarted empty, or was away
+        longer than the lease and the reconciler requeued the job. A job still running here at
+        the attempt it claimed gets its lease back; one that has left this attempt is let go
+        (its run is stopped; its outcome would not be written anyway)."""
+        with self._in_hand_lock:
+            attempts = {job_id: self._attempts.get(job_id) for job_id in gone}
+        claimed = [job_id for job_id, attempt in attempts.items() if attempt is not None]
+        ours: set[str] = set()
+        if claimed:
+            try:
+                ours = self._still_ours({job_id: attempts[job_id] or 0 for job_id in claimed})
+            except Exception:
+                log.warning("lease.check_failed", jobs=len(claimed))
+                return  # the next heartbeat asks again
+        for job_id in gone:
+            if attempts[job_id] is not None and job_id not in ours:
+                log.warning("lease.lost", job_id=job_id, attempt=attempts[job_id])
+                self.request_cancel(job_id)
+                with self._in_hand_lock:
+                    if self._in_hand.get(job_id) == tokens[job_id]:
+                        del self._in_hand[job_id]
+                        self._attempts.pop(job_id, None)
+                continue
+            with contextlib.suppress(redis.RedisError):  # NX: never over another run's lease
+                self.redis.set(
+                    lease_key(self.settings, job_id), tokens[job_id], nx=True, ex=self._lease_ttl()
+                )
+
+    def _still_ours(self, attempts: dict[str, int]) -> set[str]:
+        """Of these jobs, those still running on this worker at the attempt it claimed."""
+        with sync_sessionmaker(self.settings.db_url)() as session:
+            return runs.held_by(session=session, attempts=attempts, worker=self.worker)
 
     # ---- heartbeat -----------------------------------------------------------------------
 
@@ -254,6 +319,8 @@ class VariantPool:
     def close(self) -> None:
         self._stop.set()
         self.engine.close()
+        for job_id, token in self.in_hand().items():  # messages it held but never ran
+            self.drop_lease(job_id, token)
         if self.worker:
             with contextlib.suppress(redis.RedisError):
                 self.redis.delete(worker_key(self.settings, self.worker))
