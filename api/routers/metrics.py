@@ -10,12 +10,13 @@ prometheus_client's metric families and exposition.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,7 +33,7 @@ from api.deps import AutocommitDep, RedisDep, SettingsDep, UserDep, VariantsDep
 from api.errors import responses
 from api.fleet import live_workers, queue_depths
 from core import metrics
-from core.errors import UnknownVariant, ValidationFailed
+from core.errors import Unauthorized, UnknownVariant, ValidationFailed
 from core.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -57,11 +58,19 @@ class _Families(Collector):
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+        **responses(401),
+    },
 )
 async def prometheus_metrics(
-    redis: RedisDep, autocommit: AutocommitDep, settings: SettingsDep, variants: VariantsDep
+    request: Request, redis: RedisDep, autocommit: AutocommitDep, settings: SettingsDep, variants: VariantsDep
 ) -> Response:
+    """With `GEMMAQ_METRICS_TOKEN` set, only for a scraper that sends it as a bearer token."""
+    if settings.metrics_token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), settings.metrics_token):
+            raise Unauthorized("/metrics: send `Authorization: Bearer <GEMMAQ_METRICS_TOKEN>`")
     names = variants.names()
     stored = await _stored(redis, settings)
     depths = await queue_depths(redis, settings, names)
