@@ -19,9 +19,8 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     # Users made before this keep the defaults gemmaq ships with (core/settings.py).
-    op.add_column(
-        "quotas", sa.Column("max_storage_bytes", sa.BigInteger(), nullable=False, server_default=str(2 * 1024**3))
-    )
+    storage = sa.Column("max_storage_bytes", sa.BigInteger(), nullable=False, server_default=str(2 * 1024**3))
+    op.add_column("quotas", storage)
     op.add_column("quotas", sa.Column("max_files", sa.Integer(), nullable=False, server_default="1000"))
     op.add_column("files", sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index(
