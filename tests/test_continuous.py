@@ -4,6 +4,7 @@ get what they would get alone."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -128,3 +129,52 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(decoder: Decoder) -> Non
     assert results[sampled.job_id].text == first
     other_seed = request(1, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=99)
     assert alone(decoder, other_seed) != first
+
+
+def test_requests_that_reach_freed_slots_a_moment_apart_join_as_one(decoder: Decoder) -> None:
+    """Rows end; the jobs that take their slots reach the engine a few milliseconds apart. They
+    join the running batch together (one prefill), not one by one; a request on its own still
+    joins once `max_wait_ms` has passed."""
+    from workers.runtime.batcher import Batcher
+    from workers.runtime.device import LockedRunner
+    from workers.runtime.text import TextEngine
+
+    joins: list[int] = []
+
+    class Counted(ContinuousDecoder):
+        def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[tuple[object, Result]]:
+            joins.append(len(entries))
+            return super().join(entries)
+
+    class Engine(TextEngine):
+        def stream(self) -> ContinuousDecoder:
+            return Counted(self.decoder, max_rows=self.max_batch_size)
+
+    engine = Engine(name="t", model=decoder.model, tokenizer=decoder.tokenizer, device="cpu",
+                    max_batch_size=4, max_input_tokens=4096)  # fmt: skip
+    flags: dict[str, float] = {}
+    batcher = Batcher(engine, batching="continuous", max_batch_size=4, max_wait_ms=1000,
+                      device=LockedRunner(), cancelled=lambda ids: [flags.get(j) for j in ids])  # fmt: skip
+    try:
+        long = request(3, max_new_tokens=2000)  # runs until it is cancelled below
+        first = [batcher.submit(long), *(batcher.submit(request(i, max_new_tokens=4)) for i in (0, 1, 2))]
+        for future in first[1:]:
+            future.result(timeout=60)
+        assert joins == [4]
+        later = [request(i, max_new_tokens=6) for i in (4, 5, 0)]
+        futures = []
+        for r in later:  # three slots free: the three newcomers arrive 0.1 s apart
+            futures.append(batcher.submit(r))
+            time.sleep(0.1)
+        results = [f.result(timeout=60) for f in futures]
+        assert joins == [4, 3]
+        assert [r.text for r in results] == [alone(decoder, r) for r in later]
+        lone = batcher.submit(request(5, max_new_tokens=3))  # fewer than the free slots, for good
+        started = time.monotonic()
+        lone.result(timeout=60)
+        assert joins == [4, 3, 1] and time.monotonic() - started >= 0.9
+        assert not first[0].done()
+        flags[long.job_id] = 0.0
+        assert first[0].result(timeout=60).finish_reason == "cancelled"
+    finally:
+        batcher.stop()

@@ -4,8 +4,10 @@ The variant's `batching` (core/variants.toml) says how. `continuous`: a request 
 running batch at the next step when a slot is free, a finished one leaves at once (the engine
 is a `ContinuousEngine`). `static`: a batch flushes when it holds `max_batch_size` requests, or
 `max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
-Either way an idle batcher waits like that for a burst before it starts, and engines on one
-device take turns on its runner (workers.runtime.device: per step, or per static batch).
+Either way an idle batcher waits like that for a burst before it starts; requests that find free
+slots in a running batch wait for each other the same way (`max_wait_ms`, or until they fill the
+slots) and join it in one prefill. Engines on one device take turns on its runner
+(workers.runtime.device: per step, or per static batch).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Batcher:
         self.device = device
         self.cancelled = cancelled
         self._pending_load_ms = load_ms  # reported once, on the first batch after the load
+        self._gather_since: float | None = None  # free slots and too few waiting, since then
         self._queue: queue.Queue[Item | object | None] = queue.Queue()
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{engine.name}", daemon=True)
@@ -189,7 +192,8 @@ class Batcher:
                 while waiting:
                     waiting.popleft()[1].set_exception(ShuttingDown())
             joiners: list[Joiner] = []
-            while waiting and len(joiners) < stream.free:
+            gathering = self._gathering(stream, waiting)
+            while waiting and len(joiners) < stream.free and not gathering:
                 request, future = waiting.popleft()
                 if future.cancelled():
                     continue
@@ -204,6 +208,24 @@ class Batcher:
                 stepped = self._step(stream)
                 self._publish(stream)
                 self._deliver(stepped)
+
+    def _gathering(self, stream: ContinuousDecoder, waiting: collections.deque[Item]) -> bool:
+        """Whether the waiting requests hold off joining the running batch for a step: fewer are
+        waiting than there are free slots, and the slots have been free for less than
+        `max_wait`. A join costs about a step whatever its size, and the jobs that take freed
+        slots reach the engine a few milliseconds apart (the jobs in hand first, then the ones
+        whose messages the ended jobs' acks let in), so joining them one group at a time would
+        split the batch into groups that each pay for their own join, and keep doing so."""
+        if not stream.rows or len(waiting) >= stream.free:
+            self._gather_since = None
+            return False
+        now = time.monotonic()
+        if self._gather_since is None:
+            self._gather_since = now
+        if now - self._gather_since < self.max_wait:
+            return True
+        self._gather_since = None
+        return False
 
     def _publish(self, stream: ContinuousDecoder) -> None:
         deltas, stream.deltas = stream.deltas, []
