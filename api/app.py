@@ -16,9 +16,22 @@ from api.errors import install_error_handlers
 from api.fleet_view import FleetView
 from api.holds import Holds
 from api.limits import BodyLimit, KeyFirst, RateLimitHeaders
-from api.routers import admin, batches, chat, files, health, jobs, metrics, models, usage, webhooks
+from api.routers import (
+    admin,
+    batches,
+    chat,
+    completions,
+    files,
+    health,
+    jobs,
+    metrics,
+    models,
+    moderations,
+    usage,
+    webhooks,
+)
 from api.waiting import DoneListener
-from core import __version__
+from core import __version__, moderation
 from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery
 from core.quotas import AsyncQuotas
 from core.settings import Settings, get_settings
@@ -29,6 +42,7 @@ from db.session import async_engine, make_async_sessionmaker
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    moderation.default_policy(settings.moderation_policy)  # a policy file that cannot be used: stop here
     engine = async_engine(settings.db_url)
     app.state.sessionmaker = make_async_sessionmaker(engine)
     # Same pool; for reads and single-statement writes: no BEGIN, COMMIT or ROLLBACK round trips.
@@ -80,8 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     for router in (
-        jobs.router, chat.router, files.router, batches.router, models.router, usage.router, webhooks.router,
-        admin.router,
+        jobs.router, chat.router, completions.router, moderations.router, files.router, batches.router,
+        models.router, usage.router, webhooks.router, admin.router,
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)

@@ -35,9 +35,8 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.submission import Submitter
-from core import openai_chat
-from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable
-from core.openai_chat import ChatRequest
+from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable, ValidationFailed
+from core.openai_batch import LINE_ENDPOINTS
 from core.schemas import JobCreate
 from db.models import Batch, BatchLineError
 from db.repo import batches as batches_repo
@@ -47,7 +46,6 @@ from db.repo import jobs as jobs_repo
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-BATCH_PRIORITY = 2  # below interactive jobs (5 by default)
 LINES_PER_TURN = 256
 CANCELS_PER_TURN = 500
 PAGE = 500  # jobs read at a time while the output files are written
@@ -56,7 +54,6 @@ IDLE_S = 0.5  # between turns when no batch needs one
 REFUSED_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # a quota refused a line: the batch's next turns wait
 FAILED_BACKOFF_S = (1.0, 5.0, 30.0, 120.0)  # a turn failed (a bug, the database away)
 PARTS_KEPT = 8  # batch file parts kept in memory between turns (about 1 MiB each)
-ENDPOINT = "/v1/chat/completions"
 
 
 class BatchRunner:
@@ -293,7 +290,7 @@ class BatchRunner:
             return batches_repo.jobs_page(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
 
         async for row in self._paged(jobs, lambda row: int(row["batch_line"])):
-            record = _record(jobs_repo.job_out(row))
+            record = _record(batch, jobs_repo.job_out(row))
             if (record["error"] is not None) == errors:
                 yield record
         if not errors:
@@ -344,17 +341,15 @@ def _decode(batch: Batch, raw: bytes) -> tuple[str, JobCreate]:
         raise _LineError("invalid_request", "custom_id: a string of 1 to 200 characters, without NUL")
     if request.get("method", "POST") != "POST" or request.get("url") != batch.endpoint:
         raise _LineError("invalid_request", f"each line is a POST to {batch.endpoint}", custom_id)
+    endpoint = LINE_ENDPOINTS[batch.endpoint]
     try:
-        body = ChatRequest.model_validate(request.get("body"))
-        if body.stream:
-            raise _LineError("invalid_request", "body.stream: a batch line is not streamed", custom_id)
-        spec = openai_chat.to_job(
-            body, priority=BATCH_PRIORITY, metadata={"batch_id": batch.id, "custom_id": custom_id}
-        )
+        spec = endpoint.to_job(request.get("body"), {"batch_id": batch.id, "custom_id": custom_id})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise _LineError("invalid_request", f"body.{where}: {first['msg']}", custom_id) from None
+    except ValidationFailed as exc:
+        raise _LineError("invalid_request", f"body.{exc.message}", custom_id) from None
     except AppError as exc:
         raise _LineError(exc.code, exc.message, custom_id) from None
     return custom_id, spec
@@ -364,12 +359,12 @@ def _backoff(steps: tuple[float, ...], times: int) -> float:
     return steps[min(times, len(steps)) - 1]
 
 
-def _record(job: Any) -> dict[str, Any]:
+def _record(batch: Batch, job: Any) -> dict[str, Any]:
     """One output or error line for a line's job, as OpenAI's batch files have them."""
     custom_id = job.metadata.get("custom_id")
     base = {"id": f"batch_req_{job.id}", "custom_id": custom_id}
     if job.status == "succeeded":
-        body = openai_chat.completion(job)
+        body = LINE_ENDPOINTS[batch.endpoint].answer(job)
         return base | {"response": {"status_code": 200, "request_id": job.id, "body": body}, "error": None}
     code = job.error.code if job.error else job.status.upper()
     message = job.error.message if job.error else f"the job ended {job.status}"

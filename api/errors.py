@@ -17,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AppError
+from core.schemas import JobOut
 
 log = structlog.get_logger(__name__)
 
@@ -129,3 +130,22 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _database_error)
     app.add_exception_handler(RedisError, _redis_error)
     app.add_exception_handler(Exception, _unhandled)
+
+
+# A failed job's error code, under these HTTP statuses (others: 502).
+FAILED_STATUS = {"TIMEOUT": 504, "CONTENT_FILTERED": 400, "RESPONSE_FILTERED": 400}
+
+
+def job_error_response(job: JobOut) -> JSONResponse:
+    """How the OpenAI-shaped routes answer a job that did not succeed: its error code, under the
+    HTTP status the code has (a job still running past the wait: 504)."""
+    details = {"job_id": job.id, "status": job.status}
+    if job.status == "failed" and job.error is not None:
+        status = FAILED_STATUS.get(job.error.code, 502)
+        return error_response(status, job.error.code, job.error.message, details)
+    if job.status in ("cancelled", "expired"):
+        code = job.error.code if job.error else job.status.upper()
+        return error_response(409, code, f"the job was {job.status} before it finished", details)
+    return error_response(
+        504, "TIMEOUT", f"the job is still {job.status}; follow it at /v1/jobs/{job.id}", details
+    )

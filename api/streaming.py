@@ -11,10 +11,11 @@ then made from the row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from redis.asyncio import Redis
@@ -31,6 +32,7 @@ BLOCK_MS = 2000  # one blocking read; under the API's Redis socket timeout
 BATCH = 512  # entries per read
 REDIS_RETRY_S = 1.0
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,29 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         return []
     per_stream = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
     return [(entry_id, fields) for entry_id, fields in per_stream if fields]
+
+
+async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """The items of several streams as each comes, with the index of the stream it came from
+    (each stream's own order kept); the streams still open are closed when this one is."""
+    ahead = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while ahead:
+            ready, _ = await asyncio.wait(ahead, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(ready, key=lambda t: ahead[t]):
+                i = ahead.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, item
+                ahead[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in ahead:
+            task.cancel()
+        await asyncio.gather(*ahead, return_exceptions=True)
+        for stream in streams:
+            closing = getattr(stream, "aclose", None)
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    await closing()

@@ -4,8 +4,10 @@ queued alike)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -34,10 +36,18 @@ from api.deps import (
 from api.fleet import availability
 from api.fleet_view import FleetView
 from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
-from core import faults
+from core import faults, moderation
 from core.broker import send_job
-from core.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
-from core.metrics import record_ended_args
+from core.errors import (
+    Conflict,
+    ContentFiltered,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownVariant,
+    ValidationFailed,
+)
+from core.metrics import add_filtered, record_ended_args
 from core.queues import cancel_channel, cancel_key, job_done_channel
 from core.quotas import AsyncQuotas
 from core.schemas import JobCreate, JobOut
@@ -88,6 +98,7 @@ class Submitter:
         limits = admission.limits_of(user, settings)
         admission.check_variant(limits, spec.variant)
         variant = await _check_spec(spec, self.variants, self.fleet, settings)
+        await self.check_content(spec)
         request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
         if idempotency_key is not None:
             async with autocommit.connect() as connection:
@@ -154,6 +165,45 @@ class Submitter:
             raise
         log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
         return Submitted(jobs_repo.job_out(job), replayed=False)
+
+    def policy(self) -> moderation.Policy:
+        """The user's moderation policy: their quota's override, else the deployment's."""
+        override = self.user.quota.moderation_policy if self.user.quota is not None else None
+        return moderation.policy_for(override, self.settings.moderation_policy)
+
+    async def check_content(self, spec: JobCreate) -> None:
+        """Refuse an input that falls in a category of the user's policy (400 CONTENT_FILTERED),
+        before anything is queued; the refusal names the category, never the text."""
+        category = self.policy().check(spec.input.text(), "input")
+        if category is None:
+            return
+        log.warning("job.filtered", stage="input", category=category, user_id=self.user.id)
+        with contextlib.suppress(RedisError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                add_filtered(pipe, self.settings, self.user.id, "input", category)
+                await pipe.execute()
+        raise ContentFiltered(
+            f"the input falls in the content policy's category {category!r}", {"category": category}
+        )
+
+    async def submit_all(self, specs: Sequence[JobCreate]) -> list[JobOut]:
+        """Queue the jobs of one request (a completion's prompts): all of them, or none — when
+        one is refused, those queued before it are cancelled, and the refusal is raised."""
+        limits = admission.limits_of(self.user, self.settings)
+        for spec in specs:  # what can be refused before anything is queued
+            admission.check_variant(limits, spec.variant)
+            await _check_spec(spec, self.variants, self.fleet, self.settings)
+            await self.check_content(spec)
+        jobs: list[JobOut] = []
+        try:
+            for spec in specs:
+                jobs.append((await self.submit(spec)).job)
+        except BaseException:
+            for job in jobs:
+                if not await self.cancel_queued(job.id):
+                    await self.stop_running(job.id)
+            raise
+        return jobs
 
     async def cancel_queued(self, job_id: str) -> bool:
         """End the user's job `cancelled` if it is still queued (it never runs): its slot and

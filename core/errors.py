@@ -46,6 +46,12 @@ class ValidationFailed(AppError):
     status, code = 422, "VALIDATION_ERROR"
 
 
+class ContentFiltered(AppError):
+    """The input falls in a category of the user's moderation policy (core/moderation.py)."""
+
+    status, code = 400, "CONTENT_FILTERED"
+
+
 class UnknownVariant(AppError):
     status, code = 422, "UNKNOWN_VARIANT"
 
@@ -67,3 +73,4 @@ GENERATION_ERROR = "GENERATION_ERROR"
 TIMEOUT = "TIMEOUT"
 CANCELLED = "CANCELLED"
 EXPIRED = "EXPIRED"
+RESPONSE_FILTERED = "RESPONSE_FILTERED"  # its output fell in a moderation category: withheld

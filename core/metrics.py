@@ -8,6 +8,8 @@ reads live (queue depths, jobs queued and running, worker heartbeats).
 - `metrics:ended`     field `variant|status|code` → jobs that ended so
 - `metrics:submitted` field `variant` → jobs accepted by the API
 - `metrics:tokens`    field `variant|input` / `variant|output` → tokens used
+- `metrics:filtered`  field `stage|category` → inputs refused and outputs withheld by the content
+  filter; `metrics:filtered:HOUR` field `user|stage`, the same by the hour, for the summary
 - `metrics:hist:NAME` fields `variant|i` (observations in bucket i, not cumulative; i = len(bounds)
   is +Inf), `variant|sum`, `variant|count`
 """
@@ -15,6 +17,7 @@ reads live (queue depths, jobs queued and running, worker heartbeats).
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +101,26 @@ def tokens_key(settings: Settings) -> str:
 
 def histogram_key(settings: Settings, histogram: Histogram) -> str:
     return settings.key("metrics", "hist", histogram.name)
+
+
+def filtered_key(settings: Settings, hour: int | None = None) -> str:
+    """All-time refusals by stage and category; or one hour's by user and stage (`hour`: hours
+    since the epoch), read back by /v1/metrics/summary."""
+    if hour is None:
+        return settings.key("metrics", "filtered")
+    return settings.key("metrics", "filtered", str(hour))
+
+
+FILTERED_HOURS_KEPT = 32 * 24  # longer than the summary's longest window
+
+
+def add_filtered(pipe: Any, settings: Settings, user_id: str, stage: str, category: str) -> None:
+    """Queue, on a Redis pipeline (sync or async), the counts of one input refused or one output
+    withheld by the content filter."""
+    hour = int(time.time() // 3600)
+    pipe.hincrby(filtered_key(settings), f"{stage}{SEP}{category}", 1)
+    pipe.hincrby(filtered_key(settings, hour), f"{user_id}{SEP}{stage}", 1)
+    pipe.expire(filtered_key(settings, hour), FILTERED_HOURS_KEPT * 3600)
 
 
 # One script for all that a group of endings adds (one command and one round trip, however

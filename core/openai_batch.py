@@ -1,11 +1,20 @@
-"""The OpenAI Batch object, as `/v1/batches` returns it and as `batch.*` webhooks carry it."""
+"""The OpenAI Batch object, as `/v1/batches` returns it and as `batch.*` webhooks carry it; the
+endpoints a batch's lines may target."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
+
+from core import openai_chat, openai_completions
+from core.errors import ValidationFailed
+from core.openai_chat import ChatRequest
+from core.openai_completions import CompletionRequest
+from core.schemas import JobCreate, JobOut
 
 
 class BatchRow(Protocol):
@@ -98,3 +107,37 @@ def batch_out(batch: BatchRow, counts: dict[str, int]) -> BatchOut:
         request_counts=RequestCounts(total=batch.total, completed=counts.get("succeeded", 0), failed=failed),
         metadata=batch.metadata_ or None,
     )
+
+
+BATCH_PRIORITY = 2  # a batch line's job: below interactive jobs (5 by default)
+
+
+@dataclass(frozen=True)
+class LineEndpoint:
+    """What a batch line's `url` may be: how its body becomes a job, how the succeeded job is
+    answered in the output file."""
+
+    to_job: Callable[[Any, dict[str, str]], JobCreate]  # the body (JSON), the job's metadata
+    answer: Callable[[JobOut], dict[str, Any]]
+
+
+def _chat_line(body: Any, metadata: dict[str, str]) -> JobCreate:
+    request = ChatRequest.model_validate(body)
+    if request.stream:
+        raise ValidationFailed("stream: a batch line is not streamed")
+    return openai_chat.to_job(request, priority=BATCH_PRIORITY, metadata=metadata)
+
+
+def _completion_line(body: Any, metadata: dict[str, str]) -> JobCreate:
+    request = CompletionRequest.model_validate(body)
+    if request.stream:
+        raise ValidationFailed("stream: a batch line is not streamed")
+    if len(request.prompts()) != 1:
+        raise ValidationFailed("prompt: a batch line takes one prompt (one line per prompt)")
+    return openai_completions.to_jobs(request, priority=BATCH_PRIORITY, metadata=metadata)[0]
+
+
+LINE_ENDPOINTS = {
+    "/v1/chat/completions": LineEndpoint(_chat_line, openai_chat.completion),
+    "/v1/completions": LineEndpoint(_completion_line, lambda job: openai_completions.completion([job])),
+}

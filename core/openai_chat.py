@@ -21,31 +21,31 @@ from core.errors import ValidationFailed
 from core.schemas import MAX_MESSAGES, MAX_STOP_STRINGS, MAX_TEXT_CHARS, JobCreate, JobOut, SafeStr
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ImageUrl(_Strict):
+class ImageUrl(Strict):
     url: str = Field(description="a data URL: data:image/png;base64,…")
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImageUrlPart(_Strict):
+class ImageUrlPart(Strict):
     type: Literal["image_url"]
     image_url: ImageUrl
 
 
-class InputAudio(_Strict):
+class InputAudio(Strict):
     data: str = Field(description="base64 audio")
     format: str | None = None
 
 
-class InputAudioPart(_Strict):
+class InputAudioPart(Strict):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-class TextContentPart(_Strict):
+class TextContentPart(Strict):
     type: Literal["text"]
     text: SafeStr = Field(max_length=MAX_TEXT_CHARS)
 
@@ -53,17 +53,17 @@ class TextContentPart(_Strict):
 ContentPart = TextContentPart | ImageUrlPart | InputAudioPart
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: SafeStr | list[ContentPart] | None = None
     name: str | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatRequest(_Strict):
+class ChatRequest(Strict):
     model: SafeStr = Field(min_length=1, max_length=100, description="a gemmaq variant")
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
@@ -135,14 +135,20 @@ def to_job(request: ChatRequest, *, priority: int, metadata: dict[str, str] | No
     job_input: dict[str, Any] = {"messages": messages}
     if request.tools and request.tool_choice != "none":
         job_input["tools"] = request.tools
-    body: dict[str, Any] = {
-        "variant": request.model,
-        "task": kinds.pop() if kinds else "text",
-        "input": job_input,
-        "params": params,
-        "priority": priority,
-        "metadata": {**(request.metadata or {}), **(metadata or {})},
-    }
+    return job_spec(
+        {
+            "variant": request.model,
+            "task": kinds.pop() if kinds else "text",
+            "input": job_input,
+            "params": params,
+            "priority": priority,
+            "metadata": {**(request.metadata or {}), **(metadata or {})},
+        }
+    )
+
+
+def job_spec(body: dict[str, Any]) -> JobCreate:
+    """The job an OpenAI-shaped request maps to, or a 422 naming the first field it breaks."""
     try:
         return JobCreate.model_validate(body)
     except ValidationError as exc:

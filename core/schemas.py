@@ -216,7 +216,7 @@ class Usage(BaseModel):
     output_tokens: int
 
 
-FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "tool_call_unparsed"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "tool_call_unparsed", "content_filter"]
 
 
 class ToolCall(BaseModel):
@@ -228,7 +228,8 @@ class JobResult(BaseModel):
     text: str
     finish_reason: FinishReason = Field(
         description="tool_calls: calls parsed into tool_calls; tool_call_unparsed: the reply tried to call a "
-        "tool but could not be parsed, its text is kept"
+        "tool but could not be parsed, its text is kept; content_filter: the output fell in a moderation "
+        "category and its text is withheld (the job failed RESPONSE_FILTERED)"
     )
     tool_calls: list[ToolCall] | None = None
     usage: Usage
@@ -287,6 +288,21 @@ class QuotaUpdate(BaseModel):
     allowed_variants: list[Annotated[SafeStr, Field(max_length=100)]] | None = Field(None, max_length=200)
     max_storage_bytes: int | None = Field(None, ge=0, le=10**13)
     max_files: int | None = Field(None, ge=0, le=10**7)
+    moderation_policy: dict[str, Any] | None = Field(
+        None, description="a whole moderation policy in place of the deployment's; null: the deployment's"
+    )
+
+    @field_validator("moderation_policy")
+    @classmethod
+    def _a_policy(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        from core.moderation import PolicyError, parse
+
+        try:
+            return parse(value).model_dump()
+        except PolicyError as exc:
+            raise ValueError(f"not a moderation policy: {exc}") from None
 
 
 class QuotaOut(BaseModel):
@@ -299,12 +315,18 @@ class QuotaOut(BaseModel):
     max_files: int
 
 
+class AdminQuotaOut(QuotaOut):
+    """A quota as admins see it: with the user's moderation override (never shown to the user)."""
+
+    moderation_policy: dict[str, Any] | None = None
+
+
 class UserOut(BaseModel):
     id: str
     name: str
     is_admin: bool
     created_at: datetime
-    quota: QuotaOut | None
+    quota: AdminQuotaOut | None
     active_keys: list[str] = Field(description="visible prefixes of the user's unrevoked keys")
 
 

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     namespace: str = "gemmaq"
 
     variants_file: Path | None = Field(default=None, description="TOML file of variants; None → built in")
+    moderation_policy: Path | None = Field(
+        default=None, description="TOML moderation policy (core/moderation.py); None → core/moderation.toml"
+    )
     default_variant: str = "gemma-3-270m"
     model_cache: Path = Field(default_factory=_default_model_cache)
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -109,7 +112,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("database_url", "redis_url", "variants_file", "worker_memory_mb", mode="before")
+    @field_validator(
+        "database_url", "redis_url", "variants_file", "moderation_policy", "worker_memory_mb", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -196,8 +197,16 @@ def users_set_quota(
     allowed_variants: Annotated[
         str | None, typer.Option("--allowed-variants", help="comma-separated, or all")
     ] = None,
+    moderation_policy: Annotated[
+        str | None,
+        typer.Option(
+            "--moderation-policy",
+            help="a policy TOML file (core/moderation.toml's shape) in place of the deployment's, or default",
+        ),
+    ] = None,
 ) -> None:
     """Change a user's quota; it applies to their next request, no restart needed."""
+    from core import moderation
     from gemmaq.admin import set_quota
 
     more: dict[str, object] = {
@@ -207,10 +216,20 @@ def users_set_quota(
     }
     if allowed_variants is not None:
         more["allowed_variants"] = None if allowed_variants == "all" else allowed_variants.split(",")
+    if moderation_policy not in (None, "default"):
+        try:
+            more["moderation_policy"] = moderation.read_file(Path(moderation_policy)).model_dump()
+        except moderation.PolicyError as exc:
+            raise SystemExit(f"--moderation-policy: {exc}") from None
     changes = _quota(requests_per_minute, tokens_per_day, max_concurrent_jobs, **more)
-    if allowed_variants == "all":
-        changes = changes.model_copy(update={"allowed_variants": None})
-        changes.model_fields_set.add("allowed_variants")
+    resets = {
+        "allowed_variants": allowed_variants == "all",
+        "moderation_policy": moderation_policy == "default",
+    }
+    for field, reset in resets.items():
+        if reset:  # back to every variant / to the deployment's policy
+            changes = changes.model_copy(update={field: None})
+            changes.model_fields_set.add(field)
     user = asyncio.run(set_quota(_settings(), name, changes))
     typer.echo(f"{user.name}: {user.quota.model_dump_json() if user.quota else 'no quota'}")
 
@@ -288,7 +307,6 @@ def batch(
     key: Annotated[str, typer.Option(envvar="GEMMAQ_API_KEY", help="API key")] = "",
 ) -> None:
     """Run a batch: upload the file, follow the batch with a progress bar, download its results."""
-    from pathlib import Path
 
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
 

@@ -38,9 +38,9 @@ def oai_for(stack: Stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def run_batch(oai: openai.OpenAI, lines: list[dict[str, Any]]) -> Batch:
+def run_batch(oai: openai.OpenAI, lines: list[dict[str, Any]], endpoint: Any = ENDPOINT) -> Batch:
     file = oai.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
-    return oai.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    return oai.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
 
 
 def wait_batch(oai: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 180) -> Batch:
@@ -121,6 +121,28 @@ def test_cancelling_a_running_batch_keeps_its_finished_lines(stack: Stack) -> No
         "SELECT count(*) FROM jobs WHERE batch_id = %s AND status IN ('queued', 'running')", done.id
     )
     assert pending == [(0,)]
+
+
+def test_a_batch_of_completions_lines(stack: Stack, key: str, client: httpx.Client) -> None:
+    oai = oai_for(stack, key)
+    prompt = "The capital city of Germany is Berlin. The capital city of France is"
+    lines: list[dict[str, Any]] = [
+        {"custom_id": f"c-{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "gemma-3-270m", "prompt": prompt if i == 0 else f"Number {i}:", "max_tokens": 6}}
+        for i in range(4)
+    ]  # fmt: skip
+    lines.append({**lines[1], "custom_id": "two-prompts", "body": {**lines[1]["body"], "prompt": ["a", "b"]}})
+    done = wait_batch(oai, run_batch(oai, lines, "/v1/completions").id, {"completed", "failed", "expired"})
+    assert done.status == "completed" and counts(done) == (5, 4, 1)
+    out = {r["custom_id"]: r["response"]["body"] for r in records(oai, done.output_file_id)}
+    assert sorted(out) == ["c-0", "c-1", "c-2", "c-3"]
+    assert all(body["object"] == "text_completion" and body["choices"][0]["text"] for body in out.values())
+    assert "Paris" in out["c-0"]["choices"][0]["text"]
+    job = client.get(f"/v1/jobs/{out['c-0']['id'].removeprefix('cmpl-')}").json()
+    assert stack.sql("SELECT input->>'prompt' FROM jobs WHERE id = %s", job["id"]) == [(prompt,)]
+    assert job["metadata"]["custom_id"] == "c-0"
+    [error] = records(oai, done.error_file_id)
+    assert error["custom_id"] == "two-prompts" and "one prompt" in error["error"]["message"]
 
 
 def test_lines_that_cannot_run_go_to_the_error_file(stack: Stack, key: str) -> None:

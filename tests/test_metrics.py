@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.routers.metrics import JobCounts, PeakMemory, Spread, Summary, alerts_for
+from api.routers.metrics import Filtered, JobCounts, PeakMemory, Spread, Summary, alerts_for
 from core.settings import Settings
 from tests.conftest import ROOT, Stack, wait_job
 
@@ -142,7 +142,7 @@ def test_summaryalerts_for_past_each_threshold() -> None:
         jobs=JobCounts(total=10, succeeded=8, failed=2, cancelled=0, expired=0), success_rate=0.8,
         latency_ms=Spread(mean=9000, p95=12000), time_to_first_token_ms=Spread(mean=100, p95=200),
         tokens_per_second=3.0, input_tokens=10, output_tokens=10,
-        peak_memory_mb=PeakMemory(mean=9000, max=9500), alerts=[],
+        peak_memory_mb=PeakMemory(mean=9000, max=9500), filtered=Filtered(input=0, output=0), alerts=[],
     )  # fmt: skip
     alerts = {a.metric: a for a in alerts_for(summary, Settings())}
     assert set(alerts) == {"success_rate", "latency_p95_ms", "peak_memory_mb", "tokens_per_second"}

@@ -16,6 +16,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from core import errors
 from core.broker import enqueue_job
 from core.events import add_status
+from core.metrics import add_filtered
 from core.queues import message_key
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
@@ -157,7 +158,7 @@ def run_job(job_id: str) -> None:
         if job is None:
             log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
-        pool.note_claimed(job.id, job.attempts)
+        pool.note_claimed(job.id, job.attempts, pool.policy(job.policy))
         _run(pool, job)
     finally:
         pool.drop_lease(job_id, token)
@@ -274,6 +275,11 @@ def _metrics(
 def _succeed(
     pool: VariantPool, job: Claimed, request: Request, result: Result, queue_ms: float, started: float
 ) -> None:
+    category = pool.policy(job.policy).check(result.text, "output")
+    if category is not None:
+        _withhold(pool, job, request, result, queue_ms, started, category)
+        return
+    pool.release_held(job.id)  # the streamed text held back, before the job's end is published
     cancelled = result.finish_reason == "cancelled"
     finish_reason: str = result.finish_reason
     tool_calls = None
@@ -303,6 +309,35 @@ def _succeed(
         batch_size=result.batch_size,
         cancel_lag_steps=result.cancel_lag_steps,
     )
+
+
+def _withhold(
+    pool: VariantPool,
+    job: Claimed,
+    request: Request,
+    result: Result,
+    queue_ms: float,
+    started: float,
+    category: str,
+) -> None:
+    """The output fell in a moderation category: the job fails RESPONSE_FILTERED, its text is not
+    stored (nor was any of it streamed past the filter), its usage is charged as it was spent."""
+    body = {
+        "text": "",
+        "finish_reason": "content_filter",
+        "tool_calls": None,
+        "usage": {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens},
+    }
+    error = {
+        "code": errors.RESPONSE_FILTERED,
+        "message": f"the output fell in the content policy's category {category!r} and is withheld",
+    }
+    metrics = _metrics(pool, queue_ms, started, result, request)
+    written = _finish(pool, job, status="failed", result=body, error=error, metrics=metrics)
+    with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
+        add_filtered(pipe, pool.settings, job.user_id, "output", category)
+        pipe.execute()
+    log.warning("job.filtered", stage="output", category=category, written=written)
 
 
 def _fail(pool: VariantPool, job: Claimed, code: str, message: str, queue_ms: float) -> None:

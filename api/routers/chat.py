@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import DoneDep, HoldsDep
-from api.errors import error_response, responses
+from api.errors import job_error_response, responses
 from api.holds import KeyWatch, guarded
 from api.streaming import follow
 from api.submission import SubmitterDep, read_job
@@ -29,8 +29,6 @@ router = APIRouter(tags=["openai"])
 
 INTERACTIVE_PRIORITY = 5  # a chat completion's jobs: as a job submitted with the default priority
 PING_S = 15
-# How a job that did not succeed is answered: its error code, under these HTTP statuses.
-FAILED_STATUS = {"TIMEOUT": 504, "CONTENT_FILTERED": 400}
 
 
 @router.post(
@@ -72,7 +70,7 @@ async def chat_completions(
         )
     if job.status == "succeeded":
         return JSONResponse(openai_chat.completion(job), headers=headers)
-    response = _unsuccessful(job)
+    response = job_error_response(job)
     response.headers.update(headers)
     return response
 
@@ -90,7 +88,7 @@ async def _chunks(
         elif event.event == "done":
             final = JobOut.model_validate(event.data)
             if final.status != "succeeded":
-                yield frame(json.loads(bytes(_unsuccessful(final).body)))
+                yield frame(json.loads(bytes(job_error_response(final).body)))
                 break
             if calls := openai_chat.tool_calls(final):
                 indexed = [{"index": i, **call} for i, call in enumerate(calls)]
@@ -99,16 +97,3 @@ async def _chunks(
             if include_usage:
                 yield frame(openai_chat.usage_chunk(final))
     yield ServerSentEvent(data="[DONE]")
-
-
-def _unsuccessful(job: JobOut) -> JSONResponse:
-    details = {"job_id": job.id, "status": job.status}
-    if job.status == "failed" and job.error is not None:
-        status = FAILED_STATUS.get(job.error.code, 502)
-        return error_response(status, job.error.code, job.error.message, details)
-    if job.status in ("cancelled", "expired"):
-        code = job.error.code if job.error else job.status.upper()
-        return error_response(409, code, f"the job was {job.status} before it finished", details)
-    return error_response(
-        504, "TIMEOUT", f"the job is still {job.status}; follow it at /v1/jobs/{job.id}", details
-    )

@@ -10,6 +10,7 @@ prometheus_client's metric families and exposition.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import defaultdict
@@ -93,13 +94,15 @@ async def _stored(redis: Redis, settings: Settings) -> dict[str, Any]:
         pipe.hgetall(metrics.ended_key(settings))
         pipe.hgetall(metrics.submitted_key(settings))
         pipe.hgetall(metrics.tokens_key(settings))
+        pipe.hgetall(metrics.filtered_key(settings))
         for h in metrics.HISTOGRAMS:
             pipe.hgetall(metrics.histogram_key(settings, h))
-        ended, submitted, tokens, *hists = await pipe.execute()
+        ended, submitted, tokens, filtered, *hists = await pipe.execute()
     return {
         "ended": ended,
         "submitted": submitted,
         "tokens": tokens,
+        "filtered": filtered,
         "hist": {h.name: raw for h, raw in zip(metrics.HISTOGRAMS, hists, strict=True)},
     }
 
@@ -122,7 +125,14 @@ def _counters(stored: dict[str, Any]) -> Iterable[Metric]:
     )
     for field, value in stored["tokens"].items():
         tokens.add_metric(metrics.split(field), float(value))
-    return submitted, ended, tokens
+    filtered = CounterMetricFamily(
+        "gemmaq_content_filtered",
+        "The content filter: inputs refused (stage input) and outputs withheld (stage output), by category.",
+        labels=["stage", "category"],
+    )
+    for field, value in stored["filtered"].items():
+        filtered.add_metric(metrics.split(field), float(value))
+    return submitted, ended, tokens, filtered
 
 
 def _histogram(histogram: metrics.Histogram, raw: dict[bytes, bytes]) -> Metric:
@@ -258,6 +268,11 @@ class PeakMemory(BaseModel):
     max: float | None
 
 
+class Filtered(BaseModel):
+    input: int = Field(description="submissions refused CONTENT_FILTERED")
+    output: int = Field(description="jobs whose output was withheld (RESPONSE_FILTERED)")
+
+
 class Alert(BaseModel):
     metric: Literal["latency_p95_ms", "peak_memory_mb", "tokens_per_second", "success_rate"]
     severity: Literal["low", "medium", "high"]
@@ -282,6 +297,7 @@ class Summary(BaseModel):
     input_tokens: int
     output_tokens: int
     peak_memory_mb: PeakMemory = Field(description="device memory peaks of succeeded jobs")
+    filtered: Filtered = Field(description="the content filter's refusals, counted by the hour")
     alerts: list[Alert]
 
 
@@ -306,6 +322,7 @@ def parse_window(window: str) -> int:
 async def metrics_summary(
     user: UserDep,
     autocommit: AutocommitDep,
+    redis: RedisDep,
     settings: SettingsDep,
     variants: VariantsDep,
     variant: Annotated[str | None, Query(max_length=100, description="one variant; all when absent")] = None,
@@ -345,10 +362,28 @@ async def metrics_summary(
             mean=mem_mean / MB if mem_mean is not None else None,
             max=mem_max / MB if mem_max is not None else None,
         ),
+        filtered=await _filtered(redis, settings, seconds, None if user.is_admin else user.id),
         alerts=[],
     )
     summary.alerts = alerts_for(summary, settings)
     return summary
+
+
+async def _filtered(redis: Redis, settings: Settings, seconds: int, user_id: str | None) -> Filtered:
+    """The content filter's refusals in the hours the window touches (the caller's, or everyone's)."""
+    now = int(time.time() // 3600)
+    hours = range(now - math.ceil(seconds / 3600), now + 1)
+    async with redis.pipeline(transaction=False) as pipe:
+        for hour in hours:
+            pipe.hgetall(metrics.filtered_key(settings, hour))
+        buckets = await pipe.execute()
+    counts = {"input": 0, "output": 0}
+    for bucket in buckets:
+        for field, value in bucket.items():
+            owner, stage = metrics.split(field)
+            if stage in counts and (user_id is None or owner == user_id):
+                counts[stage] += int(value)
+    return Filtered(**counts)
 
 
 def alerts_for(s: Summary, settings: Settings) -> list[Alert]:

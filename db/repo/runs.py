@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import EXPIRED, GENERATION_ERROR
 from core.metrics import Ended
-from db.models import Job, JobMetric, UsageLedger
+from db.models import Job, JobMetric, Quota, UsageLedger
 from db.repo.jobs import TERMINAL as TERMINAL
 from db.repo.jobs import Charge, charge_of, tokens_used
 
@@ -45,8 +45,12 @@ class Claimed:
     params: dict[str, Any]
     created_at: datetime
     started_at: datetime
+    policy: dict[str, Any] | None = None  # the owner's moderation override (None: the deployment's)
 
 
+_quotas = cast(Table, Quota.__table__)
+# The owner's moderation override, read with the claim: a change applies to the jobs claimed next.
+_POLICY = select(_quotas.c.moderation_policy).where(_quotas.c.user_id == _jobs.c.user_id).scalar_subquery()
 _CLAIM = (
     update(_jobs)
     .where(
@@ -55,7 +59,7 @@ _CLAIM = (
         or_(_jobs.c.expires_at.is_(None), _jobs.c.expires_at > func.now()),
     )
     .values(status="running", started_at=func.now(), attempts=_jobs.c.attempts + 1, worker=bindparam("by"))
-    .returning(*(_jobs.c[name] for name in Claimed.__dataclass_fields__))
+    .returning(*(_jobs.c[name] for name in Claimed.__dataclass_fields__ if name != "policy"), _POLICY)
 )
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import contains_eager
 
-from core.schemas import QuotaOut, QuotaUpdate, UserOut
+from core.schemas import AdminQuotaOut, QuotaUpdate, UserOut
 from core.settings import Settings
 from db.models import ApiKey, Quota, User
 
@@ -127,7 +127,7 @@ async def describe(*, session: AsyncSession, users: Sequence[User]) -> list[User
                 name=user.name,
                 is_admin=user.is_admin,
                 created_at=user.created_at,
-                quota=QuotaOut.model_validate(quota, from_attributes=True) if quota else None,
+                quota=AdminQuotaOut.model_validate(quota, from_attributes=True) if quota else None,
                 active_keys=keys.get(user.id, []),
             )
         )

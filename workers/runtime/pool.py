@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import redis
 import structlog
 
+from core import moderation
 from core.broker import make_celery, redis_client
 from core.events import add_delta
 from core.queues import cancel_channel, cancel_key, cancel_requested_at, lease_key, message_key, worker_key
@@ -68,6 +69,9 @@ class VariantPool:
         self._in_hand: dict[str, str] = {}  # job id → this run's lease token
         self._attempts: dict[str, int] = {}  # job id → the attempt claimed (absent: reserved only)
         self._reserved: dict[str, str] = {}  # broker message (task id) → the token reserved for it
+        # Jobs whose streamed text is checked before it is published (their policy checks outputs).
+        self._filters: dict[str, moderation.StreamFilter] = {}
+        moderation.default_policy(settings.moderation_policy)  # a policy file that cannot be used: exit now
         self._in_hand_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
@@ -115,16 +119,49 @@ class VariantPool:
     # ---- what task threads call ----------------------------------------------------------
 
     def publish_deltas(self, deltas: Sequence[tuple[str, str]]) -> None:
-        """Text generated meanwhile, appended to each job's events (one round trip)."""
+        """Text generated meanwhile, appended to each job's events (one round trip) once the
+        job's content filter has passed it; a job whose text trips the filter is stopped."""
+        tripped: list[str] = []
+        with self._in_hand_lock:
+            attempts = dict(self._attempts)
+            shown: list[tuple[str, str]] = []
+            for job_id, text in deltas:
+                watch = self._filters.get(job_id)
+                if watch is not None:
+                    was = watch.tripped
+                    text = watch.feed(text)
+                    if watch.tripped is not None and was is None:
+                        tripped.append(job_id)
+                if text:
+                    shown.append((job_id, text))
+        for job_id in tripped:
+            self.request_cancel(job_id)  # its output is withheld: no need to finish it
+        self._add_deltas(shown, attempts)
+
+    def release_held(self, job_id: str) -> None:
+        """The job's output has passed the filter: the text still held back is published."""
+        with self._in_hand_lock:
+            watch = self._filters.pop(job_id, None)
+            attempts = dict(self._attempts)
+        rest = watch.rest() if watch is not None else ""
+        if rest:
+            self._add_deltas([(job_id, rest)], attempts)
+
+    def _add_deltas(self, deltas: Sequence[tuple[str, str]], attempts: dict[str, int]) -> None:
+        if not deltas:
+            return
         try:
-            with self._in_hand_lock:
-                attempts = dict(self._attempts)
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, text in deltas:
                     add_delta(pipe, self.settings, job_id, text, attempts.get(job_id))
                 pipe.execute()
         except redis.RedisError:
             log.warning("job.deltas_failed", jobs=len(deltas))
+
+    def policy(self, override: dict[str, object] | None) -> moderation.Policy:
+        """A job's moderation policy: its owner's override, else the deployment's (read again
+        when its file changes)."""
+        return moderation.policy_for(override, self.settings.moderation_policy)
 
     def request_cancel(self, job_id: str) -> None:
         """Stop a running request at its next step: a job that timed out here."""
@@ -192,16 +229,20 @@ class VariantPool:
         """The lease token taken when this message arrived, if one was."""
         return self._reserved.pop(task_id, None)
 
-    def note_claimed(self, job_id: str, attempt: int) -> None:
+    def note_claimed(self, job_id: str, attempt: int, policy: moderation.Policy | None = None) -> None:
+        """The job is claimed at `attempt`; its streamed text goes through `policy`'s output check."""
         with self._in_hand_lock:
             if job_id in self._in_hand:
                 self._attempts[job_id] = attempt
+                if policy is not None and policy.hold("output"):
+                    self._filters[job_id] = moderation.StreamFilter(policy)
 
     def drop_lease(self, job_id: str, token: str) -> None:
         with self._in_hand_lock:
             if self._in_hand.get(job_id) == token:
                 del self._in_hand[job_id]
                 self._attempts.pop(job_id, None)
+                self._filters.pop(job_id, None)
         with contextlib.suppress(redis.RedisError):
             self._release(keys=[lease_key(self.settings, job_id)], args=[token])
 
@@ -268,6 +309,7 @@ class VariantPool:
                     if self._in_hand.get(job_id) == tokens[job_id]:
                         del self._in_hand[job_id]
                         self._attempts.pop(job_id, None)
+                        self._filters.pop(job_id, None)
                 continue
             with contextlib.suppress(redis.RedisError):  # NX: never over another run's lease
                 self.redis.set(
