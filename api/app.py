@@ -27,6 +27,7 @@ from api.routers import (
     metrics,
     models,
     moderations,
+    responses,
     usage,
     webhooks,
 )
@@ -94,8 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     for router in (
-        jobs.router, chat.router, completions.router, moderations.router, files.router, batches.router,
-        models.router, usage.router, webhooks.router, admin.router,
+        jobs.router, chat.router, completions.router, responses.router, moderations.router, files.router,
+        batches.router, models.router, usage.router, webhooks.router, admin.router,
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)

@@ -10,10 +10,11 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from core import openai_chat, openai_completions
+from core import openai_chat, openai_completions, openai_responses
 from core.errors import ValidationFailed
 from core.openai_chat import ChatRequest
 from core.openai_completions import CompletionRequest
+from core.openai_responses import ResponseRequest
 from core.schemas import JobCreate, JobOut
 
 
@@ -137,7 +138,24 @@ def _completion_line(body: Any, metadata: dict[str, str]) -> JobCreate:
     return openai_completions.to_jobs(request, priority=BATCH_PRIORITY, metadata=metadata)[0]
 
 
+def _response_line(body: Any, metadata: dict[str, str]) -> JobCreate:
+    request = ResponseRequest.model_validate(body)
+    if request.stream or request.background:
+        raise ValidationFailed("stream, background: a batch line is neither streamed nor in the background")
+    if request.previous_response_id is not None:
+        raise ValidationFailed("previous_response_id: a batch line does not continue a stored response")
+    return openai_responses.to_job(request, [], priority=BATCH_PRIORITY, metadata=metadata)
+
+
+def _response_body(job: JobOut) -> dict[str, Any]:
+    return openai_responses.response(
+        "resp_" + job.id.removeprefix("job_"), job, instructions=None, max_output_tokens=None,
+        previous_response_id=None, background=False, store=False, metadata={}, created_at=job.created_at,
+    )  # fmt: skip
+
+
 LINE_ENDPOINTS = {
     "/v1/chat/completions": LineEndpoint(_chat_line, openai_chat.completion),
     "/v1/completions": LineEndpoint(_completion_line, lambda job: openai_completions.completion([job])),
+    "/v1/responses": LineEndpoint(_response_line, _response_body),
 }

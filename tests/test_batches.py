@@ -145,6 +145,24 @@ def test_a_batch_of_completions_lines(stack: Stack, key: str, client: httpx.Clie
     assert error["custom_id"] == "two-prompts" and "one prompt" in error["error"]["message"]
 
 
+def test_a_batch_of_responses_lines(stack: Stack, key: str) -> None:
+    oai = oai_for(stack, key)
+    lines: list[dict[str, Any]] = [
+        {"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses",
+         "body": {"model": "echo", "input": f"answer {i}", "instructions": "Be brief."}}
+        for i in range(3)
+    ]  # fmt: skip
+    lines.append({**lines[0], "custom_id": "streamed", "body": {**lines[0]["body"], "stream": True}})
+    done = wait_batch(oai, run_batch(oai, lines, "/v1/responses").id, {"completed", "failed", "expired"})
+    assert done.status == "completed" and counts(done) == (4, 3, 1)
+    out = {r["custom_id"]: r["response"]["body"] for r in records(oai, done.output_file_id)}
+    assert {k: (b["object"], b["status"], b["output"][0]["content"][0]["text"]) for k, b in out.items()} == {
+        f"r-{i}": ("response", "completed", f"answer {i}") for i in range(3)
+    }
+    [error] = records(oai, done.error_file_id)
+    assert error["custom_id"] == "streamed" and "streamed" in error["error"]["message"]
+
+
 def test_lines_that_cannot_run_go_to_the_error_file(stack: Stack, key: str) -> None:
     oai = oai_for(stack, key)
     bad = [

@@ -29,7 +29,7 @@ WINDOWS = {"24h": timedelta(hours=24)}
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_file_id: str = Field(max_length=64)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
         Field(None, max_length=16)

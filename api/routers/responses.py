@@ -1,0 +1,204 @@
+"""The OpenAI Responses API over ordinary jobs (core/openai_responses.py), stored in PostgreSQL.
+
+`POST /v1/responses` queues a job like `POST /v1/jobs` does (admission, quotas, batching,
+metrics, webhooks). With `background: true` it answers at once (`queued`), and the response is
+followed with `GET /v1/responses/{id}`; without, it waits, as chat completions do; `stream:
+true` sends the Responses event stream (`response.created`, `response.output_text.delta`,
+`response.completed`). A stored response (`store`, the default) survives API restarts, is its
+owner's only (another user's id is a 404), and can be continued (`previous_response_id`),
+cancelled and deleted. The job's id is in `X-Gemmaq-Job-Id`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import DoneDep, HoldsDep
+from api.errors import responses
+from api.holds import KeyWatch, guarded
+from api.routers.chat import INTERACTIVE_PRIORITY, PING_S
+from api.streaming import follow
+from api.submission import Submitter, SubmitterDep, read_job
+from core import openai_responses
+from core.errors import NotFound
+from core.openai_responses import ResponseRequest
+from core.schemas import TERMINAL_STATUSES, JobOut
+from db.ids import new_id
+from db.models import StoredResponse
+from db.repo import responses as responses_repo
+
+router = APIRouter(tags=["openai"])
+
+ResponseId = Annotated[str, Path(max_length=64)]
+CANCEL_WAIT_S = 10.0  # a cancelled running response: how long the answer waits for its job to stop
+
+
+@router.post(
+    "/responses",
+    responses={
+        **responses(401, 403, 404, 409, 413, 415, 422, 429, 502, 503, 504),
+        200: {"content": {"text/event-stream": {}}, "description": "the response, or its events streamed"},
+    },
+    summary="Create a response (OpenAI Responses API); background=true answers at once",
+)
+async def create_response(
+    request: Request, body: ResponseRequest, submitter: SubmitterDep, done: DoneDep, holds: HoldsDep
+) -> Response:
+    context: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        previous = await _stored(submitter, body.previous_response_id)
+        job = await read_job(submitter.autocommit, submitter.user.id, previous.job_id)
+        if job.status not in TERMINAL_STATUSES:
+            raise NotFound(f"response {previous.id!r} has not finished; continue it once it has")
+        context = openai_responses.continued(previous.context, previous.input_items, job)
+    response_id = new_id("resp")
+    tags = {"api": "responses", "response_id": response_id}
+    spec = openai_responses.to_job(body, context, priority=INTERACTIVE_PRIORITY, metadata=tags)
+    hold = None if body.background else holds.take("stream" if body.stream else "wait", submitter.user.id)
+    try:
+        job = (await submitter.submit(spec)).job
+        row = StoredResponse(
+            id=response_id, user_id=submitter.user.id, job_id=job.id,
+            previous_response_id=body.previous_response_id, instructions=body.instructions,
+            input_items=body.items(), context=context, background=body.background,
+            max_output_tokens=body.max_output_tokens, metadata_=body.metadata or {},
+        )  # fmt: skip
+        if body.store:
+            async with submitter.maker() as session, session.begin():
+                await responses_repo.add(session=session, row=row)
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
+    headers = {"X-Gemmaq-Job-Id": job.id}
+    created_at = job.created_at
+    if body.background:
+        return JSONResponse(_object(row, job, body.store, created_at), headers=headers)
+    assert hold is not None
+    if body.stream:
+        watch = KeyWatch(request)
+
+        async def read() -> JobOut:
+            await watch.check()
+            return await read_job(submitter.autocommit, submitter.user.id, job.id)
+
+        events = _events(row, job, body.store, follow(submitter.redis, submitter.settings, job, read, "0-0"))
+        return EventSourceResponse(guarded(events, hold, watch), ping=PING_S, headers=headers)
+    with hold:
+        job = await done.wait_for(
+            job.id,
+            functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id),
+            submitter.settings.chat_wait_s,
+        )
+    return JSONResponse(_object(row, job, body.store, created_at), headers=headers)
+
+
+@router.get("/responses/{response_id}", responses=responses(401, 404), summary="Retrieve a stored response")
+async def get_response(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
+    row = await _stored(submitter, response_id)
+    job = await read_job(submitter.autocommit, submitter.user.id, row.job_id)
+    return _object(row, job, True, row.created_at)
+
+
+@router.post(
+    "/responses/{response_id}/cancel",
+    responses=responses(401, 404),
+    summary="Cancel a response: queued, it never runs; running, it stops at its next step",
+)
+async def cancel_response(response_id: ResponseId, submitter: SubmitterDep, done: DoneDep) -> dict[str, Any]:
+    row = await _stored(submitter, response_id)
+    if not await submitter.cancel_queued(row.job_id):
+        job = await read_job(submitter.autocommit, submitter.user.id, row.job_id)
+        if job.status not in TERMINAL_STATUSES:
+            await submitter.stop_running(row.job_id)
+    read = functools.partial(read_job, submitter.autocommit, submitter.user.id, row.job_id)
+    job = await done.wait_for(row.job_id, read, CANCEL_WAIT_S)
+    return _object(row, job, True, row.created_at)
+
+
+@router.delete("/responses/{response_id}", responses=responses(401, 404), summary="Delete a stored response")
+async def delete_response(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
+    async with submitter.maker() as session, session.begin():
+        removed = await responses_repo.remove(
+            session=session, user_id=submitter.user.id, response_id=response_id
+        )
+    if not removed:
+        raise NotFound(f"no response {response_id!r}")
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.get(
+    "/responses/{response_id}/input_items", responses=responses(401, 404), summary="A response's input items"
+)
+async def input_items(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
+    row = await _stored(submitter, response_id)
+    data = [
+        {
+            "id": f"msg_{row.id.removeprefix('resp_')}_{i}",
+            "type": "message",
+            "status": "completed",
+            "role": item["role"],
+            "content": [{"type": "input_text", "text": item["content"]}]
+            if isinstance(item["content"], str)
+            else item["content"],
+        }
+        for i, item in enumerate(row.input_items)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": False,
+    }
+
+
+async def _stored(submitter: Submitter, response_id: str) -> StoredResponse:
+    async with submitter.maker() as session:
+        row = await responses_repo.get(session=session, user_id=submitter.user.id, response_id=response_id)
+    if row is None:
+        raise NotFound(f"no response {response_id!r}")
+    return row
+
+
+def _object(row: StoredResponse, job: JobOut, store: bool, created_at: Any) -> dict[str, Any]:
+    return openai_responses.response(
+        row.id, job, instructions=row.instructions, max_output_tokens=row.max_output_tokens,
+        previous_response_id=row.previous_response_id, background=row.background, store=store,
+        metadata=row.metadata_, created_at=created_at,
+    )  # fmt: skip
+
+
+async def _events(
+    row: StoredResponse, job: JobOut, store: bool, events: AsyncIterator[Any]
+) -> AsyncIterator[ServerSentEvent]:
+    sequence = itertools.count(1)
+
+    def frame(kind: str, data: dict[str, Any]) -> ServerSentEvent:
+        body = {"type": kind, "sequence_number": next(sequence), **data}
+        return ServerSentEvent(event=kind, data=json.dumps(body))
+
+    yield frame("response.created", {"response": _object(row, job, store, job.created_at)})
+    item_id = openai_responses.message_id(row.id)
+    async for event in events:
+        if event.event == "delta":
+            yield frame(
+                "response.output_text.delta",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": event.data["text"]},
+            )
+        elif event.event == "done":
+            final = JobOut.model_validate(event.data)
+            body = _object(row, final, store, job.created_at)
+            kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+                body["status"], "response.failed"
+            )
+            yield frame(kind, {"response": body})
+            break
