@@ -18,6 +18,7 @@ from api.holds import Holds
 from api.limits import BodyLimit, KeyFirst, RateLimitHeaders
 from api.routers import (
     admin,
+    audio,
     batches,
     chat,
     completions,
@@ -95,8 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     for router in (
-        jobs.router, chat.router, completions.router, responses.router, moderations.router, files.router,
-        batches.router, models.router, usage.router, webhooks.router, admin.router,
+        jobs.router, chat.router, completions.router, responses.router, audio.router, moderations.router,
+        files.router, batches.router, models.router, usage.router, webhooks.router, admin.router,
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastapi import UploadFile
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
@@ -29,6 +30,7 @@ class MediaTotals:
 
 
 NO_MEDIA = MediaTotals(images=0, audio_seconds=0.0, bytes=0)
+UPLOAD_CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -152,3 +154,14 @@ async def _check_referenced(
         seconds += float((file.media or {}).get("seconds") or 0.0)
         size += file.size
     return seconds, size
+
+
+async def read_capped(upload: UploadFile, limit: int) -> bytes:
+    """An uploaded file's bytes, read no further than `limit` (413 past it)."""
+    parts, size = [], 0
+    while chunk := await upload.read(UPLOAD_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"file: more than {limit} bytes", {"limit": limit})
+        parts.append(chunk)
+    return b"".join(parts)

@@ -17,7 +17,7 @@ decoding, as for every gemmaq job.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -175,15 +175,19 @@ def continued(
     return [*context, *messages, {"role": "assistant", "content": reply}]
 
 
-def status_of(job: JobOut) -> str:
-    if job.status == "queued":
+def status_for(job_status: str, finish_reason: str | None) -> str:
+    """A response's status, from its job's status and (succeeded) finish reason."""
+    if job_status == "queued":
         return "queued"
-    if job.status == "running":
+    if job_status == "running":
         return "in_progress"
-    if job.status == "succeeded":
-        cut = job.result is not None and job.result.finish_reason == "length"  # its token limit
-        return "incomplete" if cut else "completed"
-    return "cancelled" if job.status == "cancelled" else "failed"
+    if job_status == "succeeded":
+        return "incomplete" if finish_reason == "length" else "completed"  # cut by its token limit
+    return "cancelled" if job_status == "cancelled" else "failed"
+
+
+def status_of(job: JobOut) -> str:
+    return status_for(job.status, job.result.finish_reason if job.result is not None else None)
 
 
 def _epoch(at: datetime | None) -> int | None:
@@ -256,3 +260,25 @@ def response(
         "truncation": "disabled",
         "gemmaq_job_id": job.id,
     }
+
+
+class ResponseRow(Protocol):
+    """What `response_of` reads of a stored response (db.models.StoredResponse)."""
+
+    id: str
+    instructions: str | None
+    max_output_tokens: int | None
+    previous_response_id: str | None
+    background: bool
+    metadata_: dict[str, Any]
+
+
+def response_of(
+    row: ResponseRow, job: JobOut, *, store: bool = True, created_at: datetime | None = None
+) -> dict[str, Any]:
+    """A stored response (or one being made, `store` false) and its job, as a `response` object."""
+    return response(
+        row.id, job, instructions=row.instructions, max_output_tokens=row.max_output_tokens,
+        previous_response_id=row.previous_response_id, background=row.background, store=store,
+        metadata=row.metadata_, created_at=created_at or job.created_at,
+    )  # fmt: skip

@@ -188,6 +188,7 @@ class GenerationParams(BaseModel):
     target_language: Annotated[SafeStr, Field(max_length=40)] | None = Field(
         None, description="translate into this language (audio_task=translate)"
     )
+    timestamps: bool = Field(False, description="audio (Whisper): the result's segments, with their times")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -224,6 +225,12 @@ class ToolCall(BaseModel):
     arguments: dict[str, Any]
 
 
+class Segment(BaseModel):
+    start: float = Field(description="seconds into the audio")
+    end: float
+    text: str
+
+
 class JobResult(BaseModel):
     text: str
     finish_reason: FinishReason = Field(
@@ -233,6 +240,8 @@ class JobResult(BaseModel):
     )
     tool_calls: list[ToolCall] | None = None
     usage: Usage
+    segments: list[Segment] | None = Field(None, description="params.timestamps: the speech's segments")
+    language: str | None = Field(None, description="params.timestamps: the speech's language")
 
 
 class JobError(BaseModel):

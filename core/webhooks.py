@@ -6,9 +6,11 @@
   unless `webhook_allow_hosts` names the host, the address or a block holding it. An attempt
   connects to the address it checked (`Target`), never to what a second lookup answers. A URL
   the sender could not use (no host, a bad port, spaces or control characters) is refused too.
-- Events: `job.succeeded`, `job.failed` (an expired job too), `job.cancelled`, and for batches
-  `batch.completed`, `batch.failed` (an expired batch too), `batch.cancelled`; the body is
-  `{"type", "timestamp", "data": <the job or batch as GET /v1/jobs/{id} or /v1/batches/{id} shows it>}`.
+- Events: `job.succeeded`, `job.failed` (an expired job too), `job.cancelled`; a Responses API
+  job's are OpenAI's `response.completed`, `response.incomplete`, `response.failed`,
+  `response.cancelled`; for batches `batch.completed`, `batch.failed`, `batch.expired`,
+  `batch.cancelled`. The body is `{"type", "timestamp", "data": <the job, response or batch as
+  GET /v1/jobs/{id}, /v1/responses/{id} or /v1/batches/{id} shows it>}`.
 - Signing: the Standard Webhooks scheme (`webhook-id`, `webhook-timestamp`, `webhook-signature`),
   with the `standardwebhooks` package and the owner's `whsec_` secret.
 - Retries: a non-2xx answer or no answer is retried after `webhook_backoff_s`, doubling up to
@@ -29,6 +31,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from core.errors import ValidationFailed
+from core.openai_responses import status_for
 from core.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,9 +45,16 @@ EVENT_OF_STATUS = {
 EVENT_OF_BATCH_STATUS = {
     "completed": "batch.completed",
     "failed": "batch.failed",
-    "expired": "batch.failed",
+    "expired": "batch.expired",
     "cancelled": "batch.cancelled",
 }
+
+
+def job_event(status: str, response_id: str | None, finish_reason: str | None) -> str:
+    """The event an ended job sends: a Responses API job's (`response_id`) in OpenAI's names."""
+    if response_id is not None:
+        return "response." + status_for(status, finish_reason)
+    return EVENT_OF_STATUS[status]
 
 
 class TargetRefused(ValidationFailed):

@@ -62,6 +62,9 @@ def test_inputs_in_a_category_are_refused_before_anything_is_queued(stack: Stack
         with pytest.raises(openai.BadRequestError) as completion:
             oai.completions.create(model="echo", prompt=["fine", f"the {TERM}"])
         assert completion.value.body["code"] == "CONTENT_FILTERED"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as response:
+            oai.responses.create(model="echo", input=f"What is the {TERM}?", background=True)
+        assert response.value.body["code"] == "CONTENT_FILTERED"  # type: ignore[index]
         assert client.get("/v1/jobs").json()["data"] == []  # nothing was queued
         # An output-only rule leaves inputs alone; and another user's policy is the deployment's.
         ok = client.post("/v1/jobs", json=echo("Paris in spring"))

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -147,3 +148,20 @@ def test_a_batch_reports_its_end(client: httpx.Client, receiver: Receiver) -> No
     assert [d["event"] for d in log] == ["batch.completed"] and log[0]["batch_id"] == batch["id"]
     refused = client.post("/v1/batches", json=body | {"webhook_url": "http://169.254.169.254/"})
     assert refused.status_code == 422
+
+
+def test_a_response_reports_its_end_in_openais_names(stack: Stack, receiver: Receiver) -> None:
+    key = stack.new_key("responses-hooks")
+    with stack.client(key) as client:
+        default = {"default_url": receiver.url("/responses")}
+        secret = client.put("/v1/webhooks/settings", json=default).json()["secret"]
+    oai = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=60)
+    done = oai.responses.create(model="echo", input="one two three", background=True)
+    cut = oai.responses.create(model="echo", input="one two three", max_output_tokens=1, background=True)
+    events = {}
+    for headers, raw in receiver.wait("/responses", 2):
+        event = Webhook(secret).verify(raw, headers)
+        events[event["data"]["id"]] = event
+    assert events[done.id]["type"] == "response.completed"
+    assert events[done.id]["data"]["output_text"] == "one two three"
+    assert events[cut.id]["type"] == "response.incomplete"

@@ -295,6 +295,9 @@ def _succeed(
         "tool_calls": tool_calls,
         "usage": {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens},
     }
+    for name in ("segments", "language"):  # speech with params.timestamps
+        if name in result.extra:
+            body[name] = result.extra[name]
     error = {"code": errors.CANCELLED, "message": "cancelled while running"} if cancelled else None
     metrics = _metrics(pool, queue_ms, started, result, request)
     written = _finish(

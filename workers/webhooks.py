@@ -28,11 +28,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from core.openai_batch import batch_out
+from core.openai_responses import response_of
 from core.settings import Settings
 from core.webhooks import Target, TargetRefused, backoff_s, check_target, new_secret, signed_headers
 from db.models import Batch
 from db.repo import batches as batches_repo
 from db.repo import jobs as jobs_repo
+from db.repo import responses as responses_repo
 from db.repo import webhooks as webhooks_repo
 from db.session import sync_sessionmaker
 
@@ -129,7 +131,11 @@ class Dispatcher:
         if d.job_id is not None:
             row = jobs_repo.get_job_sync(session=session, user_id=d.user_id, job_id=d.job_id)
             if row is not None:
-                data = jobs_repo.job_out(row).model_dump(mode="json")
+                job = jobs_repo.job_out(row)
+                data = job.model_dump(mode="json")
+                stored = responses_repo.of_job_sync(session=session, job_id=job.id)
+                if d.event.startswith("response.") and stored is not None:  # as GET /v1/responses/{id}
+                    data = response_of(stored, job, created_at=stored.created_at)
         elif d.batch_id is not None and (batch := session.get(Batch, d.batch_id)) is not None:
             counts = batches_repo.counts_sync(session=session, batch_id=batch.id)
             data = batch_out(batch, counts).model_dump(mode="json")

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api import quota as admission
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
+from api.media import read_capped
 from core.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMedia, ValidationFailed
 from core.media import sniff_media
 from core.settings import Settings
@@ -67,16 +68,6 @@ def file_out(file: File) -> FileOut:
         media=file.media,
         expires_at=int(file.expires_at.timestamp()) if file.expires_at else None,
     )
-
-
-async def _read_capped(upload: UploadFile, limit: int) -> bytes:
-    parts, size = [], 0
-    while chunk := await upload.read(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"file: more than {limit} bytes", {"limit": limit})
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _check_lines(data: bytes, first: int) -> int:
@@ -178,7 +169,7 @@ async def upload_file(
                 raise ValidationFailed("file: no request lines")  # rolls the file back
         return file_out(parted)
     media_limit = max(settings.media_max_image_bytes, settings.media_max_audio_bytes)
-    data = await _read_capped(file, min(settings.files_max_bytes, media_limit))
+    data = await read_capped(file, min(settings.files_max_bytes, media_limit))
     content_type, media = await run_in_threadpool(_sniff, data, settings)
     async with maker() as session, session.begin():
         files, used = await files_repo.storage_used(session=session, user_id=user.id, lock=True)

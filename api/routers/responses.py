@@ -79,9 +79,8 @@ async def create_response(
             hold.release()
         raise
     headers = {"X-Gemmaq-Job-Id": job.id}
-    created_at = job.created_at
     if body.background:
-        return JSONResponse(_object(row, job, body.store, created_at), headers=headers)
+        return JSONResponse(openai_responses.response_of(row, job, store=body.store), headers=headers)
     assert hold is not None
     if body.stream:
         watch = KeyWatch(request)
@@ -98,14 +97,14 @@ async def create_response(
             functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id),
             submitter.settings.chat_wait_s,
         )
-    return JSONResponse(_object(row, job, body.store, created_at), headers=headers)
+    return JSONResponse(openai_responses.response_of(row, job, store=body.store), headers=headers)
 
 
 @router.get("/responses/{response_id}", responses=responses(401, 404), summary="Retrieve a stored response")
 async def get_response(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
     row = await _stored(submitter, response_id)
     job = await read_job(submitter.autocommit, submitter.user.id, row.job_id)
-    return _object(row, job, True, row.created_at)
+    return openai_responses.response_of(row, job, created_at=row.created_at)
 
 
 @router.post(
@@ -121,7 +120,7 @@ async def cancel_response(response_id: ResponseId, submitter: SubmitterDep, done
             await submitter.stop_running(row.job_id)
     read = functools.partial(read_job, submitter.autocommit, submitter.user.id, row.job_id)
     job = await done.wait_for(row.job_id, read, CANCEL_WAIT_S)
-    return _object(row, job, True, row.created_at)
+    return openai_responses.response_of(row, job, created_at=row.created_at)
 
 
 @router.delete("/responses/{response_id}", responses=responses(401, 404), summary="Delete a stored response")
@@ -169,14 +168,6 @@ async def _stored(submitter: Submitter, response_id: str) -> StoredResponse:
     return row
 
 
-def _object(row: StoredResponse, job: JobOut, store: bool, created_at: Any) -> dict[str, Any]:
-    return openai_responses.response(
-        row.id, job, instructions=row.instructions, max_output_tokens=row.max_output_tokens,
-        previous_response_id=row.previous_response_id, background=row.background, store=store,
-        metadata=row.metadata_, created_at=created_at,
-    )  # fmt: skip
-
-
 async def _events(
     row: StoredResponse, job: JobOut, store: bool, events: AsyncIterator[Any]
 ) -> AsyncIterator[ServerSentEvent]:
@@ -186,7 +177,7 @@ async def _events(
         body = {"type": kind, "sequence_number": next(sequence), **data}
         return ServerSentEvent(event=kind, data=json.dumps(body))
 
-    yield frame("response.created", {"response": _object(row, job, store, job.created_at)})
+    yield frame("response.created", {"response": openai_responses.response_of(row, job, store=store)})
     item_id = openai_responses.message_id(row.id)
     async for event in events:
         if event.event == "delta":
@@ -196,7 +187,7 @@ async def _events(
             )
         elif event.event == "done":
             final = JobOut.model_validate(event.data)
-            body = _object(row, final, store, job.created_at)
+            body = openai_responses.response_of(row, final, store=store)
             kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
                 body["status"], "response.failed"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from db.models import StoredResponse
 
@@ -21,3 +22,8 @@ async def get(*, session: AsyncSession, user_id: str, response_id: str) -> Store
 async def remove(*, session: AsyncSession, user_id: str, response_id: str) -> bool:
     query = delete(StoredResponse).where(StoredResponse.id == response_id, StoredResponse.user_id == user_id)
     return bool((await session.execute(query)).rowcount)  # type: ignore[attr-defined]
+
+
+def of_job_sync(*, session: Session, job_id: str) -> StoredResponse | None:
+    """The stored response a job generates (the webhook dispatcher's read)."""
+    return session.execute(select(StoredResponse).where(StoredResponse.job_id == job_id)).scalar_one_or_none()

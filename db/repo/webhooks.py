@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from core.webhooks import EVENT_OF_BATCH_STATUS, EVENT_OF_STATUS
+from core.webhooks import EVENT_OF_BATCH_STATUS, job_event
 from db.ids import new_id
 from db.models import User, WebhookDelivery
 from db.repo.jobs import TERMINAL
@@ -20,7 +20,8 @@ from db.repo.jobs import TERMINAL
 MAX_PAGE = 100
 
 _ENDED = text("""
-SELECT id, user_id, status, webhook_url, finished_at FROM jobs
+SELECT id, user_id, status, webhook_url, finished_at, metadata->>'response_id', result->>'finish_reason'
+FROM jobs
 WHERE webhook_url IS NOT NULL AND finished_at >= :since AND status = ANY(:terminal)
   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id = jobs.id)
 ORDER BY finished_at LIMIT :limit
@@ -36,8 +37,8 @@ def create_for_ended(
     jobs = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
     batches = session.execute(_BATCHES_ENDED, {"since": since, "limit": limit}).all()
     values = [
-        {"job_id": job_id, "user_id": user_id, "event": EVENT_OF_STATUS[status], "url": url}
-        for job_id, user_id, status, url, _ in jobs
+        {"job_id": job_id, "user_id": user_id, "event": job_event(status, response_id, reason), "url": url}
+        for job_id, user_id, status, url, _, response_id, reason in jobs
     ] + [
         {"batch_id": batch_id, "user_id": user_id, "event": EVENT_OF_BATCH_STATUS[status], "url": url}
         for batch_id, user_id, status, url, _ in batches

@@ -211,13 +211,13 @@ class Batcher:
 
     def _gathering(self, stream: ContinuousDecoder, waiting: collections.deque[Item]) -> bool:
         """Whether the waiting requests hold off joining the running batch for a step: fewer are
-        waiting than there are free slots, and the slots have been free for less than
+        waiting than there are free slots, and they have waited for a free slot for less than
         `max_wait`. A join costs about a step whatever its size, and the jobs that take freed
         slots reach the engine a few milliseconds apart (the jobs in hand first, then the ones
         whose messages the ended jobs' acks let in), so joining them one group at a time would
         split the batch into groups that each pay for their own join, and keep doing so."""
-        if not stream.rows or len(waiting) >= stream.free:
-            self._gather_since = None
+        if not stream.rows or not waiting or len(waiting) >= stream.free:
+            self._gather_since = None  # the clock starts with a request waiting for a free slot
             return False
         now = time.monotonic()
         if self._gather_since is None:

@@ -20,7 +20,11 @@ LEAD_IN_S = 0.5
 ENCODER_FRAMES_PER_SECOND = 50
 
 
-def clip_of(request: Request) -> np.ndarray[Any, np.dtype[np.float32]]:
+Clip = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def clip_of(request: Request) -> tuple[Clip, float]:
+    """The request's audio as one clip, and the seconds of silence put before it."""
     clips = [
         part["audio"]
         for message in request.messages or []
@@ -39,8 +43,8 @@ def clip_of(request: Request) -> np.ndarray[Any, np.dtype[np.float32]]:
     # half a second of silence on each side, where the 30 s window has room, helps Whisper.
     if seconds + 2 * LEAD_IN_S <= MAX_SECONDS:
         pad = np.zeros(int(LEAD_IN_S * SAMPLING_RATE), dtype=np.float32)
-        joined = np.concatenate([pad, joined, pad])
-    return joined
+        return np.concatenate([pad, joined, pad]), LEAD_IN_S
+    return joined, 0.0
 
 
 class WhisperEngine:
@@ -56,6 +60,7 @@ class WhisperEngine:
         self.can_translate = translate
         self.tokenizer = processor.tokenizer
         self.special = set(self.tokenizer.all_special_ids)
+        self.timestamp_begin = self.tokenizer.convert_tokens_to_ids("<|0.00|>")
 
     def warmup(self) -> None:
         from core.schemas import GenerationParams
@@ -66,7 +71,7 @@ class WhisperEngine:
         )
         self.generate([request], lambda ids: [None] * len(ids))
 
-    def _options(self, request: Request) -> tuple[str, str | None]:
+    def _options(self, request: Request) -> tuple[str, str | None, bool]:
         params = request.params
         if params.audio_task == "translate":
             if not self.can_translate:
@@ -74,22 +79,21 @@ class WhisperEngine:
             target = (params.target_language or "english").lower()
             if target not in ("en", "english"):
                 raise RequestError(f"{self.name} translates into English only")
-        return params.audio_task, params.language.lower() if params.language else None
+        return params.audio_task, params.language.lower() if params.language else None, params.timestamps
 
     def generate(self, batch: Sequence[Request], cancelled: CancelCheck) -> list[Result | Exception]:
         results: list[Result | Exception] = [RequestError("not run")] * len(batch)
-        groups: dict[tuple[str, str | None], list[tuple[int, np.ndarray[Any, np.dtype[np.float32]]]]] = {}
+        groups: dict[tuple[str, str | None, bool], list[tuple[int, tuple[Clip, float]]]] = {}
         for i, request in enumerate(batch):
             try:
                 groups.setdefault(self._options(request), []).append((i, clip_of(request)))
             except RequestError as exc:
                 results[i] = exc
-        for (task, language), members in groups.items():
+        for (task, language, timestamps), members in groups.items():
             try:
+                requests, clips = [batch[i] for i, _ in members], [c for _, c in members]
                 outcomes: list[Result | Exception] = list(
-                    self._run(
-                        [batch[i] for i, _ in members], [c for _, c in members], task, language, cancelled
-                    )
+                    self._run(requests, clips, task, language, timestamps, cancelled)
                 )
             except ValueError as exc:  # e.g. a language Whisper does not know
                 outcomes = [RequestError(f"whisper refused the request: {exc}")] * len(members)
@@ -100,12 +104,16 @@ class WhisperEngine:
     def _run(
         self,
         batch: list[Request],
-        clips: list[np.ndarray[Any, np.dtype[np.float32]]],
+        padded: list[tuple[Clip, float]],
         task: str,
         language: str | None,
+        timestamps: bool,
         cancelled: CancelCheck,
     ) -> list[Result]:
+        """One `generate` for clips of one task and language; with `timestamps`, Whisper's
+        timestamp tokens are kept and each result carries its segments and its language."""
         prep_start = time.perf_counter()
+        clips = [clip for clip, _ in padded]
         features = self.processor.feature_extractor(
             clips, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True
         )
@@ -126,6 +134,8 @@ class WhisperEngine:
         kwargs: dict[str, Any] = {"task": task} if self.can_translate else {}
         if language and self.can_translate:
             kwargs["language"] = language
+        if timestamps:
+            kwargs["return_timestamps"] = True
         if self.torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.torch_device)
         start = time.monotonic()
@@ -141,11 +151,16 @@ class WhisperEngine:
         end = time.monotonic()
         sequences = output.sequences if hasattr(output, "sequences") else output
         peak = peak_memory(self.torch_device)
+        languages = self._languages(features, language) if timestamps else [None] * len(batch)
         results = []
         for row, request in enumerate(batch):
             tokens = [t for t in sequences[row].tolist() if t not in self.special]
             if stopper.lengths[row] is not None:
                 tokens = tokens[: stopper.lengths[row]]
+            extra: dict[str, Any] = {}
+            if timestamps:
+                extra = {"segments": self._segments(tokens, padded[row][1]), "language": languages[row]}
+            tokens = [t for t in tokens if t < self.timestamp_begin]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip().replace("\x00", "\ufffd")
             cut = min((text.find(s) for s in request.params.stop if s in text), default=-1)
             reason = (
@@ -166,6 +181,33 @@ class WhisperEngine:
                     batch_size=len(batch),
                     peak_memory_bytes=peak,
                     preprocess_ms=prep_ms / len(batch),
+                    extra=extra,
                 )
             )
         return results
+
+    def _segments(self, tokens: list[int], lead_s: float) -> list[dict[str, Any]]:
+        """Whisper's segments: text between timestamp tokens, in seconds of the caller's audio."""
+        offsets = self.tokenizer.decode(tokens, output_offsets=True, skip_special_tokens=True)["offsets"]
+        return [
+            {
+                "start": round(max(0.0, o["timestamp"][0] - lead_s), 2),
+                "end": round(max(0.0, o["timestamp"][1] - lead_s), 2),
+                "text": o["text"].strip(),
+            }
+            for o in offsets
+            if o["text"].strip()
+        ]
+
+    def _languages(self, features: Any, language: str | None) -> list[str | None]:
+        """The language each clip is in: the one asked for, else the one Whisper detects."""
+        count = features.input_features.shape[0]
+        if language:
+            return [language] * count
+        if not self.can_translate:
+            return ["en"] * count  # an English-only model
+        with torch.inference_mode():
+            ids = self.model.detect_language(
+                input_features=features.input_features.to(self.torch_device, self.model.dtype)
+            )
+        return [self.tokenizer.convert_ids_to_tokens(int(i)).strip("<|>") for i in ids.view(-1).tolist()]
