@@ -4,6 +4,7 @@ were made), owner-only, continued with `previous_response_id`, streamed, listed 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -43,18 +44,35 @@ def test_a_background_response_is_queued_at_once_and_completes(stack: Stack, key
                                           background=True).id, {"completed", "incomplete"})  # fmt: skip
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.output_text == "one two"
-    # Stored in PostgreSQL: an API process started only now reads it back the same.
-    port = free_port()
-    other = stack.gemmaq("api", "--port", str(port), log="api-second.log")
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", other)
-        again = oai_for(f"http://127.0.0.1:{port}", key).responses.retrieve(created.id)
-        assert again.output_text == done.output_text and again.status == done.status
-    finally:
-        other.terminate()
-        other.wait(timeout=30)
     items = oai.responses.input_items.list(created.id)
     assert [(i.role, i.content[0].text) for i in items.data] == [("user", BERLIN)]  # type: ignore[index,union-attr]
+
+
+def test_a_response_outlives_the_api_process_that_made_it(stack: Stack, key: str) -> None:
+    """Made through an API process of its own, which is then stopped; one started afterwards,
+    on the same port, reads it back the same: nothing of it lived in process memory."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def api() -> subprocess.Popen[bytes]:
+        proc = stack.gemmaq("api", "--port", str(port), log="api-restarted.log")
+        wait_healthy(url, proc)
+        return proc
+
+    first = api()
+    try:
+        made = oai_for(url, key).responses.create(model="echo", input="kept in PostgreSQL", background=True)
+        done = until(oai_for(url, key), made.id, {"completed"})
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    second = api()
+    try:
+        again = oai_for(url, key).responses.retrieve(made.id)
+        assert again.status == "completed" and again.output_text == done.output_text == "kept in PostgreSQL"
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
 
 
 def test_a_running_response_is_cancelled(stack: Stack, key: str) -> None:
