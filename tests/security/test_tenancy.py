@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import redis
-from sqlalchemy.orm import Session
+from sqlalchemy import text
 
 from core.queues import key_epoch_key
 from db.repo import webhooks as webhooks_repo
@@ -15,7 +15,8 @@ from tests.test_events import ESSAY, sse
 
 DUE = (
     "INSERT INTO webhook_deliveries (id, user_id, event, url, status, attempts, history, next_attempt_at)"
-    " VALUES (%s, %s, 'job.succeeded', 'http://192.0.2.1/', 'pending', 0, '[]', now() - interval '1 hour')"
+    " VALUES (:id, :user_id, 'job.succeeded', 'http://192.0.2.1/', 'pending', 0, '[]',"
+    " now() - interval '1 hour')"
 )
 
 
@@ -34,19 +35,20 @@ def test_a_user_cannot_renew_the_key_epoch(stack: Stack, client: httpx.Client) -
 
 
 def test_webhook_rounds_take_users_in_turn(stack: Stack) -> None:
-    """A user with a backlog of due deliveries cannot fill a round: each user's share is capped."""
+    """A user with a backlog of due deliveries cannot fill a round: each user's share is capped.
+    The deliveries are written in the round's own transaction, never committed, so the stack's
+    running dispatcher cannot take them first."""
     greedy, modest = (user_of(stack, stack.new_key(name)) for name in ("hook-greedy", "hook-modest"))
-    for user_id, n in [(greedy, n) for n in range(40)] + [(modest, n) for n in range(2)]:
-        stack.sql(DUE, f"msg_turns_{user_id[-12:]}_{n}", user_id)
-    maker = sync_sessionmaker(stack.settings().db_url)
+    session = sync_sessionmaker(stack.settings().db_url)()
     try:
-        with maker.begin() as session:
-            assert isinstance(session, Session)
-            claimed = webhooks_repo.claim_due(session=session, limit=8, per_user=4, lease_s=3600)
-            taken = [d.user_id for d in claimed if d.id.startswith("msg_turns_")]
-        assert taken.count(modest) == 2 and taken.count(greedy) <= 4, taken
+        for user_id, n in [(greedy, n) for n in range(40)] + [(modest, n) for n in range(2)]:
+            session.execute(text(DUE), {"id": f"msg_turns_{user_id[-12:]}_{n}", "user_id": user_id})
+        claimed = webhooks_repo.claim_due(session=session, limit=8, per_user=4, lease_s=3600)
+        taken = [d.user_id for d in claimed if d.id.startswith("msg_turns_")]
     finally:
-        stack.sql("DELETE FROM webhook_deliveries WHERE id LIKE 'msg_turns_%%'")
+        session.rollback()
+        session.close()
+    assert taken.count(modest) == 2 and taken.count(greedy) <= 4, taken
 
 
 def test_running_and_deltas_carry_their_attempt(client: httpx.Client) -> None:
