@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.auth import limits_of as limits_of
 from api.media import MediaTotals
-from core import quotas
+from core import quotas, structured
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
 from core.schemas import JobCreate
@@ -59,7 +59,8 @@ def check_storage(limits: Limits, *, files: int, used: int, adding: int) -> None
 
 
 def input_bytes(spec: JobCreate, media: MediaTotals) -> int:
-    return len(spec.input.text().encode()) + media.bytes
+    schema = structured.schema_bytes(spec.params.response_format)
+    return len(spec.input.text().encode()) + schema + media.bytes
 
 
 def remember(request: Request, snapshot: Snapshot) -> None:

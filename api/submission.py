@@ -36,7 +36,7 @@ from api.deps import (
 from api.fleet import availability
 from api.fleet_view import FleetView
 from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
-from core import faults, moderation
+from core import faults, moderation, structured
 from core.broker import send_job
 from core.errors import (
     Conflict,
@@ -280,6 +280,8 @@ async def _check_spec(
                 + ("Whisper translates into English only" if variant.translate else "it does not translate"),
                 {"variant": variant.name, "target_language": spec.params.target_language},
             )
+    if spec.params.constrained():
+        await _check_grammar(spec, variant)
     if spec.webhook_url is not None:
         await run_in_threadpool(check_target, spec.webhook_url, settings)  # resolves the host
     problem = availability(variant, variants, await fleet.workers())
@@ -288,6 +290,27 @@ async def _check_spec(
     if problem is not None:
         raise Unavailable(f"variant {variant.name!r} cannot run here: {problem}", {"variant": variant.name})
     return variant
+
+
+async def _check_grammar(spec: JobCreate, variant: Variant) -> None:
+    """A constrained reply: the variant decodes step by step, and its grammar compiles within the
+    limits (in a thread: a schema's compile never holds up the event loop)."""
+    params = spec.params
+    field = "params.tool_choice" if params.tool_choice not in (None, "none") else "params.response_format"
+    if variant.batching != "continuous":
+        raise ValidationFailed(
+            f"{field}: {variant.name} does not constrain its replies (its batching is {variant.batching}); "
+            "text variants with continuous batching do",
+            {"variant": variant.name},
+        )
+    if params.tool_choice not in (None, "none", "auto") and not spec.input.tools:
+        raise ValidationFailed("params.tool_choice: a tool is required, but input.tools is empty")
+    try:
+        grammar = structured.grammar_of(params.response_format, params.tool_choice, spec.input.tools)
+        if grammar is not None:
+            await run_in_threadpool(structured.check_cached, grammar)
+    except structured.StructuredError as exc:
+        raise ValidationFailed(f"{field}: {exc}", {"field": field}) from None
 
 
 class _Replay(Exception):

@@ -4,8 +4,9 @@ Used by `POST /v1/chat/completions` and by the lines of a batch (the Batch API's
 completion requests). A request becomes an ordinary job (`to_job`); a finished job becomes a
 `chat.completion` (`completion`) or, streamed, `chat.completion.chunk`s (`chunk`).
 
-Not served, and refused with a 422 rather than ignored: `n` > 1, `logprobs`, a `response_format`
-other than text, penalties other than 0, `tool` and function-call messages, image URLs that are
+`response_format` (json_object, json_schema) and `tool_choice` (none, auto, required, a named
+function) constrain the reply (core.structured). Not served, and refused with a 422 rather than
+ignored: `n` > 1, `logprobs`, penalties other than 0, `tool` and function-call messages, image URLs that are
 not data URLs (gemmaq never fetches URLs). `temperature` left out means greedy decoding, as for
 every gemmaq job (OpenAI's default is 1).
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.errors import ValidationFailed
 from core.schemas import MAX_MESSAGES, MAX_STOP_STRINGS, MAX_TEXT_CHARS, JobCreate, JobOut, SafeStr
+from core.structured import ResponseFormat, ToolChoice
 
 
 class Strict(BaseModel):
@@ -73,7 +75,7 @@ class ChatRequest(Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     tools: list[dict[str, Any]] | None = Field(None, max_length=32)
-    tool_choice: Literal["auto", "none"] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,15 +83,13 @@ class ChatRequest(Strict):
     logprobs: Literal[False] | None = None
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = Field(None, max_length=256)
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
     @model_validator(mode="after")
     def _served(self) -> ChatRequest:
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is served")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings")
         return self
@@ -135,6 +135,12 @@ def to_job(request: ChatRequest, *, priority: int, metadata: dict[str, str] | No
     job_input: dict[str, Any] = {"messages": messages}
     if request.tools and request.tool_choice != "none":
         job_input["tools"] = request.tools
+        if request.tool_choice is not None:
+            params["tool_choice"] = _dumped(request.tool_choice)
+    elif request.tool_choice not in (None, "none", "auto"):
+        raise ValidationFailed("tool_choice: a tool is required, but no tools were given")
+    if request.response_format is not None and request.response_format.type != "text":
+        params["response_format"] = request.response_format.model_dump(mode="json", exclude_none=True)
     return job_spec(
         {
             "variant": request.model,
@@ -145,6 +151,10 @@ def to_job(request: ChatRequest, *, priority: int, metadata: dict[str, str] | No
             "metadata": {**(request.metadata or {}), **(metadata or {})},
         }
     )
+
+
+def _dumped(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 def job_spec(body: dict[str, Any]) -> JobCreate:

@@ -6,10 +6,11 @@ then this request's `input` (a string, or message items of `input_text`, `input_
 `input_audio` parts). A job becomes a `response` object (`response`): its status mapped
 (queued → `queued`, running → `in_progress`, succeeded → `completed`, or `incomplete` when
 its token limit cut it, failed or expired → `failed`, cancelled → `cancelled`) and its text
-as one assistant message of `output_text`.
+as one assistant message of `output_text`. `text.format` json_object or json_schema holds the
+reply to a grammar (core.structured), as the chat route's `response_format` does.
 
 Not served, and refused with a 422 rather than ignored: tools and `tool_choice` other than
-none, `reasoning`, a `text.format` other than text, `truncation` other than disabled,
+none, `reasoning`, `truncation` other than disabled,
 `include`, `conversation`, `prompt` templates, `n` > 1. `temperature` left out means greedy
 decoding, as for every gemmaq job.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from core.errors import ValidationFailed
 from core.openai_chat import Strict, job_spec
@@ -66,7 +67,27 @@ class InputMessage(Strict):
 
 
 class TextFormat(Strict):
-    type: Literal["text"]
+    """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "name", "schema", ...}`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    def response_format(self) -> dict[str, Any] | None:
+        """The job's `params.response_format` (None for text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.schema_ is None:
+            raise ValidationFailed("text.format: a json_schema format takes a `schema`")
+        spec = {"name": self.name or "response", "schema": self.schema_, "strict": self.strict}
+        if self.description is not None:
+            spec["description"] = self.description
+        return {"type": "json_schema", "json_schema": spec}
 
 
 class TextOptions(Strict):
@@ -154,6 +175,9 @@ def to_job(
     for name in ("temperature", "top_p"):
         if (value := getattr(request, name)) is not None:
             params[name] = value
+    fmt = request.text.format if request.text is not None else None
+    if fmt is not None and (response_format := fmt.response_format()) is not None:
+        params["response_format"] = response_format
     return job_spec(
         {
             "variant": request.model,

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.structured import ResponseFormat, ToolChoice, depth
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
 Role = Literal["system", "user", "assistant"]
@@ -27,19 +29,6 @@ def _no_nul(value: str) -> str:
 
 # Every user-supplied string: PostgreSQL cannot store NUL in text or jsonb.
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
-
-
-def _depth(value: Any) -> int:
-    """How deeply objects and arrays nest in `value` (0 for a scalar), without recursing."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 class TextPart(BaseModel):
@@ -95,11 +84,12 @@ class FunctionSpec(BaseModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
     description: SafeStr = Field("", max_length=2000)
     parameters: dict[str, Any] = Field(default_factory=dict, description="a JSON schema of the arguments")
+    strict: bool | None = Field(None, description="OpenAI's flag; with tool_choice, arguments always match")
 
     @field_validator("parameters")
     @classmethod
     def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if _depth(value) > MAX_SCHEMA_DEPTH:
+        if depth(value) > MAX_SCHEMA_DEPTH:
             raise ValueError(f"`parameters` nests deeper than {MAX_SCHEMA_DEPTH} levels")
         dumped = json.dumps(value, allow_nan=False)
         if len(dumped.encode()) > MAX_SCHEMA_BYTES:
@@ -190,6 +180,21 @@ class GenerationParams(BaseModel):
     )
     timestamps: bool = Field(False, description="audio (Whisper): the result's segments, with their times")
 
+    # Structured outputs (core.structured): the reply is held to a grammar as it is decoded.
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object, or json_schema with a schema: the reply parses by construction"
+    )
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description="with input.tools: none (no tools offered), auto (text, or a valid call), required "
+        "or {type: function, function: {name}} (the reply is a call whose arguments match the tool's schema)",
+    )
+
+    def constrained(self) -> bool:
+        """Whether decoding is held to a grammar (see core.structured.grammar_of)."""
+        fmt = self.response_format
+        return (fmt is not None and fmt.type != "text") or self.tool_choice not in (None, "none")
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, value: Any) -> Any:
@@ -265,6 +270,10 @@ class JobMetrics(BaseModel):
     audio_seconds: float | None
     preprocess_ms: float | None
     peak_memory_bytes: int | None
+    grammar_compile_ms: float | None = Field(
+        None, description="constrained decoding: compiling the job's grammar (0 when it was cached)"
+    )
+    grammar_mask_ms: float | None = Field(None, description="constrained decoding: masking, mean per step")
     worker: str | None
     device: str | None
 

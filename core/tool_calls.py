@@ -20,8 +20,9 @@ from core.schemas import Tool
 MAX_JSON_STARTS = 200
 
 
-def tool_prompt(tools: Sequence[Tool]) -> str:
-    """A system prompt describing the tools, for chat templates that take no `tools` argument."""
+def tool_prompt(tools: Sequence[Tool], *, json_calls: bool = False) -> str:
+    """A system prompt describing the tools, for chat templates that take no `tools` argument.
+    `json_calls`: calls are asked for as the JSON objects a constrained reply is held to."""
     lines = []
     for tool in tools:
         fn = tool.function
@@ -32,6 +33,14 @@ def tool_prompt(tools: Sequence[Tool]) -> str:
                 f"{k} ({v.get('type', 'string')})" for k, v in props.items() if isinstance(v, dict)
             )
             lines.append(f"  Parameters: {described}")
+    if json_calls:
+        return (
+            "You have access to these functions:\n"
+            + "\n".join(lines)
+            + "\n\nWhen the request needs a function, reply only with a JSON object, in this format:\n"
+            '{"name": "function_name", "arguments": {"param1": "value1"}}\n'
+            "If no function is needed, reply normally."
+        )
     return (
         "You have access to these functions:\n"
         + "\n".join(lines)

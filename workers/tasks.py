@@ -269,6 +269,8 @@ def _metrics(
         "audio_clips": request.audio_clips if request else None,
         "audio_seconds": request.audio_seconds if request else None,
         "preprocess_ms": round((request.preprocess_ms if request else 0) + result.preprocess_ms, 3),
+        "grammar_compile_ms": result.grammar_compile_ms,
+        "grammar_mask_ms": result.grammar_mask_ms,
     }
 
 
@@ -283,7 +285,7 @@ def _succeed(
     cancelled = result.finish_reason == "cancelled"
     finish_reason: str = result.finish_reason
     tool_calls = None
-    if request.tools and not cancelled:
+    if request.tools and request.params.tool_choice != "none" and not cancelled:
         calls, attempted = parse_tool_calls(result.text, request.tools)
         if calls:
             tool_calls, finish_reason = calls, "tool_calls"

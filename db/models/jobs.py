@@ -89,6 +89,9 @@ class JobMetric(Base):
     audio_seconds: Mapped[float | None] = mapped_column(Float)
     preprocess_ms: Mapped[float | None] = mapped_column(Float)
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Constrained decoding: compiling the job's grammar (0 when cached) and masking, per step.
+    grammar_compile_ms: Mapped[float | None] = mapped_column(Float)
+    grammar_mask_ms: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
     device: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -41,6 +41,8 @@ class Request:
     audio_clips: int = 0
     audio_seconds: float = 0.0
     preprocess_ms: float = 0.0
+    # Set in the engine process: the request's grammar matcher (workers.runtime.constrain).
+    constraint: Any = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Result:
     preprocess_ms: float = 0.0
     # Cancelled: decoding steps run between the cancel request and the stop (1 = the next step).
     cancel_lag_steps: int | None = None
+    grammar_compile_ms: float | None = None
+    grammar_mask_ms: float | None = None  # mean per step
     extra: dict[str, Any] = field(default_factory=dict)
 
 

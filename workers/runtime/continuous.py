@@ -12,6 +12,8 @@ takes its slot at the next step:
   a stop string or a cancel, checked with one MGET per step).
 - leaving rows are cut out of the cache, and columns that have become padding for every row
   are trimmed, so the cache never outgrows its longest live row by much.
+- a row with a grammar (structured outputs: workers.runtime.constrain) has the tokens its
+  grammar forbids masked before its token is picked, and ends when the grammar is complete.
 - each row's new text is put in `deltas` (job id, text) at most every `DELTA_EVERY_S` and when
   it ends, for the batcher to publish: held back while a stop string may be forming, so the
   deltas of a job, joined, are its result's text.
@@ -176,6 +178,10 @@ class ContinuousDecoder:
         """Pick each listed row's next token from its logits (in the same order)."""
         now = time.monotonic()
         scores = logits.float()
+        with torch.inference_mode():  # constrained rows: what their grammar forbids is -inf
+            for n, i in enumerate(indices):
+                if (constraint := self.rows[i].request.constraint) is not None:
+                    constraint.mask(scores[n])
         greedy = scores.argmax(dim=-1).tolist()
         size = len(self.rows)
         for n, i in enumerate(indices):
@@ -190,7 +196,9 @@ class ContinuousDecoder:
             row.tokens.append(token)
             row.first_token_at = row.first_token_at or now
             row.peak_rows = max(row.peak_rows, size)
-            if token in self.decoder.eos_ids:
+            constraint = row.request.constraint
+            # eos, or the grammar complete (it takes nothing more)
+            if token in self.decoder.eos_ids or (constraint is not None and constraint.accept(token)):
                 row.reason = "stop"
             elif len(row.tokens) >= params.max_new_tokens:
                 row.reason = "length"
@@ -247,6 +255,8 @@ class ContinuousDecoder:
     def _result(self, row: Row, end: float, peak: int) -> Result:
         tokens = [t for t in row.tokens if t not in self.decoder.eos_ids]
         text, reason, n_out = self.decoder.finish_row(tokens, row.request, row.reason == "cancelled")
+        if row.reason == "stop":  # eos (taken out above), a stop string, or a complete grammar
+            reason = "stop"
         self._send(row, text, end)
         started = row.request.started
         return Result(
@@ -261,6 +271,8 @@ class ContinuousDecoder:
             batch_size=max(row.peak_rows, 1),
             peak_memory_bytes=peak,
             cancel_lag_steps=row.cancel_lag,
+            grammar_compile_ms=constraint.compile_ms if (constraint := row.request.constraint) else None,
+            grammar_mask_ms=constraint.mask_ms() if constraint else None,
         )
 
     def abandon(self) -> list[object]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from core import structured
 from core.tool_calls import tool_prompt
 from workers.runtime.base import Request, RequestError
+from workers.runtime.constrain import Grammars
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
 
@@ -32,10 +35,12 @@ def template_takes_tools(template: Any) -> bool:
     return isinstance(template, str) and "tools" in template
 
 
-def with_tool_prompt(messages: list[dict[str, Any]], tools: Sequence[Any]) -> list[dict[str, Any]]:
+def with_tool_prompt(
+    messages: list[dict[str, Any]], tools: Sequence[Any], *, json_calls: bool = False
+) -> list[dict[str, Any]]:
     """Offer the tools in the system turn: one plain string, the offer before the caller's own text
     (Gemma templates read a system turn's first text part only)."""
-    offer = tool_prompt(tools)
+    offer = tool_prompt(tools, json_calls=json_calls)
     if messages and messages[0]["role"] == "system":
         own = "".join(p.get("text", "") for p in _parts(messages[0]["content"]))
         return [{"role": "system", "content": offer + "\n\n" + own}, *messages[1:]]
@@ -95,11 +100,28 @@ class TextEngine:
             tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
         self.tokenizer = tokenizer
         self.decoder = Decoder(model=model, tokenizer=tokenizer, device=torch.device(device))
+        vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+        self.grammars = Grammars(tokenizer, vocab, self.decoder.eos_ids)
 
     def encode(self, request: Request) -> list[int]:
-        tools = request.tools or []
+        """The request's prompt ids; a request whose reply is held to a grammar gets its matcher."""
+        ids = self._prompt_ids(request)
+        params = request.params
+        try:
+            grammar = structured.grammar_of(params.response_format, params.tool_choice, request.tools)
+        except structured.StructuredError as exc:
+            raise RequestError(str(exc)) from exc
+        if grammar is not None:
+            request.constraint = self.grammars.constraint(grammar)
+        return ids
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        choice = request.params.tool_choice
+        tools = (request.tools or []) if choice != "none" else []
+        json_calls = choice is not None  # constrained calls are JSON objects
         if request.prompt is not None:
-            prompt = (tool_prompt(tools) + "\n\n" + request.prompt) if tools else request.prompt
+            offer = tool_prompt(tools, json_calls=json_calls) if tools else ""
+            prompt = (offer + "\n\n" + request.prompt) if tools else request.prompt
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
             messages = merge_turns(request.messages or [])
@@ -107,7 +129,7 @@ class TextEngine:
             if tools and template_takes_tools(self.tokenizer.chat_template):
                 kwargs["tools"] = [t.model_dump() for t in tools]
             elif tools:
-                messages = merge_turns(with_tool_prompt(messages, tools))
+                messages = merge_turns(with_tool_prompt(messages, tools, json_calls=json_calls))
             try:
                 encoded = self.tokenizer.apply_chat_template(
                     text_only(messages),
@@ -142,3 +164,6 @@ class TextEngine:
         stream.join([(None, warm, self.encode(warm))])
         while stream.rows:
             stream.step(lambda ids: [None] * len(ids))
+        # The tokenizer as the grammar compiler reads it takes seconds for a large vocabulary:
+        # built now, off the device thread, rather than by the first constrained request.
+        threading.Thread(target=self.grammars.tokenizer, name="grammar-tokenizer", daemon=True).start()
