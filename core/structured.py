@@ -147,6 +147,23 @@ def _json_grammar(schema: dict[str, Any]) -> str:
 def grammar_of(
     response_format: ResponseFormat | None, tool_choice: ToolChoice | None, tools: list[Any] | None
 ) -> str | None:
+    """The llguidance grammar a job's reply is held to, or None when it is free text (see
+    `_grammar_of`); StructuredError for anything the grammar compiler raises on a tenant's schema."""
+    try:
+        return _grammar_of(response_format, tool_choice, tools)
+    except StructuredError:
+        raise
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # a Rust panic surfaces as a BaseException
+        raise StructuredError(
+            f"the schema could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def _grammar_of(
+    response_format: ResponseFormat | None, tool_choice: ToolChoice | None, tools: list[Any] | None
+) -> str | None:
     """The llguidance grammar a job's reply is held to, or None when it is free text.
 
     A tool call is the JSON object `{"name": <a declared tool>, "arguments": {...}}` (what
@@ -157,19 +174,16 @@ def grammar_of(
         if isinstance(tool_choice, NamedToolChoice):
             chosen = [t for t in tools if t.function.name == tool_choice.function.name]
             if not chosen:
-                raise StructuredError(
-                    f"tool_choice: no tool named {tool_choice.function.name!r} among the tools given"
-                )
+                raise StructuredError(f"no tool named {tool_choice.function.name!r} among the tools given")
         calls = [_call_schema(t) for t in chosen]
         call = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if tool_choice != "auto":
             return _json_grammar(call)
         from llguidance import LLMatcher
 
-        options = json.dumps(JSON_OPTIONS)
         lark = (
             "start: call | TEXT\n"
-            f"call: %json {json.dumps({**call, 'x-guidance': json.loads(options)})}\n"
+            f"call: %json {json.dumps({**call, 'x-guidance': JSON_OPTIONS})}\n"
             "TEXT: /[^{](.|\\n)*/\n"
         )
         return str(LLMatcher.grammar_from_lark(lark))
@@ -189,7 +203,12 @@ def check(grammar: str, budget_ms: float = COMPILE_BUDGET_MS) -> float:
     from llguidance import LLMatcher
 
     started = time.perf_counter()
-    error = LLMatcher.validate_grammar(grammar, None, limits=limits())
+    try:
+        error = LLMatcher.validate_grammar(grammar, None, limits=limits())
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # a Rust panic surfaces as a BaseException
+        error = f"{type(exc).__name__}: {str(exc)[:200]}"
     elapsed = (time.perf_counter() - started) * 1000
     if error:
         raise StructuredError(_plain(error))

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 
+from core import structured
 from core.schemas import GenerationParams, Tool
 from core.settings import Settings
 from core.variants import load_variants
@@ -180,3 +181,47 @@ def test_a_required_tool_call_matches_the_tools_schema(engine: TextEngine) -> No
         assert call["name"] in ("get_weather", "add")
         if call["name"] == "get_weather":
             jsonschema.validate(call["arguments"], weather.function.parameters)
+
+
+def test_auto_lets_the_reply_be_text_or_a_valid_call(engine: TextEngine) -> None:
+    weather = Tool.model_validate(
+        {
+            "name": "get_weather",
+            "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }
+    )
+    grammar = structured.grammar_of(None, "auto", [weather])
+    assert grammar is not None
+
+    def follows(text: str) -> bool:
+        constraint = engine.grammars.constraint(grammar)
+        return all(
+            constraint.matcher.consume_token(t)
+            for t in engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+
+    assert follows("It is sunny today {probably}.")
+    assert follows('{"name":"get_weather","arguments":{"city":"Paris"}}')
+    assert not follows(
+        '{"name":"get_weather","arguments":{"town":"Paris"}}'
+    )  # once a call starts, it is valid
+    assert not follows('{"name":"set_weather"')
+    r = Request(
+        job_id="auto",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        prompt=None,
+        params=GenerationParams(max_new_tokens=48, tool_choice="auto"),
+        tools=[weather],
+    )
+    text = run(engine, [r])["auto"].text
+    if text.startswith("{"):
+        call = json.loads(text)
+        assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
+
+
+def test_a_grammar_over_its_compile_budget_is_refused() -> None:
+    grammar = structured.grammar_of(structured.ResponseFormat(type="json_object"), None, None)
+    assert grammar is not None
+    assert structured.check(grammar) < structured.COMPILE_BUDGET_MS
+    with pytest.raises(structured.StructuredError, match="to compile"):
+        structured.check(grammar, budget_ms=0.0)

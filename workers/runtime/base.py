@@ -62,6 +62,7 @@ class Result:
     cancel_lag_steps: int | None = None
     grammar_compile_ms: float | None = None
     grammar_mask_ms: float | None = None  # mean per step
+    error: str | None = None  # the request failed after all (the batcher raises RequestError)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

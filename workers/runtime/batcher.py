@@ -261,5 +261,8 @@ class Batcher:
             if isinstance(outcome, Exception):
                 future.set_exception(outcome)
                 continue
+            if outcome.error is not None:
+                future.set_exception(RequestError(outcome.error))
+                continue
             outcome.load_ms, self._pending_load_ms = self._pending_load_ms, None
             future.set_result(outcome)

@@ -3,8 +3,9 @@
 Each text engine has one `Grammars`: its tokenizer as llguidance reads it (built on first use)
 and the grammars compiled against it, cached by hash, so that jobs with one schema compile it
 once. A request gets a `Constraint`, its own copy of the compiled matcher; the continuous
-decoder masks the row's scores before it picks a token (`mask`), then feeds the token back
-(`accept`). Rows with different grammars, or none, share one batch: each row's mask is its own.
+decoder masks the constrained rows' scores before it picks their tokens (`mask_rows`, all the
+rows of a step together), then feeds each row's token back (`accept`). Rows with different
+grammars, or none, share one batch: each row's mask is its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CACHED_GRAMMARS = 256
 
 
 class Constraint:
-    """One row's grammar state: masks its scores, follows its tokens."""
+    """One row's grammar state: follows its tokens; `mask_rows` masks its scores."""
 
     def __init__(self, matcher: Any, compile_ms: float, eos_ids: Sequence[int]) -> None:
         self.matcher = matcher
@@ -34,26 +35,54 @@ class Constraint:
         self.steps = 0
 
     def mask(self, scores: torch.Tensor) -> None:
-        """Set the scores of the tokens the grammar forbids next to -inf (in place, one row)."""
-        started = time.perf_counter()
-        bias = self.matcher.compute_logit_bias()  # one byte a token: 0 forbidden, 200 allowed
-        allowed = torch.frombuffer(bytearray(bias), dtype=torch.uint8)[: scores.shape[-1]]
-        forbidden = allowed == 0
-        if bool(forbidden.all()):  # nothing is allowed (an error state): the reply ends
-            forbidden[self.eos_ids] = False
-        scores[: forbidden.shape[0]].masked_fill_(forbidden.to(scores.device), float("-inf"))
-        if scores.shape[-1] > forbidden.shape[0]:  # the model's padding ids beyond the tokenizer's
-            scores[forbidden.shape[0] :] = float("-inf")
-        self.mask_s += time.perf_counter() - started
-        self.steps += 1
+        """This row's scores (1-D) masked in place."""
+        mask_rows(scores.unsqueeze(0), [(0, self)])
 
     def accept(self, token: int) -> bool:
         """Follow the chosen token; True when the grammar is complete and takes nothing more."""
         self.matcher.consume_token(token)
         return bool(self.matcher.is_stopped() or self.matcher.is_error())
 
+    def error(self) -> str:
+        """Why the grammar stopped matching (a resource limit), or "" while it matches."""
+        return str(self.matcher.get_error())[:300] if self.matcher.is_error() else ""
+
     def mask_ms(self) -> float | None:
         return self.mask_s * 1000 / self.steps if self.steps else None
+
+
+_executor: Any = None
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def mask_rows(scores: torch.Tensor, rows: Sequence[tuple[int, Constraint]]) -> None:
+    """Set to -inf, in place, the scores each constrained row's grammar forbids next: `rows` are
+    (index into `scores`, its constraint). The masks are computed side by side on llguidance's
+    threads (one bit a token), then applied to all the rows at once."""
+    global _executor
+    if not rows:
+        return
+    from llguidance import LLExecutor
+
+    started = time.perf_counter()
+    if _executor is None:
+        _executor = LLExecutor()
+    vocab = scores.shape[-1]
+    words = (vocab + 31) // 32
+    bits = torch.empty((len(rows), words), dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr(
+        [(c.matcher, k) for k, (_, c) in enumerate(rows)], bits.data_ptr(), words * 4, len(rows)
+    )
+    forbidden = (((bits.unsqueeze(-1) >> _SHIFTS) & 1) == 0).view(len(rows), -1)[:, :vocab]
+    for k, (_, c) in enumerate(rows):
+        if bool(forbidden[k].all()):  # nothing allowed (the grammar hit an error): the reply ends
+            forbidden[k, c.eos_ids] = False
+    index = torch.tensor([i for i, _ in rows], device=scores.device)
+    scores[index] = scores[index].masked_fill(forbidden.to(scores.device), float("-inf"))
+    share = (time.perf_counter() - started) / len(rows)
+    for _, c in rows:
+        c.mask_s += share
+        c.steps += 1
 
 
 class Grammars:

@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.runtime.base import CancelCheck, Engine, Request, Result
+from workers.runtime.constrain import mask_rows
 from workers.runtime.generation import Decoder, peak_memory
 from workers.runtime.sampling import sample_row
 
@@ -178,10 +179,10 @@ class ContinuousDecoder:
         """Pick each listed row's next token from its logits (in the same order)."""
         now = time.monotonic()
         scores = logits.float()
-        with torch.inference_mode():  # constrained rows: what their grammar forbids is -inf
-            for n, i in enumerate(indices):
-                if (constraint := self.rows[i].request.constraint) is not None:
-                    constraint.mask(scores[n])
+        constrained = [(n, c) for n, i in enumerate(indices) if (c := self.rows[i].request.constraint)]
+        if constrained:  # what their grammars forbid is -inf
+            with torch.inference_mode():
+                mask_rows(scores, constrained)
         greedy = scores.argmax(dim=-1).tolist()
         size = len(self.rows)
         for n, i in enumerate(indices):
@@ -273,6 +274,11 @@ class ContinuousDecoder:
             cancel_lag_steps=row.cancel_lag,
             grammar_compile_ms=constraint.compile_ms if (constraint := row.request.constraint) else None,
             grammar_mask_ms=constraint.mask_ms() if constraint else None,
+            # its grammar hit a resource limit mid-reply: the job fails rather than end in a
+            # reply that does not parse
+            error=f"the reply's grammar stopped: {constraint.error()}"
+            if constraint and constraint.error()
+            else None,
         )
 
     def abandon(self) -> list[object]:
