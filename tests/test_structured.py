@@ -4,14 +4,16 @@ schemas the grammar compiler cannot serve are refused at submission."""
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from typing import Any, Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
@@ -202,6 +204,14 @@ def test_langchain_gets_parsed_objects(stack: Stack, key: str) -> None:
     assert call["name"] == "get_weather" and set(call["args"]) == {"city", "days"}
     assert isinstance(call["args"]["days"], int)
     assert reply.response_metadata["finish_reason"] == "tool_calls"
+    streamed = list(
+        model.bind_tools([get_weather], tool_choice="required").stream("Weather in Madrid for 2 days?")
+    )
+    chunks = [c for c in streamed if isinstance(c, AIMessageChunk)]
+    merged = functools.reduce(operator.add, chunks[1:], chunks[0])
+    assert isinstance(merged, AIMessageChunk)
+    assert not merged.content, "a required call streams as a call, not as text"
+    assert [c["name"] for c in merged.tool_calls] == ["get_weather"]
 
 
 def test_a_batch_of_lines_with_schemas(stack: Stack, key: str) -> None:

@@ -5,6 +5,7 @@ held to its own grammar; the free rows produce what they produce alone."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,7 +68,7 @@ def engine() -> Iterator[TextEngine]:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
     )
-    yield TextEngine(
+    engine = TextEngine(
         name="gemma-3-270m",
         model=model.eval(),
         tokenizer=tokenizer,
@@ -75,6 +76,8 @@ def engine() -> Iterator[TextEngine]:
         max_batch_size=8,
         max_input_tokens=4096,
     )
+    engine.grammars.tokenizer()  # built here, once (the batcher builds it on a thread of its own)
+    yield engine
 
 
 def run(
@@ -225,3 +228,32 @@ def test_a_grammar_over_its_compile_budget_is_refused() -> None:
     assert structured.check(grammar) < structured.COMPILE_BUDGET_MS
     with pytest.raises(structured.StructuredError, match="to compile"):
         structured.check(grammar, budget_ms=0.0)
+
+
+def test_a_constrained_request_waits_for_the_grammar_tokenizer_and_no_one_else_does(
+    engine: TextEngine,
+) -> None:
+    """The first constrained request an engine gets starts building its grammar tokenizer (seconds,
+    for a 262k vocabulary) on a thread of its own: that request waits for it, the batch does not."""
+    from workers.runtime.batcher import Batcher
+    from workers.runtime.device import LockedRunner
+
+    fresh = TextEngine(
+        name="fresh", model=engine.decoder.model, tokenizer=engine.tokenizer, device="cpu",
+        max_batch_size=4, max_input_tokens=4096,
+    )  # fmt: skip
+    batcher = Batcher(fresh, batching="continuous", max_batch_size=4, max_wait_ms=10,
+                      device=LockedRunner(), cancelled=lambda ids: [None] * len(ids))  # fmt: skip
+    try:
+        started = time.monotonic()
+        constrained = batcher.submit(ask(0, "JSON:", max_new_tokens=40, response_format=json_schema(ANSWER)))
+        free = batcher.submit(ask(1, "Once upon a time", max_new_tokens=4))
+        free.result(timeout=60)
+        free_s = time.monotonic() - started
+        waited = not constrained.done()
+        result = constrained.result(timeout=60)
+        assert waited and free_s < 2.5, free_s
+        assert result.finish_reason == "stop"
+        jsonschema.validate(json.loads(result.text), ANSWER)
+    finally:
+        batcher.stop()

@@ -60,7 +60,9 @@ async def chat_completions(
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         follow_job = follow(submitter.redis, submitter.settings, job, read, "0-0")
-        chunks = guarded(_chunks(job, follow_job, include_usage), hold, watch)
+        # A reply that must be a tool call streams as one: no content deltas, then its calls.
+        calls_only = spec.params.tool_choice not in (None, "none", "auto")
+        chunks = guarded(_chunks(job, follow_job, include_usage, calls_only=calls_only), hold, watch)
         return EventSourceResponse(chunks, ping=PING_S, headers=headers)
     with hold:
         job = await done.wait_for(
@@ -76,14 +78,14 @@ async def chat_completions(
 
 
 async def _chunks(
-    job: JobOut, events: AsyncIterator[Any], include_usage: bool
+    job: JobOut, events: AsyncIterator[Any], include_usage: bool, *, calls_only: bool = False
 ) -> AsyncIterator[ServerSentEvent]:
     def frame(data: dict[str, Any]) -> ServerSentEvent:
         return ServerSentEvent(data=json.dumps(data))
 
     yield frame(openai_chat.chunk(job, {"role": "assistant", "content": ""}))
     async for event in events:
-        if event.event == "delta":
+        if event.event == "delta" and not calls_only:
             yield frame(openai_chat.chunk(job, {"content": event.data["text"]}))
         elif event.event == "done":
             final = JobOut.model_validate(event.data)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from core import structured
@@ -52,13 +53,14 @@ class Constraint:
 
 
 _executor: Any = None
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+FORBIDDEN = -3e38  # added to a forbidden token's score: no softmax or argmax picks it
 
 
 def mask_rows(scores: torch.Tensor, rows: Sequence[tuple[int, Constraint]]) -> None:
-    """Set to -inf, in place, the scores each constrained row's grammar forbids next: `rows` are
+    """Push down, in place, the scores each constrained row's grammar forbids next: `rows` are
     (index into `scores`, its constraint). The masks are computed side by side on llguidance's
-    threads (one bit a token), then applied to all the rows at once."""
+    threads, one bit a token, unpacked at once, and added to each row as 0 or -3e38 (on this
+    CPU an add runs about 3x faster than a masked fill)."""
     global _executor
     if not rows:
         return
@@ -73,12 +75,12 @@ def mask_rows(scores: torch.Tensor, rows: Sequence[tuple[int, Constraint]]) -> N
     _executor.unsafe_compute_mask_ptr(
         [(c.matcher, k) for k, (_, c) in enumerate(rows)], bits.data_ptr(), words * 4, len(rows)
     )
-    forbidden = (((bits.unsqueeze(-1) >> _SHIFTS) & 1) == 0).view(len(rows), -1)[:, :vocab]
-    for k, (_, c) in enumerate(rows):
-        if bool(forbidden[k].all()):  # nothing allowed (the grammar hit an error): the reply ends
-            forbidden[k, c.eos_ids] = False
-    index = torch.tensor([i for i, _ in rows], device=scores.device)
-    scores[index] = scores[index].masked_fill(forbidden.to(scores.device), float("-inf"))
+    allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    bias = torch.from_numpy(allowed).to(torch.float32).sub_(1.0).mul_(-FORBIDDEN)
+    for k, (n, c) in enumerate(rows):
+        if not bool(bits[k].any()):  # nothing allowed (the grammar hit an error): the reply ends
+            bias[k, c.eos_ids] = 0.0
+        scores[n].add_(bias[k].to(scores.device))
     share = (time.perf_counter() - started) / len(rows)
     for _, c in rows:
         c.mask_s += share
@@ -93,6 +95,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._eos = list(eos_ids)
         self._lltokenizer: Any = None
+        self._building: threading.Thread | None = None
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -106,6 +109,20 @@ class Grammars:
                     self._hf, n_vocab=self.vocab_size, eos_token=self._eos
                 )
             return self._lltokenizer
+
+    def ready(self) -> bool:
+        """Whether grammars can be compiled now. The first call starts building the tokenizer on
+        a thread of its own (only engines that get a constrained request pay for it), so the
+        request that needs it waits, not the batch it would join."""
+        with self._lock:
+            if self._lltokenizer is not None:
+                return True
+            if self._building is None:
+                self._building = threading.Thread(
+                    target=self.tokenizer, name="grammar-tokenizer", daemon=True
+                )
+                self._building.start()
+            return False
 
     def constraint(self, grammar: str) -> Constraint:
         """A fresh matcher for `grammar`, compiled once per grammar; RequestError if it is refused."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 
 from core import structured
 from core.tool_calls import tool_prompt
-from workers.runtime.base import Request, RequestError
+from workers.runtime.base import NotReady, Request, RequestError
 from workers.runtime.constrain import Grammars
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
@@ -105,12 +104,14 @@ class TextEngine:
 
     def encode(self, request: Request) -> list[int]:
         """The request's prompt ids; a request whose reply is held to a grammar gets its matcher."""
-        ids = self._prompt_ids(request)
         params = request.params
         try:
             grammar = structured.grammar_of(params.response_format, params.tool_choice, request.tools)
         except structured.StructuredError as exc:
             raise RequestError(str(exc)) from exc
+        if grammar is not None and not self.grammars.ready():
+            raise NotReady("the grammar compiler's tokenizer is being built")
+        ids = self._prompt_ids(request)
         if grammar is not None:
             request.constraint = self.grammars.constraint(grammar)
         return ids
@@ -164,6 +165,3 @@ class TextEngine:
         stream.join([(None, warm, self.encode(warm))])
         while stream.rows:
             stream.step(lambda ids: [None] * len(ids))
-        # The tokenizer as the grammar compiler reads it takes seconds for a large vocabulary:
-        # built now, off the device thread, rather than by the first constrained request.
-        threading.Thread(target=self.grammars.tokenizer, name="grammar-tokenizer", daemon=True).start()
