@@ -44,10 +44,6 @@ class Settings(BaseSettings):
     # Torch threads of a worker's engine process (workers.engine), set once at its start;
     # None: one per core.
     engine_threads: int | None = Field(default=None, ge=1)
-    # The engine process's nice value (-20..19), set before its torch threads start, so that a
-    # host's I/O processes (API, shell, database) do not take the cores from a decoding step.
-    # Lowering it needs CAP_SYS_NICE (root, or `cap_add: [SYS_NICE]`); without, it stays as is.
-    engine_nice: int = Field(default=-5, ge=-20, le=19)
     # Attempts a job gets when its worker dies under it; then it ends failed.
     max_attempts: int = 3
     # A running job's lease: renewed by its worker's heartbeat; a job whose lease stays gone

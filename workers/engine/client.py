@@ -152,7 +152,6 @@ class EngineClient:
         command = [
             sys.executable, "-m", "workers.engine", "--fd", str(theirs.fileno()),
             "--device", self.device, "--threads", str(self.settings.engine_threads or 0),
-            "--nice", str(self.settings.engine_nice),
             "--log-level", self.settings.log_level, "--log-json", "1" if self.settings.log_json else "0",
         ]  # fmt: skip
         try:

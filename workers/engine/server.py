@@ -12,7 +12,6 @@ ends it at once, and on Linux the kernel kills it too when the shell goes (PR_SE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import signal
@@ -59,14 +58,6 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: the closed channel still ends the engine
-
-
-def set_nice(value: int) -> int:
-    """Set this thread's nice value (Linux: per thread, inherited by threads started later);
-    returns the value in force, the old one where lowering it is not allowed."""
-    with contextlib.suppress(OSError):  # PermissionError: no CAP_SYS_NICE
-        os.setpriority(os.PRIO_PROCESS, 0, value)
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class EngineServer:
@@ -197,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True, help="this end of the shell's socket pair")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: one per core")
-    parser.add_argument("--nice", type=int, default=0, help="this process's nice value, if allowed")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-json", default="1")
     args = parser.parse_args(argv)
@@ -205,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the shell's to handle
     configure_logging(args.log_level, args.log_json == "1")
     conn = Connection(socket.socket(fileno=args.fd).detach())
-    nice = set_nice(args.nice)  # before torch: its threads inherit the main thread's value
     import torch
 
     if args.threads > 0:
@@ -223,7 +212,5 @@ def main(argv: list[str] | None = None) -> None:
         return
     assert isinstance(start, Start), start
     structlog.contextvars.bind_contextvars(worker=start.worker, process="engine")
-    log.info(
-        "engine.started", pid=os.getpid(), device=device, torch_threads=torch.get_num_threads(), nice=nice
-    )
+    log.info("engine.started", pid=os.getpid(), device=device, torch_threads=torch.get_num_threads())
     server.serve(start)
