@@ -305,3 +305,23 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 180) -> dict[st
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
         if job["status"] in {"succeeded", "failed", "cancelled"} or time.monotonic() > deadline:
             return job
+
+
+def gemma_270m_float32() -> tuple[Any, Any]:
+    """Gemma 3 270M's converted weights in float32 (so batched and alone agree exactly) and its
+    tokenizer, for the tests that drive the decoder in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.variants import load_variants
+    from workers.runtime.loading import LOCAL, weights_dir
+
+    registry = load_variants(None)
+    variant = registry.get("gemma-3-270m")
+    assert variant is not None
+    path = weights_dir(variant, registry, Settings().model_cache)
+    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
+    )
+    return model.eval(), tokenizer

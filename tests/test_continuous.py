@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from core.schemas import GenerationParams
-from core.settings import Settings
-from core.variants import load_variants
+from tests.conftest import gemma_270m_float32
 from workers.runtime.base import Request, Result
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
-from workers.runtime.loading import LOCAL, weights_dir
 
 PROMPTS = [
     "The capital city of Germany is Berlin. The capital city of France is",
@@ -31,17 +29,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def decoder() -> Iterator[Decoder]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    registry = load_variants(None)
-    variant = registry.get("gemma-3-270m")
-    assert variant is not None
-    path = weights_dir(variant, registry, Settings().model_cache)
-    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
-    )
-    yield Decoder(model=model.eval(), tokenizer=tokenizer, device=torch.device("cpu"))
+    model, tokenizer = gemma_270m_float32()
+    yield Decoder(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
 
 
 def request(i: int, **params: Any) -> Request:

@@ -5,20 +5,16 @@ held to its own grammar; the free rows produce what they produce alone."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
-import torch
 
 from core import structured
 from core.schemas import GenerationParams, Tool
-from core.settings import Settings
-from core.variants import load_variants
+from tests.conftest import gemma_270m_float32
 from workers.runtime.base import Request, Result
-from workers.runtime.loading import LOCAL, weights_dir
 from workers.runtime.text import TextEngine
 
 PERSON = {
@@ -58,25 +54,16 @@ def json_schema(schema: dict[str, Any], name: str = "out") -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TextEngine]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    registry = load_variants(None)
-    variant = registry.get("gemma-3-270m")
-    assert variant is not None
-    path = weights_dir(variant, registry, Settings().model_cache)
-    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
-    )
+    model, tokenizer = gemma_270m_float32()
     engine = TextEngine(
         name="gemma-3-270m",
-        model=model.eval(),
+        model=model,
         tokenizer=tokenizer,
         device="cpu",
         max_batch_size=8,
         max_input_tokens=4096,
     )
-    engine.grammars.tokenizer()  # built here, once (the batcher builds it on a thread of its own)
+    engine.grammars.tokenizer()  # built here, once for the module
     yield engine
 
 
@@ -228,32 +215,3 @@ def test_a_grammar_over_its_compile_budget_is_refused() -> None:
     assert structured.check(grammar) < structured.COMPILE_BUDGET_MS
     with pytest.raises(structured.StructuredError, match="to compile"):
         structured.check(grammar, budget_ms=0.0)
-
-
-def test_a_constrained_request_waits_for_the_grammar_tokenizer_and_no_one_else_does(
-    engine: TextEngine,
-) -> None:
-    """The first constrained request an engine gets starts building its grammar tokenizer (seconds,
-    for a 262k vocabulary) on a thread of its own: that request waits for it, the batch does not."""
-    from workers.runtime.batcher import Batcher
-    from workers.runtime.device import LockedRunner
-
-    fresh = TextEngine(
-        name="fresh", model=engine.decoder.model, tokenizer=engine.tokenizer, device="cpu",
-        max_batch_size=4, max_input_tokens=4096,
-    )  # fmt: skip
-    batcher = Batcher(fresh, batching="continuous", max_batch_size=4, max_wait_ms=10,
-                      device=LockedRunner(), cancelled=lambda ids: [None] * len(ids))  # fmt: skip
-    try:
-        started = time.monotonic()
-        constrained = batcher.submit(ask(0, "JSON:", max_new_tokens=40, response_format=json_schema(ANSWER)))
-        free = batcher.submit(ask(1, "Once upon a time", max_new_tokens=4))
-        free.result(timeout=60)
-        free_s = time.monotonic() - started
-        waited = not constrained.done()
-        result = constrained.result(timeout=60)
-        assert waited and free_s < 2.5, free_s
-        assert result.finish_reason == "stop"
-        jsonschema.validate(json.loads(result.text), ANSWER)
-    finally:
-        batcher.stop()

@@ -19,7 +19,6 @@ __all__ = [
     "Engine",
     "EngineFailure",
     "FinishReason",
-    "NotReady",
     "Request",
     "RequestError",
     "Result",
@@ -69,11 +68,6 @@ class Result:
 
 class ShuttingDown(Exception):
     """The worker is stopping and never started this request: it goes back to the queue."""
-
-
-class NotReady(Exception):
-    """The engine cannot take this request yet (what it needs is still being built in the
-    background): the batcher keeps it waiting and tries again, while the batch goes on."""
 
 
 class RequestError(Exception):

@@ -26,7 +26,6 @@ from core.variants import Batching
 from workers.runtime.base import (
     CancelCheck,
     Engine,
-    NotReady,
     Request,
     RequestError,
     Result,
@@ -45,7 +44,6 @@ Joiner = tuple["Future[Result]", Request, list[int]]
 Publish = Callable[[Sequence[tuple[str, str]]], None]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
-NOT_READY_POLL_S = 0.05  # how often requests the engine is not ready for are tried again
 
 
 class Batcher:
@@ -194,7 +192,6 @@ class Batcher:
                 while waiting:
                     waiting.popleft()[1].set_exception(ShuttingDown())
             joiners: list[Joiner] = []
-            deferred: list[Item] = []
             gathering = self._gathering(stream, waiting)
             while waiting and len(joiners) < stream.free and not gathering:
                 request, future = waiting.popleft()
@@ -202,13 +199,8 @@ class Batcher:
                     continue
                 try:
                     joiners.append((future, request, engine.encode(request)))
-                except NotReady:
-                    deferred.append((request, future))
                 except RequestError as exc:
                     future.set_exception(exc)
-            waiting.extendleft(reversed(deferred))
-            if deferred and not joiners and not stream.rows:
-                time.sleep(NOT_READY_POLL_S)  # nothing else to do meanwhile
             joined = self._join(stream, joiners)
             self._publish(stream)  # before the results: a job's last delta precedes its end
             self._deliver(joined)

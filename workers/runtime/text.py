@@ -9,7 +9,7 @@ import torch
 
 from core import structured
 from core.tool_calls import tool_prompt
-from workers.runtime.base import NotReady, Request, RequestError
+from workers.runtime.base import Request, RequestError
 from workers.runtime.constrain import Grammars
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
@@ -109,8 +109,6 @@ class TextEngine:
             grammar = structured.grammar_of(params.response_format, params.tool_choice, request.tools)
         except structured.StructuredError as exc:
             raise RequestError(str(exc)) from exc
-        if grammar is not None and not self.grammars.ready():
-            raise NotReady("the grammar compiler's tokenizer is being built")
         ids = self._prompt_ids(request)
         if grammar is not None:
             request.constraint = self.grammars.constraint(grammar)
