@@ -167,3 +167,20 @@ def test_requests_that_reach_freed_slots_a_moment_apart_join_as_one(decoder: Dec
         assert first[0].result(timeout=60).finish_reason == "cancelled"
     finally:
         batcher.stop()
+
+
+def test_a_request_sent_again_goes_on_from_the_tokens_it_had(decoder: Decoder) -> None:
+    """After an engine death the shell sends a request again with the tokens its deltas had
+    reported: the decoder prefills them with the prompt and goes on, so the text starts with what
+    was already streamed, and the token count is the whole reply's."""
+    first = request(3, max_new_tokens=24)
+    full = run(ContinuousDecoder(decoder, max_rows=1), [first])[first.job_id]
+    tokens = list(decoder.tokenizer(full.text, add_special_tokens=False)["input_ids"])
+    again = request(3, max_new_tokens=24)
+    again.resume_tokens = tokens[:10]
+    mates = [request(0, max_new_tokens=6), request(2, max_new_tokens=12)]
+    results = run(ContinuousDecoder(decoder, max_rows=3), [*mates, again], join_every=1)
+    resumed = results[again.job_id]
+    assert resumed.text.startswith(decoder.decode(tokens[:10]))
+    assert resumed.text == full.text and resumed.output_tokens == full.output_tokens == 24
+    assert resumed.input_tokens == full.input_tokens

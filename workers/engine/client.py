@@ -9,8 +9,9 @@ engine must not take its batch mates down with it: a request that was in hand at
 suspect, and suspects go back one at a time, each alone among suspects; a suspect that was the
 only one in flight when the engine died again fails (it is what kills it), and so does any
 request in hand at `MAX_DEATHS` deaths. Text already published as deltas
-is not published twice: a request sent again is re-run with the same seed, and its deltas are
-passed on only past what was sent before.
+is not published twice: a request sent again carries the tokens it had generated (its last
+deltas' progress), and a continuous decoder goes on from them, so its text starts with what was
+published; its deltas are passed on only past what was sent before.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class EngineClient:
                 if isinstance(message, Done):
                     self._done(message)
                 elif isinstance(message, Deltas):
-                    self._deltas(message.items)
+                    self._deltas(message.items, message.progress)
                 elif isinstance(message, States):
                     self._states = message
                     self._on_change()
@@ -357,9 +358,13 @@ class EngineClient:
             del self._by_job[p.request.job_id]
             self._cancels.pop(p.request.job_id, None)
 
-    def _deltas(self, items: list[tuple[str, str]]) -> None:
+    def _deltas(self, items: list[tuple[str, str]], progress: dict[str, list[int]]) -> None:
         out = []
         with self._lock:
+            for job_id, tokens in progress.items():
+                rid = self._by_job.get(job_id)
+                if rid is not None and (q := self._pending.get(rid)) is not None:
+                    q.request.resume_tokens = tokens  # where it picks up if this engine dies
             for job_id, text in items:
                 rid = self._by_job.get(job_id)
                 p = self._pending.get(rid) if rid is not None else None

@@ -80,6 +80,8 @@ class Ready:
 @dataclass
 class Deltas:
     items: list[tuple[str, str]]  # (job id, new text)
+    # job id → the tokens its row had generated: where a re-sent request picks up
+    progress: dict[str, list[int]] = field(default_factory=dict)
 
 
 FailureKind = Literal["shutting_down", "refused", "failed"]

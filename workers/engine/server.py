@@ -85,8 +85,8 @@ class EngineServer:
     def cancelled(self, job_ids: Any) -> list[float | None]:
         return [self._cancels.get(j) for j in job_ids]
 
-    def publish(self, deltas: Any) -> None:
-        self.send(Deltas(list(deltas)))
+    def publish(self, deltas: Any, progress: Any) -> None:
+        self.send(Deltas(list(deltas), dict(progress)))
 
     def send_states(self) -> None:
         if self.cache is None:

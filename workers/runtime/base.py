@@ -43,6 +43,10 @@ class Request:
     preprocess_ms: float = 0.0
     # Set in the engine process: the request's grammar matcher (workers.runtime.constrain).
     constraint: Any = None
+    # A request sent again after its engine died: the tokens it had generated, as its last
+    # deltas reported them. A continuous decoder picks up from them, so the text it goes on
+    # with starts with what was already published.
+    resume_tokens: list[int] | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import cast
 
@@ -41,7 +41,8 @@ Item = tuple[Request, "Future[Result]"]
 Done = Sequence[tuple[object, Result | Exception]]
 Joiner = tuple["Future[Result]", Request, list[int]]
 # Text deltas (job id, new text) of continuous batches, published as they come (core/events.py).
-Publish = Callable[[Sequence[tuple[str, str]]], None]
+# (deltas: (job id, new text), progress: job id → the tokens its row has generated so far)
+Publish = Callable[[Sequence[tuple[str, str]], Mapping[str, list[int]]], None]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
 
@@ -229,9 +230,10 @@ class Batcher:
 
     def _publish(self, stream: ContinuousDecoder) -> None:
         deltas, stream.deltas = stream.deltas, []
+        progress, stream.progress = stream.progress, {}
         if deltas and self.publish is not None:
             try:
-                self.publish(deltas)
+                self.publish(deltas, progress)
             except Exception:
                 log.exception("batch.publish_failed", variant=self.engine.name)
 

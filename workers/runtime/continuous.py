@@ -4,9 +4,11 @@ A static batch runs until its longest member is done, so with mixed `max_new_tok
 sit finished while the batch goes on. Here a finished row leaves at once and a waiting request
 takes its slot at the next step:
 
-- `join` prefills the newcomers on their own (left-padded) and splices their key/value cache
-  into the running one, both left-padded to one length; a 2-D attention mask marks the padding
-  and each row carries its own position ids, so RoPE and the masks see every row as if alone.
+- `join` prefills the newcomers on their own (left-padded; a request sent again after its
+  engine died is prefilled with the tokens it had generated, and goes on from them) and
+  splices their key/value cache into the running one, both left-padded to one length; a 2-D
+  attention mask marks the padding and each row carries its own position ids, so RoPE and the
+  masks see every row as if alone.
 - `step` feeds every row its last token, picks each row's next token (greedy, or sampled with
   the row's own seeded generator), and returns the rows that are done (eos, `max_new_tokens`,
   a stop string or a cancel, checked with one MGET per step).
@@ -81,6 +83,8 @@ class ContinuousDecoder:
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
         self.deltas: list[tuple[str, str]] = []  # (job id, new text), taken by the batcher
+        # job id → the tokens a running row had generated at its last delta, taken with them
+        self.progress: dict[str, list[int]] = {}
 
     @property
     def free(self) -> int:
@@ -94,10 +98,12 @@ class ContinuousDecoder:
         if not entries:
             return []
         now = time.monotonic()
-        width = max(len(ids) for _, _, ids in entries)
+        resumed = [self._resumed(request) for _, request, _ in entries]
+        full = [ids + done for (_, _, ids), done in zip(entries, resumed, strict=True)]
+        width = max(len(ids) for ids in full)
         input_ids = torch.full((len(entries), width), self.decoder.pad_id, dtype=torch.long)
         mask = torch.zeros((len(entries), width), dtype=torch.long)
-        for i, (_, _, ids) in enumerate(entries):
+        for i, ids in enumerate(full):
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             mask[i, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
@@ -121,11 +127,18 @@ class ContinuousDecoder:
                 joined=now,
                 joined_at=time.time(),
                 generator=_generator(request, self.device),
+                tokens=list(done),
             )
-            for key, request, ids in entries
+            for (key, request, ids), done in zip(entries, resumed, strict=True)
         ]
         self._splice(cache, mask, positions[:, -1] + 1, rows)
         return self._advance(logits, range(len(self.rows) - len(rows), len(self.rows)))
+
+    def _resumed(self, request: Request) -> list[int]:
+        """The tokens a re-sent request had generated (its limit and eos left out)."""
+        done = list(request.resume_tokens or [])[: max(0, request.params.max_new_tokens - 1)]
+        end = next((i for i, t in enumerate(done) if t in self.decoder.eos_ids), len(done))
+        return done[:end]
 
     def _splice(
         self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, rows: list[Row]
@@ -225,6 +238,8 @@ class ContinuousDecoder:
         if len(text) > len(row.sent) and text.startswith(row.sent):
             self.deltas.append((row.request.job_id, text[len(row.sent) :]))
             row.sent = text
+            if row.reason is None:
+                self.progress[row.request.job_id] = list(row.tokens)
         row.sent_at = now
 
     def _collect(self) -> list[tuple[object, Result]]:
