@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from typing import Any, Literal
 
@@ -221,20 +222,26 @@ def check(grammar: str, budget_ms: float = COMPILE_BUDGET_MS) -> float:
 
 _checked: dict[str, str | None] = {}  # grammar key → the refusal, or None for a grammar served
 CHECKED_GRAMMARS = 1024
+_checked_lock = threading.Lock()
 
 
 def check_cached(grammar: str) -> None:
-    """`check`, remembered per grammar: a schema sent again costs a dictionary lookup."""
+    """`check`, remembered per grammar: a schema sent again costs a dictionary lookup. Called
+    from the API's thread pool, so the memory is guarded."""
     k = key(grammar)
-    if k not in _checked:
+    with _checked_lock:
+        known = k in _checked
+        refusal = _checked.get(k)
+    if not known:
         try:
             check(grammar)
-            _checked[k] = None
+            refusal = None
         except StructuredError as exc:
-            _checked[k] = str(exc)
-        while len(_checked) > CHECKED_GRAMMARS:
-            _checked.pop(next(iter(_checked)))
-    refusal = _checked[k]
+            refusal = str(exc)
+        with _checked_lock:
+            _checked[k] = refusal
+            while len(_checked) > CHECKED_GRAMMARS:
+                _checked.pop(next(iter(_checked)))
     if refusal is not None:
         raise StructuredError(refusal)
 

@@ -135,9 +135,12 @@ class ContinuousDecoder:
         return self._advance(logits, range(len(self.rows) - len(rows), len(self.rows)))
 
     def _resumed(self, request: Request) -> list[int]:
-        """The tokens a re-sent request had generated (its limit and eos left out)."""
+        """The tokens a re-sent request had generated (its limit and eos left out); its grammar,
+        if it has one, follows them."""
         done = list(request.resume_tokens or [])[: max(0, request.params.max_new_tokens - 1)]
         end = next((i for i, t in enumerate(done) if t in self.decoder.eos_ids), len(done))
+        if request.constraint is not None and end:
+            request.constraint.matcher.consume_tokens(done[:end])
         return done[:end]
 
     def _splice(

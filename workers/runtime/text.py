@@ -112,8 +112,6 @@ class TextEngine:
         ids = self._prompt_ids(request)
         if grammar is not None:
             request.constraint = self.grammars.constraint(grammar)
-            if request.resume_tokens:  # a re-sent request goes on from where it was
-                request.constraint.matcher.consume_tokens(request.resume_tokens)
         return ids
 
     def _prompt_ids(self, request: Request) -> list[int]:
