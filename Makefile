@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first, from the exact release (a CUDA build that also runs on the CPU).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install dev test lint clean test-tools
+.PHONY: install dev test test-unit lint clean test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,worker]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +33,10 @@ test-tools:
 ## test: install, then run the test suite against real PostgreSQL, Redis and model weights
 test: install test-tools
 	$(BIN)/pytest
+
+## test-unit: the unit tier only (no stack, no model weights): well under a minute
+test-unit: install
+	$(BIN)/pytest -m unit
 
 lint: install
 	$(BIN)/ruff check .

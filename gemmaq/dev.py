@@ -25,6 +25,17 @@ from gemmaq.embedded import EmbeddedServers, free_port
 READY_TIMEOUT_S = 900  # the first start converts the GGUF (~1 min on a laptop CPU)
 
 
+def choose_log_format() -> None:
+    """Readable logs for a person at a terminal, JSON everywhere else.
+
+    Decided once, from where the logs go (stderr), before the settings are read: the children
+    (API, worker and its engine, reconciler) inherit GEMMAQ_LOG_JSON with the environment, so
+    they follow this process. An explicit GEMMAQ_LOG_JSON always wins.
+    """
+    if "GEMMAQ_LOG_JSON" not in os.environ and sys.stderr.isatty():
+        os.environ["GEMMAQ_LOG_JSON"] = "false"
+
+
 def run_dev(settings: Settings, *, variants: str | None, port: int | None) -> None:
     servers = EmbeddedServers(settings.data_dir)
     children: list[subprocess.Popen[bytes]] = []
