@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cluster import NAMESPACE, Cluster  # noqa: E402
+from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+TERMINAL = TERMINAL_STATUSES
 
 
 def submit_all(cluster: Cluster, count: int, accepted: dict[int, str], done: threading.Event) -> None:

@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cluster import Cluster  # noqa: E402
 from bench.throughput import prompts  # noqa: E402
-
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
 
 def body(text: str, new_tokens: int) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def probe(client: httpx.Client, count: int, new_tokens: int) -> list[float]:
     def one(i: int) -> None:
         started = time.perf_counter()
         job = client.post("/v1/jobs", json=body(prompts(count)[i], new_tokens)).json()
-        while job["status"] not in TERMINAL:
+        while job["status"] not in TERMINAL_STATUSES:
             job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
         assert job["status"] == "succeeded", job
         with lock:

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cluster import Cluster  # noqa: E402
 from bench.throughput import prompts  # noqa: E402
+from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
-TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+TERMINAL = TERMINAL_STATUSES
 
 
 def percentile(values: list[float], q: float) -> float:

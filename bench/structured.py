@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cluster import Cluster  # noqa: E402
 from bench.throughput import prompts  # noqa: E402
+from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -80,7 +81,7 @@ def run_round(
             job_id = answer.json()["id"]
             while True:
                 job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
-                if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
+                if job["status"] in TERMINAL_STATUSES:
                     return job
 
         with ThreadPoolExecutor(len(texts)) as pool:

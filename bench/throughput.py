@@ -5,7 +5,7 @@
 - system: HTTP → PostgreSQL → Redis → worker (dynamic batches) → PostgreSQL → HTTP, gemma-3-270m
   on the CPU; tokens/s = output tokens of all jobs / wall time from the first submit to the
   last result.
-- one at a time (the seed tutorial's way): this process loads the same weights and calls
+- one at a time (no batching at all): this process loads the same weights and calls
   `generate` once per request, one after another (`--baseline-jobs` of them; tokens/s is a rate,
   so fewer requests measure it as well).
 - bare batched generate: the same prompts in batches of the size the worker used (its jobs'
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cluster import Cluster  # noqa: E402
+from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
 TOPICS = ["lighthouses", "glaciers", "bread", "trains", "volcanoes", "libraries", "bees", "rivers"]
 
@@ -51,7 +52,7 @@ def run_system(cluster: Cluster, texts: list[str], new_tokens: int | list[int]) 
             job_id = client.post("/v1/jobs", json=body).json()["id"]
             while True:
                 job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
-                if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
+                if job["status"] in TERMINAL_STATUSES:
                     return job
 
         # Warm the path once (connections, first batch) so the measured run is steady state.

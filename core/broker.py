@@ -22,11 +22,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.events import add_status
-from core.metrics import submitted_key
-from core.queues import RUN_JOB_TASK, message_key, variant_queue
+from core.keys import message_key, queue_keys, submitted_key, variant_queue
 from core.scheduling import BROKER_STEPS, TRANSPORT, broker_step
 from core.settings import Settings
 
+RUN_JOB_TASK = "gemmaq.run_job"  # the one task's name, shared by the API and the workers
 PRIORITY_STEPS = BROKER_STEPS  # (priority, fair share) steps: core/scheduling.py
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 5.0
@@ -183,12 +183,3 @@ async def send_job(
         with contextlib.suppress(redis_errors.RedisError):  # it may have gone through after all
             await redis.delete(marker)
         raise
-
-
-def queue_keys(settings: Settings, variant: str) -> list[str]:
-    """The Redis lists kombu keeps for one variant's queue, one per priority step."""
-    queue = variant_queue(variant)
-    return [
-        f"{settings.namespace}:{queue}" if step == 0 else f"{settings.namespace}:{queue}:{step}"
-        for step in PRIORITY_STEPS
-    ]

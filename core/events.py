@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from core.keys import events_key
 from core.settings import Settings
 
 MAX_ENTRIES = 8192  # a stream is trimmed past this (approximately): more than any job's deltas
@@ -29,10 +30,6 @@ class Pipe(Protocol):
     def xadd(self, name: str, fields: Any, *, maxlen: int | None = ..., approximate: bool = ...) -> Any: ...
 
     def expire(self, name: str, time: int) -> Any: ...
-
-
-def events_key(settings: Settings, job_id: str) -> str:
-    return settings.key("events", job_id)
 
 
 def add_status(

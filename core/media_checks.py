@@ -74,12 +74,17 @@ def decode_base64(data: str, where: str) -> bytes:
         raise ValidationFailed(f"{where}: `data` is not valid base64", {"where": where}) from exc
 
 
-def inspect_image(data: bytes, settings: Settings, where: str = "image") -> MediaInfo:
-    if len(data) > settings.media_max_image_bytes:
+def _check_bytes(data: bytes, limit: int, kind: str, where: str) -> None:
+    """413 for media over its size cap; `kind` as the message says it ("images", "audio")."""
+    if len(data) > limit:
         raise PayloadTooLarge(
-            f"{where}: {len(data)} bytes; images may be at most {settings.media_max_image_bytes} bytes",
-            {"where": where, "bytes": len(data), "limit": settings.media_max_image_bytes},
+            f"{where}: {len(data)} bytes; {kind} may be at most {limit} bytes",
+            {"where": where, "bytes": len(data), "limit": limit},
         )
+
+
+def inspect_image(data: bytes, settings: Settings, where: str = "image") -> MediaInfo:
+    _check_bytes(data, settings.media_max_image_bytes, "images", where)
     try:
         image = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)  # reads the header only
         fmt = image.format or ""
@@ -113,11 +118,7 @@ def _too_many_pixels(where: str, width: int, height: int, settings: Settings) ->
 
 
 def inspect_audio(data: bytes, settings: Settings, where: str = "audio") -> MediaInfo:
-    if len(data) > settings.media_max_audio_bytes:
-        raise PayloadTooLarge(
-            f"{where}: {len(data)} bytes; audio may be at most {settings.media_max_audio_bytes} bytes",
-            {"where": where, "bytes": len(data), "limit": settings.media_max_audio_bytes},
-        )
+    _check_bytes(data, settings.media_max_audio_bytes, "audio", where)
     try:
         info = soundfile.info(io.BytesIO(data))
     except Exception as exc:

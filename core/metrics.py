@@ -2,7 +2,7 @@
 
 Workers, the reconciler and the API each end jobs; Prometheus scrapes the API. Each ending adds
 to Redis hashes under `<namespace>:metrics:*` (one pipeline per group of jobs), and the API's
-`/metrics` (api/routers/metrics.py) reads them back as counters and histograms, next to what it
+`/metrics` (api/prometheus.py) reads them back as counters and histograms, next to what it
 reads live (queue depths, jobs queued and running, worker heartbeats).
 
 - `metrics:ended`     field `variant|status|code` → jobs that ended so
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core import events
+from core.keys import filtered_key
 from core.settings import Settings
 
 SEP = "|"  # variant names are [a-z0-9.-]; statuses and codes are words
@@ -76,41 +75,6 @@ HISTOGRAMS = (
 )
 
 
-@dataclass(frozen=True)
-class Ended:
-    """A job that has just reached a terminal state (counted once, where that happened)."""
-
-    job_id: str
-    variant: str
-    status: str
-    code: str | None = None
-    metrics: Mapping[str, Any] | None = None  # its attempt's job_metrics values, when it ran
-
-
-def ended_key(settings: Settings) -> str:
-    return settings.key("metrics", "ended")
-
-
-def submitted_key(settings: Settings) -> str:
-    return settings.key("metrics", "submitted")
-
-
-def tokens_key(settings: Settings) -> str:
-    return settings.key("metrics", "tokens")
-
-
-def histogram_key(settings: Settings, histogram: Histogram) -> str:
-    return settings.key("metrics", "hist", histogram.name)
-
-
-def filtered_key(settings: Settings, hour: int | None = None) -> str:
-    """All-time refusals by stage and category; or one hour's by user and stage (`hour`: hours
-    since the epoch), read back by /v1/metrics/summary."""
-    if hour is None:
-        return settings.key("metrics", "filtered")
-    return settings.key("metrics", "filtered", str(hour))
-
-
 FILTERED_HOURS_KEPT = 32 * 24  # longer than the summary's longest window
 
 
@@ -123,10 +87,11 @@ def add_filtered(pipe: Any, settings: Settings, user_id: str, stage: str, catego
     pipe.expire(filtered_key(settings, hour), FILTERED_HOURS_KEPT * 3600)
 
 
-# One script for all that a group of endings adds (one command and one round trip, however
-# many jobs and histograms): KEYS = ended, tokens, the histograms' hashes, then each job's event
-# stream; ARGV = histograms, events TTL, stream cap, jobs, then per job: variant, status, code,
-# input and output tokens, and per histogram its bucket ('' when not observed) and value.
+# One script for all that a group of job ends adds (one command and one round trip, however many
+# jobs and histograms; db/endings.py builds its arguments): KEYS = ended, tokens, the histograms'
+# hashes, then each job's event stream; ARGV = histograms, events TTL, stream cap, jobs, then per
+# job: variant, status, code, input and output tokens, and per histogram its bucket ('' when not
+# observed) and value.
 RECORD_ENDED = """
 local histograms, ttl, cap, jobs = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
 local a = 5
@@ -155,27 +120,13 @@ return jobs
 """
 
 
-def record_ended_args(settings: Settings, jobs: Sequence[Ended]) -> tuple[list[str], list[str | int | float]]:
-    """KEYS and ARGV of `RECORD_ENDED` for these endings: each job's terminal event
-    (core/events.py) and its counts for /metrics."""
-    keys = [ended_key(settings), tokens_key(settings), *(histogram_key(settings, h) for h in HISTOGRAMS)]
-    args: list[str | int | float] = [len(HISTOGRAMS), settings.events_ttl_s, events.MAX_ENTRIES, len(jobs)]
-    for job in jobs:
-        metrics = job.metrics or {}
-        args += [
-            job.variant, job.status, job.code or "",
-            int(metrics.get("input_tokens") or 0), int(metrics.get("output_tokens") or 0),
-        ]  # fmt: skip
-        for histogram in HISTOGRAMS:
-            value = metrics.get(histogram.field)
-            if value is None:
-                args += ["", 0]
-                continue
-            value = float(value) * histogram.scale
-            args += [bisect.bisect_left(histogram.bounds, value), value]  # first bound ≥ value
-        args.append(events.status_data(job.status))
-        keys.append(events.events_key(settings, job.job_id))
-    return keys, args
+def bucket_of(histogram: Histogram, value: Any) -> list[str | int | float]:
+    """RECORD_ENDED's two arguments for one histogram: the bucket a value falls in (the first
+    bound ≥ it) and the value, scaled; ('', 0) when not observed."""
+    if value is None:
+        return ["", 0]
+    scaled = float(value) * histogram.scale
+    return [bisect.bisect_left(histogram.bounds, scaled), scaled]
 
 
 def split(field: bytes | str) -> list[str]:

@@ -15,7 +15,7 @@ from core.errors import ValidationFailed
 from core.openai_chat import ChatRequest
 from core.openai_completions import CompletionRequest
 from core.openai_responses import ResponseRequest
-from core.schemas import JobCreate, JobOut
+from core.schemas import BatchStatus, JobCreate, JobOut
 
 
 class BatchRow(Protocol):
@@ -54,9 +54,7 @@ class BatchOut(BaseModel):
     errors: dict[str, Any] | None = None
     input_file_id: str
     completion_window: str
-    status: Literal[
-        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
-    ]
+    status: BatchStatus
     output_file_id: str | None
     error_file_id: str | None
     created_at: int

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ConfigDict, Field, model_validator
 
+from core import openai_chat
 from core.errors import ValidationFailed
 from core.openai_chat import Strict, job_spec
 from core.schemas import MAX_MESSAGES, MAX_TEXT_CHARS, JobCreate, JobOut, SafeStr
@@ -39,9 +40,9 @@ class InputImage(Strict):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class InputAudioData(Strict):
-    data: str = Field(description="base64 audio")
-    format: str | None = None
+class InputAudioData(openai_chat.InputAudio):
+    # The chat API's `input_audio` object; its own name keeps this API's schema apart.
+    pass
 
 
 class InputAudio(Strict):

@@ -27,7 +27,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core.metrics import RECORD_ENDED
+from core.keys import QuotaKeys
 from core.settings import Settings
 
 WINDOW_MS = 60_000
@@ -79,7 +79,7 @@ if used > 0 then
   oldest = tonumber(first[2])
 end
 local reply = {used, oldest, now, redis.call('HLEN', KEYS[2]), redis.call('GET', KEYS[3]) or -1}
-if KEYS[4] then  -- the API key epoch (core/queues.py), read in the same trip; set when missing
+if KEYS[4] then  -- the API key epoch (core/keys.py), read in the same trip; set when missing
   local epoch = redis.call('GET', KEYS[4])
   if not epoch then
     epoch = ARGV[2]
@@ -108,7 +108,7 @@ _SETTLE = _SETTLE_FUNCTION + "return settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\
 # Jobs that ended, three keys (active, tokens, cancel flag) and three arguments (job, actual
 # tokens, done channel) each: every one settled as above, its cancel flag cleared and its done
 # message published — one round trip for the bookkeeping of a whole batch's end.
-_END = (
+END = (
     _SETTLE_FUNCTION
     + """
 local out = {}
@@ -201,19 +201,6 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class Ending:
-    """A job that reached a terminal state: its tokens to settle (`actual`), its cancel flag key
-    and its done channel."""
-
-    user_id: str
-    job_id: str
-    day: date
-    actual: int
-    cancel: str
-    done: str
-
-
-@dataclass(frozen=True)
 class Holder:
     tokens: int
     day: date
@@ -242,17 +229,6 @@ def estimate_input_tokens(*, text_bytes: int, images: int, audio_seconds: float)
         + images * TOKENS_PER_IMAGE
         + math.ceil(audio_seconds * TOKENS_PER_AUDIO_SECOND)
     )
-
-
-class QuotaKeys:
-    def __init__(self, settings: Settings, user_id: str) -> None:
-        self.rate = settings.key("quota", user_id, "rate")
-        self.batch_rate = settings.key("quota", user_id, "batch-rate")  # batch lines: not per minute
-        self.active = settings.key("quota", user_id, "active")
-        self._tokens = settings.key("quota", user_id, "tokens")
-
-    def tokens(self, day: date) -> str:
-        return f"{self._tokens}:{day.isoformat()}"
 
 
 def _snapshot(limit: int, used: int, oldest: int, now: int, jobs: int, charged: Any) -> Snapshot:
@@ -295,7 +271,6 @@ class AsyncQuotas:
     def __init__(self, redis: AsyncRedis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.record_ended = redis.register_script(RECORD_ENDED)  # core/metrics.py
         self._admit = redis.register_script(_ADMIT)
         self._peek = redis.register_script(_PEEK)
         self._settle = redis.register_script(_SETTLE)
@@ -364,26 +339,13 @@ class SyncQuotas:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.record_ended = redis.register_script(RECORD_ENDED)  # core/metrics.py
         self._settle = redis.register_script(_SETTLE)
-        self._end = redis.register_script(_END)
 
     def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
         """True when this call released the slot (False: it was released before)."""
         keys = QuotaKeys(self.settings, user_id)
         reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
         return int(reserved) >= 0
-
-    def end(self, endings: Sequence[Ending]) -> list[bool]:
-        """Settle each job, clear its cancel flag and publish its done message, all in one
-        script; for each, whether this call released its slot."""
-        keys: list[str] = []
-        args: list[str | int] = []
-        for e in endings:
-            quota = QuotaKeys(self.settings, e.user_id)
-            keys += [quota.active, quota.tokens(e.day), e.cancel]
-            args += [e.job_id, e.actual, e.done]
-        return [int(reserved) >= 0 for reserved in self._end(keys=keys, args=args)] if endings else []
 
 
 def parse_holders(entries: dict[Any, Any]) -> dict[str, Holder]:

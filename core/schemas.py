@@ -1,17 +1,31 @@
-"""The public job contract (DESIGN.md §3) as pydantic models, shared by the API and workers."""
+"""The public job contract as pydantic models, shared by the API, the workers and the client.
+
+The statuses a job and a batch move through are spelled out here and nowhere else: every set of
+them (the terminal ones, the database's check constraint, the client's wait) is derived from these."""
 
 from __future__ import annotations
 
 import json
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.structured import ResponseFormat, ToolChoice, depth
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+ActiveStatus = Literal["queued", "running"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled", "expired"]
+JobStatus = Literal[ActiveStatus, TerminalStatus]
+JOB_STATUSES: tuple[str, ...] = get_args(ActiveStatus) + get_args(TerminalStatus)
+ACTIVE_STATUSES: tuple[str, ...] = get_args(ActiveStatus)
+TERMINAL_STATUSES: frozenset[str] = frozenset(get_args(TerminalStatus))
+
+# An OpenAI batch: working until it ends in one of the ended statuses.
+BatchWorking = Literal["validating", "in_progress", "finalizing", "cancelling"]
+BatchEnded = Literal["completed", "failed", "cancelled", "expired"]
+BatchStatus = Literal[BatchWorking, BatchEnded]
+BATCH_WORKING: tuple[str, ...] = get_args(BatchWorking)
+BATCH_ENDED: frozenset[str] = frozenset(get_args(BatchEnded))
 Role = Literal["system", "user", "assistant"]
 
 MAX_MESSAGES = 50
@@ -103,7 +117,8 @@ class FunctionSpec(BaseModel):
 
 
 class Tool(BaseModel):
-    """A tool in the OpenAI form `{"type": "function", "function": {...}}` or the seeds' bare form."""
+    """A tool in the OpenAI form `{"type": "function", "function": {...}}` or the bare form
+    `{"name", "description", "parameters"}`."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"] = "function"

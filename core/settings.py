@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # Files expire this long after upload unless `expires_after` says otherwise (None: never).
     files_retention_s: int | None = Field(default=30 * 86_400, ge=3600)
 
-    # /v1/metrics/summary raises an alert past each of these (the seed tutorial's defaults).
+    # /v1/metrics/summary raises an alert past each of these.
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")
     alert_max_memory_mb: float = Field(default=8192.0, gt=0, description="mean peak device memory per job")
     alert_min_tokens_per_second: float = Field(default=5.0, ge=0, description="mean per-job decode rate")

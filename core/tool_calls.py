@@ -1,7 +1,7 @@
 """Function calling: the prompt that offers tools, and the parser that reads calls back out of a reply.
 
 Models write calls in several shapes; the parser accepts the ones seen in practice:
-the seeds' `FUNCTION_CALL: name(a="x", n=3)`, Gemma's Python-style calls (bare or in a
+a plain `FUNCTION_CALL: name(a="x", n=3)` line, Gemma's Python-style calls (bare or in a
 ```tool_code fence), and JSON (`{"name": ..., "arguments"|"parameters": {...}}`, a list of
 those, `{"tool_calls": [...]}`, `{"function_call": {...}}`), fenced or not. Only tools the
 job declared count.

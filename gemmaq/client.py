@@ -18,8 +18,8 @@ from typing import IO, Any
 import httpx
 from httpx_sse import connect_sse
 
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
-BATCH_ENDED = {"completed", "failed", "cancelled", "expired"}
+from core.schemas import BATCH_ENDED, TERMINAL_STATUSES
+
 CHUNK = 1024 * 1024
 Progress = Callable[[int], None]  # called with how much more was done (bytes, or lines)
 
@@ -81,7 +81,7 @@ class Client:
         while True:
             remaining = deadline - time.monotonic()
             job = self.get(job_id, wait=max(0, min(60, remaining)))
-            if job["status"] in TERMINAL or remaining <= 0:
+            if job["status"] in TERMINAL_STATUSES or remaining <= 0:
                 return job
 
     def run(self, job: dict[str, Any], *, timeout: float = 300) -> dict[str, Any]:

@@ -22,8 +22,7 @@ import structlog
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
-from core.broker import make_celery
-from core.queues import RUN_JOB_TASK
+from core.broker import RUN_JOB_TASK, make_celery
 from core.settings import Settings
 from core.variants import Variant, load_variants
 from workers import tasks
@@ -34,9 +33,14 @@ from workers.runtime.pool import VariantPool
 log = structlog.get_logger(__name__)
 
 
-def create_worker_app(settings: Settings) -> Celery:
+def create_worker_app(settings: Settings, ctx: tasks.WorkerContext) -> Celery:
+    """The Celery app whose one task runs a job with this worker's context."""
     app = make_celery(settings, name="gemmaq-worker")
-    app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(tasks.run_job)
+
+    def run_job(job_id: str) -> None:
+        tasks.run_job(ctx, job_id)
+
+    app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(run_job)
     return app
 
 
@@ -80,7 +84,6 @@ def run_worker(
             f"time limit ({longest} s), or the broker would hand running jobs to a second worker"
         )
     pool = VariantPool(settings, registry, device=device, name_for=lambda d: name or default_worker_name(d))
-    tasks.POOL = pool
     try:
         pool.start(variants, preload)
     except EngineStartFailed as exc:
@@ -96,7 +99,7 @@ def run_worker(
         _idle_until_signal(pool)
         return
     concurrency = sum(task_threads(v, pool.device) for v in served)
-    app = create_worker_app(settings)
+    app = create_worker_app(settings, tasks.WorkerContext(pool))
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: object) -> None:

@@ -35,15 +35,16 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from core import quotas
-from core.broker import enqueue_job, make_celery, marker_age_s, queue_keys, redis_client
-from core.queues import lease_key, message_key
+from core.broker import enqueue_job, make_celery, marker_age_s, redis_client
+from core.errors import GENERATION_ERROR
+from core.keys import active_pattern, duties_key, lease_key, message_key, queue_keys, user_of_active
 from core.quotas import SyncQuotas
+from core.schemas import TERMINAL_STATUSES
 from core.settings import Settings
+from db.endings import Ended, JobEnd, end_jobs, ended_of, settle
 from db.repo import files as files_repo
 from db.repo import runs
-from db.repo.jobs import charge_of
-from db.session import sync_sessionmaker
-from workers.outcome import ended
+from db.session import autocommit_engine, sync_sessionmaker
 from workers.webhooks import Dispatcher
 
 log = structlog.get_logger(__name__)
@@ -105,12 +106,9 @@ class Reconciler:
         for job in lapsed:
             self._lapsing.pop(job.id, None)
             if job.attempts >= self.settings.max_attempts:
-                with self.maker.begin() as session:
-                    charge = runs.fail_lost(session=session, job_id=job.id, attempt=job.attempts)
-                if charge is not None:
+                if self._end([_lost(job)])[0] is not None:
                     failed += 1
                     log.warning("job.failed", job_id=job.id, reason="worker lost", attempts=job.attempts)
-                    ended(self.quotas, self.settings, [charge])
                 continue
             with self.maker.begin() as session:
                 back = runs.requeue_lost(session=session, job_id=job.id, attempt=job.attempts)
@@ -174,14 +172,18 @@ class Reconciler:
         steps = len(lengths) // len(names)
         return {name for i, name in enumerate(names) if not any(lengths[i * steps : (i + 1) * steps])}
 
+    def _end(self, ends: list[JobEnd]) -> list[Ended | None]:
+        with autocommit_engine(self.settings.db_url).connect() as connection:
+            return end_jobs(connection, self.redis, self.settings, ends)
+
     def _expire(self) -> int:
-        with self.maker.begin() as session:
-            charges = runs.expire(session=session)
-        for charge in charges:
-            log.info("job.expired", job_id=charge.job_id)
-        if charges:
-            ended(self.quotas, self.settings, charges)
-        return len(charges)
+        """Queued jobs past their deadline end `expired` without running."""
+        with self.maker() as session:
+            due = runs.past_deadline(session=session)
+        expired = [e for e in self._end([JobEnd.expire(job_id) for job_id in due]) if e is not None]
+        for e in expired:
+            log.info("job.expired", job_id=e.job_id)
+        return len(expired)
 
     def _delete_expired_files(self) -> int:
         with self.maker.begin() as session:
@@ -192,12 +194,12 @@ class Reconciler:
     def _release_slots(self) -> int:
         """Slots held by jobs that ended (their worker died before settling) or that never got
         a row (the API died between admission and commit)."""
-        pattern = self.settings.key("quota", "*", "active")
+        pattern = active_pattern(self.settings)
         released = 0
         seconds, micros = self.redis.time()  # the clock admission stamped the holders with
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         for key in self.redis.scan_iter(match=pattern, count=200):
-            user_id = key.decode().split(":")[-2]
+            user_id = user_of_active(key)
             holders = quotas.parse_holders(self.redis.hgetall(key))
             if not holders:
                 continue
@@ -205,14 +207,24 @@ class Reconciler:
                 jobs = runs.states(session=session, job_ids=list(holders))
             for job_id, holder in holders.items():
                 job = jobs.get(job_id)
-                if job is not None and job.status in runs.TERMINAL:
-                    charge = charge_of(job, just_ended=False)
-                    released += self.quotas.settle(
-                        user_id=user_id, job_id=job_id, day=charge.day, actual=charge.tokens
-                    )
+                if job is not None and job.status in TERMINAL_STATUSES:
+                    released += sum(settle(self.redis, self.settings, [ended_of(job, fresh=False)]))
                 elif job is None and now_ms - holder.admitted_ms > STALE_ADMISSION_MS:
                     released += self.quotas.settle(user_id=user_id, job_id=job_id, day=holder.day, actual=0)
         return released
+
+
+def _lost(job: runs.Running) -> JobEnd:
+    """A running job whose workers were lost on every attempt ends failed; the lost attempt keeps
+    a `job_metrics` row of its own (which worker, how long it held the job)."""
+    held_ms = (datetime.now(UTC) - job.started_at).total_seconds() * 1000 if job.started_at else None
+    return JobEnd(
+        job.id,
+        "failed",
+        error={"code": GENERATION_ERROR, "message": f"its worker was lost on all {job.attempts} attempts"},
+        metrics={"worker": job.worker, "total_ms": held_ms},
+        attempt=job.attempts,
+    )
 
 
 # Take the duty lock, or keep it: 1 when this process holds it now.
@@ -237,7 +249,7 @@ class Duties:
         self.settings = settings
         self.redis = redis_client(settings)
         self.token = f"{who}/{uuid.uuid4().hex}"
-        self.key = settings.key("duties", "lock")
+        self.key = duties_key(settings)
         self.holding = threading.Event()
         self._hold = self.redis.register_script(_HOLD)
         self._let_go = self.redis.register_script(_LET_GO)

@@ -1,4 +1,7 @@
-"""The one task: claim the job, hand it to the variant's batcher, write the outcome once."""
+"""The one task, `run_job(ctx, job_id)`: claim the job, hand it to its variant's engine, end it once.
+
+`claim` and `finish` are the two writes every job makes; `WorkerContext` is the state the
+worker's task threads share, built once when the worker starts (workers/app.py)."""
 
 from __future__ import annotations
 
@@ -16,25 +19,22 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from core import errors
 from core.broker import enqueue_job
 from core.events import add_status
+from core.keys import message_key
 from core.metrics import add_filtered
-from core.queues import message_key
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
+from db.endings import JobEnd, end_jobs, ended_before, settle
 from db.models import Job
 from db.repo import files as files_repo
 from db.repo import runs
 from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.grouped import Grouped
-from workers.outcome import ended
 from workers.runtime.base import EngineFailure, Request, RequestError, Result, ShuttingDown
-from workers.runtime.media import file_ids, load_media
+from workers.runtime.media_decoding import file_ids, load_media
 from workers.runtime.pool import VariantPool
 
 log = structlog.get_logger(__name__)
-
-# Set once by `workers.app.run_worker` before the worker consumes anything.
-POOL: VariantPool | None = None
 
 _db_retry = retry(
     retry=retry_if_exception_type(OperationalError),
@@ -44,65 +44,70 @@ _db_retry = retry(
 )
 
 
-def _claim_group(claiming: list[tuple[VariantPool, str]]) -> list[Claimed | None]:
-    """The jobs claimed in one statement, then the markers of those taken cleared and their
-    `running` events appended (one round trip)."""
-    pool = claiming[0][0]
-    job_ids = [job_id for _, job_id in claiming]
+class WorkerContext:
+    """What every job's task is handed (`run_job(ctx, job_id)`): the variant pool (engine, leases,
+    Redis, broker, settings), and the claims and job ends that its task threads share.
+
+    Messages arrive one by one, but while one claim runs the next ones queue up, and a batch's
+    jobs end together: the threads that arrive while a claim (or an end) is being written wait,
+    and the next of them writes all theirs in one statement (see workers/grouped.py)."""
+
+    def __init__(self, pool: VariantPool) -> None:
+        self.pool = pool
+        self.claims: Grouped[str, Claimed | None] = Grouped(self._claim_all)
+        self.ends: Grouped[JobEnd, bool] = Grouped(self._end_all)
+
+    def _claim_all(self, job_ids: list[str]) -> list[Claimed | None]:
+        return claim_all(self.pool, job_ids)
+
+    def _end_all(self, ends: list[JobEnd]) -> list[bool]:
+        return end_all(self.pool, ends)
+
+
+def claim_all(pool: VariantPool, job_ids: list[str]) -> list[Claimed | None]:
+    """Take these queued jobs for this worker in one statement; then clear the message markers of
+    those taken and append their `running` events (one round trip)."""
     with autocommit_engine(pool.settings.db_url).connect() as connection:
         jobs = runs.claim_many(session=connection, job_ids=job_ids, worker=pool.worker)
-    taken = [job.id for job in jobs if job is not None]
+    taken = [job for job in jobs if job is not None]
     if taken:
         with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(*(message_key(pool.settings, job_id) for job_id in taken))  # as message_taken does
-            for job in jobs:
-                if job is not None:
-                    add_status(pipe, pool.settings, job.id, "running", expire=False, attempt=job.attempts)
+            pipe.delete(*(message_key(pool.settings, job.id) for job in taken))  # as message_taken does
+            for job in taken:
+                add_status(pipe, pool.settings, job.id, "running", expire=False, attempt=job.attempts)
             pipe.execute()
     return jobs
 
 
-# Messages arrive one by one, but while a claim runs the next ones queue up: claimed as one.
-_claiming: Grouped[tuple[VariantPool, str], Claimed | None] = Grouped(_claim_group)
+def end_all(pool: VariantPool, ends: list[JobEnd]) -> list[bool]:
+    """End these jobs (db/endings.py): for each, whether this call ended it."""
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        ended = end_jobs(connection, pool.redis, pool.settings, ends)
+    return [e is not None for e in ended]
 
 
 @_db_retry
-def _claim(pool: VariantPool, job_id: str) -> Claimed | None:
-    """The job, taken for this worker and its message marker cleared; None when it is not queued."""
-    job = _claiming((pool, job_id))
+def claim(ctx: WorkerContext, job_id: str) -> Claimed | None:
+    """The job, taken for this worker (with the claims of other task threads under way); None
+    when it is not queued. One past its deadline expires here; one that has ended is settled
+    again (a no-op, unless the worker that ended it died before releasing its quota slot)."""
+    job = ctx.claims(job_id)
     if job is not None:
         return job
-    with sync_sessionmaker(pool.settings.db_url).begin() as session:
-        # Past its deadline: it expires here. Already ended: settling again is a no-op,
-        # unless the worker that ended it died before it could release the quota slot.
-        charges = runs.expire(session=session, job_ids=[job_id])
-        if not charges and (charge := runs.terminal_charge(session=session, job_id=job_id)):
-            charges = [charge]
-    if charges:
-        ended(pool.quotas, pool.settings, charges)
+    pool = ctx.pool
+    with autocommit_engine(pool.settings.db_url).connect() as connection:
+        if end_jobs(connection, pool.redis, pool.settings, [JobEnd.expire(job_id)])[0] is None:
+            again = ended_before(connection, job_id)
+            if again is not None:
+                settle(pool.redis, pool.settings, [again])
     return None
 
 
-def _finish_group(finishing: list[tuple[VariantPool, runs.Outcome]]) -> list[bool]:
-    """The outcomes, their usage and their metrics in one statement; then, once each, the quota
-    slots released, the cancel flags cleared and the waiters woken (one Redis script)."""
-    pool = finishing[0][0]
-    with autocommit_engine(pool.settings.db_url).connect() as connection:
-        charges = runs.finish_many(session=connection, outcomes=[outcome for _, outcome in finishing])
-    written = [c for c in charges if c is not None]
-    if written:
-        ended(pool.quotas, pool.settings, written)
-    return [c is not None for c in charges]
-
-
-# The jobs of a batch end together: their task threads write their outcomes as one.
-_finishing: Grouped[tuple[VariantPool, runs.Outcome], bool] = Grouped(_finish_group)
-
-
 @_db_retry
-def _finish(pool: VariantPool, job: Claimed, **outcome: Any) -> bool:
-    """True when this call moved the job to its terminal state (False: it had left this attempt)."""
-    return _finishing((pool, runs.Outcome(job_id=job.id, attempt=job.attempts, **outcome)))
+def finish(ctx: WorkerContext, job: Claimed, **outcome: Any) -> bool:
+    """End the job this attempt ran (status, result, error, metrics), with the ends of other task
+    threads under way; True when this call ended it (False: it had left this attempt)."""
+    return ctx.ends(JobEnd(job_id=job.id, attempt=job.attempts, **outcome))
 
 
 @_db_retry
@@ -124,9 +129,9 @@ def _send_again(pool: VariantPool, job_id: str) -> None:
         enqueue_job(pool.broker, job_id=job.id, variant=job.variant, priority=job.priority)
 
 
-def run_job(job_id: str) -> None:
-    pool = POOL
-    assert pool is not None, "the worker pool is not started"
+def run_job(ctx: WorkerContext, job_id: str) -> None:
+    """The one task: claim the job, hand it to its variant's engine, end it once."""
+    pool = ctx.pool
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id, worker=pool.worker)
     request = current_task.request if current_task else None
@@ -150,7 +155,7 @@ def run_job(job_id: str) -> None:
         return
     try:
         try:
-            job = _claim(pool, job_id)
+            job = claim(ctx, job_id)
         except Exception:
             # The message is acked all the same: without its marker the reconciler sends it again.
             pool.message_taken(job_id)
@@ -159,16 +164,16 @@ def run_job(job_id: str) -> None:
             log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
         pool.note_claimed(job.id, job.attempts, pool.policy(job.policy))
-        _run(pool, job)
+        _run(ctx, job)
     finally:
         pool.drop_lease(job_id, token)
 
 
-def _run(pool: VariantPool, job: Claimed) -> None:
+def _run(ctx: WorkerContext, job: Claimed) -> None:
     structlog.contextvars.bind_contextvars(user_id=job.user_id, variant=job.variant, attempt=job.attempts)
     queue_ms = (job.started_at - job.created_at).total_seconds() * 1000
     try:
-        _run_claimed(pool, job, queue_ms)
+        _run_claimed(ctx, job, queue_ms)
     except OperationalError:
         # The database stayed away past the retries: the task ends, the lease is dropped, and the
         # reconciler requeues the job once the lease has stayed gone for lease_s.
@@ -177,7 +182,7 @@ def _run(pool: VariantPool, job: Claimed) -> None:
         # Whatever went wrong, a claimed job must not stay running: it fails, the worker goes on.
         log.error("job.crashed", error=type(exc).__name__)
         _fail(
-            pool,
+            ctx,
             job,
             errors.GENERATION_ERROR,
             f"the worker could not run it ({type(exc).__name__})",
@@ -185,17 +190,18 @@ def _run(pool: VariantPool, job: Claimed) -> None:
         )
 
 
-def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
+def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
+    pool = ctx.pool
     started = time.monotonic()
     variant = pool.registry.get(job.variant)
     reason = pool.unavailable(job.variant) if variant is not None else "unknown variant"
     if variant is None or reason is not None:
-        _fail(pool, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
+        _fail(ctx, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
     try:
         request = _request(pool, job, started)
     except RequestError as exc:
-        _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
+        _fail(ctx, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
     future = pool.submit(job.variant, request)  # a cold variant loads first, within the limit
     limit = min(request.params.timeout_s or variant.timeout_s, variant.timeout_s)
@@ -205,20 +211,20 @@ def _run_claimed(pool: VariantPool, job: Claimed, queue_ms: float) -> None:
         # Stop it at the engine's next step (or its first, if it has not started), then let go.
         pool.request_cancel(job.id)
         future.cancel()
-        _fail(pool, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms)
+        _fail(ctx, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms)
         return
     except ShuttingDown:
         _put_back(pool, job)
         return
     except RequestError as exc:
-        _fail(pool, job, errors.GENERATION_ERROR, str(exc), queue_ms)
+        _fail(ctx, job, errors.GENERATION_ERROR, str(exc), queue_ms)
         return
     except Exception as exc:
         kind = exc.kind if isinstance(exc, EngineFailure) else type(exc).__name__
         log.error("job.generation_failed", error=kind)
-        _fail(pool, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms)
+        _fail(ctx, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms)
         return
-    _succeed(pool, job, request, result, queue_ms, started)
+    _succeed(ctx, job, request, result, queue_ms, started)
 
 
 def _request(pool: VariantPool, job: Claimed, started: float) -> Request:
@@ -275,11 +281,12 @@ def _metrics(
 
 
 def _succeed(
-    pool: VariantPool, job: Claimed, request: Request, result: Result, queue_ms: float, started: float
+    ctx: WorkerContext, job: Claimed, request: Request, result: Result, queue_ms: float, started: float
 ) -> None:
+    pool = ctx.pool
     category = pool.policy(job.policy).check(result.text, "output")
     if category is not None:
-        _withhold(pool, job, request, result, queue_ms, started, category)
+        _withhold(ctx, job, request, result, queue_ms, started, category)
         return
     pool.release_held(job.id)  # the streamed text held back, before the job's end is published
     cancelled = result.finish_reason == "cancelled"
@@ -302,8 +309,8 @@ def _succeed(
             body[name] = result.extra[name]
     error = {"code": errors.CANCELLED, "message": "cancelled while running"} if cancelled else None
     metrics = _metrics(pool, queue_ms, started, result, request)
-    written = _finish(
-        pool, job, status="cancelled" if cancelled else "succeeded", result=body, error=error, metrics=metrics
+    written = finish(
+        ctx, job, status="cancelled" if cancelled else "succeeded", result=body, error=error, metrics=metrics
     )
     log.info(
         "job.finished",
@@ -317,7 +324,7 @@ def _succeed(
 
 
 def _withhold(
-    pool: VariantPool,
+    ctx: WorkerContext,
     job: Claimed,
     request: Request,
     result: Result,
@@ -327,6 +334,7 @@ def _withhold(
 ) -> None:
     """The output fell in a moderation category: the job fails RESPONSE_FILTERED, its text is not
     stored (nor was any of it streamed past the filter), its usage is charged as it was spent."""
+    pool = ctx.pool
     body = {
         "text": "",
         "finish_reason": "content_filter",
@@ -338,15 +346,16 @@ def _withhold(
         "message": f"the output fell in the content policy's category {category!r} and is withheld",
     }
     metrics = _metrics(pool, queue_ms, started, result, request)
-    written = _finish(pool, job, status="failed", result=body, error=error, metrics=metrics)
+    written = finish(ctx, job, status="failed", result=body, error=error, metrics=metrics)
     with contextlib.suppress(redis.RedisError), pool.redis.pipeline(transaction=False) as pipe:
         add_filtered(pipe, pool.settings, job.user_id, "output", category)
         pipe.execute()
     log.warning("job.filtered", stage="output", category=category, written=written)
 
 
-def _fail(pool: VariantPool, job: Claimed, code: str, message: str, queue_ms: float) -> None:
+def _fail(ctx: WorkerContext, job: Claimed, code: str, message: str, queue_ms: float) -> None:
+    pool = ctx.pool
     metrics = _metrics(pool, queue_ms, time.monotonic(), None)
     error = {"code": code, "message": message}
-    written = _finish(pool, job, status="failed", result=None, error=error, metrics=metrics)
+    written = finish(ctx, job, status="failed", result=None, error=error, metrics=metrics)
     log.warning("job.failed", code=code, written=written)

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from core.openai_batch import batch_out
 from core.openai_responses import response_of
+from core.schemas import JobOut
 from core.settings import Settings
 from core.webhooks import Target, TargetRefused, backoff_s, check_target, new_secret, signed_headers
 from db.models import Batch
@@ -131,7 +132,7 @@ class Dispatcher:
         if d.job_id is not None:
             row = jobs_repo.get_job_sync(session=session, user_id=d.user_id, job_id=d.job_id)
             if row is not None:
-                job = jobs_repo.job_out(row)
+                job = JobOut.model_validate(jobs_repo.job_fields(row))
                 data = job.model_dump(mode="json")
                 stored = responses_repo.of_job_sync(session=session, job_id=job.id)
                 if d.event.startswith("response.") and stored is not None:  # as GET /v1/responses/{id}

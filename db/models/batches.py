@@ -10,10 +10,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 from db.base import Base
 from db.ids import new_id
 
-BATCH_STATUSES = (
-    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled",
-)  # fmt: skip
-
 
 class FilePart(Base):
     """A batch file's bytes, in parts of whole lines (about 1 MiB each), so neither an upload

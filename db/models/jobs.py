@@ -20,16 +20,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from core.schemas import JOB_STATUSES
 from db.base import Base
 from db.ids import new_id
-
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 
 
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(f"status IN {STATUSES!r}", name="status"),
+        CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
         UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
         Index("ix_jobs_user_created", "user_id", "created_at", "id"),
         Index("ix_jobs_queued", "status", "created_at", postgresql_where="status = 'queued'"),

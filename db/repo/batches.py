@@ -1,5 +1,5 @@
 """Batches (the OpenAI Batch API) on the API's side: created, read, listed, and worked on by the
-batch runner (api/batches.py) — one batch at a time, locked, turns going round."""
+batch runner (api/batch_runner.py) — one batch at a time, locked, turns going round."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, literal, or_, select, update
+from sqlalchemy import Select, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, aliased, contains_eager
 
+from core.schemas import ACTIVE_STATUSES, BATCH_WORKING
 from db.models import Batch, BatchLineError, Job, User
+from db.repo import pages
 from db.repo.jobs import _READ, _jobs
 
 MAX_PAGE = 100
-WORKING = ("validating", "in_progress", "cancelling", "finalizing")
-PENDING = ("queued", "running")
+WORKING = BATCH_WORKING
+PENDING = ACTIVE_STATUSES
 
 
 async def create_batch(
@@ -57,19 +59,7 @@ async def list_batches(
     *, session: AsyncSession, user_id: str, after: Batch | None, limit: int
 ) -> tuple[list[Batch], bool]:
     stmt = select(Batch).where(Batch.user_id == user_id)
-    if after is not None:
-        stmt = stmt.where(
-            or_(
-                Batch.created_at < after.created_at,
-                and_(Batch.created_at == after.created_at, Batch.id < after.id),
-            )
-        )
-    rows = list(
-        (
-            await session.execute(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1))
-        ).scalars()
-    )
-    return rows[:limit], len(rows) > limit
+    return await pages.page(session, stmt, Batch.created_at, Batch.id, after, limit)
 
 
 def _count_statements(batch_ids: Sequence[str]) -> tuple[Select[Any, Any, Any], Select[Any, Any, Any]]:

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
 from db.models import Batch, File, FilePart, Quota
+from db.repo import pages
 
 MAX_PAGE = 100
 # A file past its expires_at is gone for its owner at once; the reconciler deletes it later.
@@ -97,19 +98,7 @@ async def list_files(
     stmt = select(File).where(File.user_id == user_id, _LIVE)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
-    if after is not None:
-        stmt = stmt.where(
-            or_(
-                File.created_at < after.created_at,
-                and_(File.created_at == after.created_at, File.id < after.id),
-            )
-        )
-    rows = list(
-        (
-            await session.execute(stmt.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1))
-        ).scalars()
-    )
-    return rows[:limit], len(rows) > limit
+    return await pages.page(session, stmt, File.created_at, File.id, after, limit)
 
 
 async def delete_file(*, session: AsyncSession, user_id: str, file_id: str) -> bool:

@@ -11,44 +11,19 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, cast
 
-from sqlalchemy import RowMapping, Table, and_, bindparam, delete, func, or_, select, true, update
+from sqlalchemy import RowMapping, Table, bindparam, delete, select, true
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from core.metrics import Ended
-from core.schemas import TERMINAL_STATUSES, JobCreate, JobOut
+from core.schemas import ACTIVE_STATUSES, TERMINAL_STATUSES, JobCreate
 from db.ids import new_id
 from db.models import Job, JobMetric, UsageLedger, User
+from db.repo import pages
 
 MAX_PAGE = 100
 TERMINAL = sorted(TERMINAL_STATUSES)
-
-
-@dataclass(frozen=True)
-class Charge:
-    """What a job that reached a terminal state costs its owner: settled against the quota once.
-    `ended` is set where the job has just moved to that state, for /metrics to count it once."""
-
-    job_id: str
-    user_id: str
-    day: date
-    tokens: int
-    ended: Ended | None = None
-
-
-def tokens_used(result: dict[str, Any] | None) -> tuple[int, int]:
-    usage = (result or {}).get("usage") or {}
-    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
-
-
-def charge_of(job: Job, *, just_ended: bool = True) -> Charge:
-    """The charge of an ended job (`just_ended`: this call's statement is what ended it)."""
-    code = (job.error or {}).get("code")
-    ended = Ended(job.id, job.variant, job.status, code) if just_ended else None
-    tokens = sum(tokens_used(job.result))
-    return Charge(job_id=job.id, user_id=job.user_id, day=job.charged_on, tokens=tokens, ended=ended)
 
 
 # What the API reads of a job: its columns and its latest attempt's metrics (columns `m_*`), in
@@ -72,12 +47,13 @@ _READ = select(*(_jobs.c[c] for c in _OUT), *(_latest.c[c].label(f"m_{c}") for c
 )
 
 
-def job_out(job: RowMapping) -> JobOut:
-    """A row of `_READ` (or one with the `_OUT` columns and no metrics) as the API shows it."""
+def job_fields(job: RowMapping) -> dict[str, Any]:
+    """A row of `_READ` (or one with the `_OUT` columns and no metrics) as plain fields: the job's
+    columns, and its latest attempt's metrics under `metrics` (None before an attempt is recorded)."""
     metrics = None
     if job.get("m_attempt") is not None:
         metrics = {c: job[f"m_{c}"] for c in METRICS}
-    return JobOut.model_validate({c: job[c] for c in _OUT} | {"metrics": metrics})
+    return {c: job[c] for c in _OUT} | {"metrics": metrics}
 
 
 # ---- API side ------------------------------------------------------------------------------
@@ -199,33 +175,11 @@ async def list_jobs(
         stmt = stmt.where(_jobs.c.status == status)
     if variant:
         stmt = stmt.where(_jobs.c.variant == variant)
-    if cursor:
-        created, job_id = cursor
-        stmt = stmt.where(
-            or_(_jobs.c.created_at < created, and_(_jobs.c.created_at == created, _jobs.c.id < job_id))
-        )
-    stmt = stmt.order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc()).limit(limit + 1)
+    stmt = pages.newest_first(stmt, _jobs.c.created_at, _jobs.c.id, cursor, limit)
     jobs = list((await session.execute(stmt)).mappings())
     more = len(jobs) > limit
     jobs = jobs[:limit]
     return Page(jobs=jobs, next_cursor=_encode_cursor(jobs[-1]) if more and jobs else None)
-
-
-async def cancel_queued(*, session: AsyncSession, user_id: str, job_id: str) -> Charge | None:
-    """A queued job becomes cancelled here; its message is dropped when a worker sees it."""
-    job = (
-        await session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
-            .values(
-                status="cancelled",
-                finished_at=func.now(),
-                error={"code": "CANCELLED", "message": "cancelled by the caller before it ran"},
-            )
-            .returning(Job)
-        )
-    ).scalar_one_or_none()
-    return charge_of(job) if job is not None else None
 
 
 async def withdraw(*, session: AsyncSession, job_id: str) -> bool:
@@ -237,7 +191,7 @@ async def withdraw(*, session: AsyncSession, job_id: str) -> bool:
 async def in_flight(*, session: AsyncSession, user_id: str) -> list[tuple[str, int, date]]:
     """The user's queued and running jobs: (id, tokens reserved at admission, the day charged)."""
     stmt = select(Job.id, Job.reserved_tokens, Job.charged_on).where(
-        Job.user_id == user_id, Job.status.in_(("queued", "running"))
+        Job.user_id == user_id, Job.status.in_(ACTIVE_STATUSES)
     )
     return [(str(i), int(t or 0), d) for i, t, d in (await session.execute(stmt)).all() if d is not None]
 

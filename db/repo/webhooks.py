@@ -6,15 +6,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from core.schemas import BATCH_ENDED
 from core.webhooks import EVENT_OF_BATCH_STATUS, job_event
 from db.ids import new_id
 from db.models import User, WebhookDelivery
+from db.repo import pages
 from db.repo.jobs import TERMINAL
 
 MAX_PAGE = 100
@@ -35,7 +37,9 @@ def create_for_ended(
     none yet — failed at once, with why, past the owner's `max_pending` pending deliveries.
     Returns how many were made and the latest end seen."""
     jobs = session.execute(_ENDED, {"since": since, "terminal": TERMINAL, "limit": limit}).all()
-    batches = session.execute(_BATCHES_ENDED, {"since": since, "limit": limit}).all()
+    batches = session.execute(
+        _BATCHES_ENDED, {"since": since, "limit": limit, "batch_ended": sorted(BATCH_ENDED)}
+    ).all()
     values = [
         {"job_id": job_id, "user_id": user_id, "event": job_event(status, response_id, reason), "url": url}
         for job_id, user_id, status, url, _, response_id, reason in jobs
@@ -71,7 +75,7 @@ def create_for_ended(
 _BATCHES_ENDED = text("""
 SELECT id, user_id, status, webhook_url, ended FROM (
   SELECT *, coalesce(completed_at, cancelled_at, expired_at, failed_at) AS ended FROM batches
-  WHERE webhook_url IS NOT NULL AND status IN ('completed', 'failed', 'cancelled', 'expired')
+  WHERE webhook_url IS NOT NULL AND status = ANY(:batch_ended)
 ) b
 WHERE ended >= :since
   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.batch_id = b.id)
@@ -160,16 +164,7 @@ async def list_deliveries(
         stmt = stmt.where(WebhookDelivery.job_id == job_id)
     if batch_id is not None:
         stmt = stmt.where(WebhookDelivery.batch_id == batch_id)
-    if after is not None:
-        stmt = stmt.where(
-            or_(
-                WebhookDelivery.created_at < after.created_at,
-                and_(WebhookDelivery.created_at == after.created_at, WebhookDelivery.id < after.id),
-            )
-        )
-    stmt = stmt.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1)
-    rows = list((await session.execute(stmt)).scalars())
-    return rows[:limit], len(rows) > limit
+    return await pages.page(session, stmt, WebhookDelivery.created_at, WebhookDelivery.id, after, limit)
 
 
 async def get_delivery(*, session: AsyncSession, user_id: str, delivery_id: str) -> WebhookDelivery | None:

@@ -1,7 +1,12 @@
-"""One batched `generate` for decoder-only models, shared by the text and multimodal engines.
+"""A decoder-only model's tokenizer-side setup and its replies, shared by the text and multimodal
+engines.
 
-Inputs arrive left-padded; each row keeps its own sampling, limits, stop strings
-and cancel flag (see sampling.py), and comes back as its own Result.
+`Decoder` holds what both need: the stop ids (eos and Gemma's end of turn), the pad id, a neutral
+generation config, and `finish_row` — a row's tokens made into its reply's text and finish
+reason. Text jobs are decoded step by step by the continuous decoder (workers.runtime.continuous),
+which uses these; `Decoder.run` is the multimodal engine's static batch: one left-padded
+`generate`, each row keeping its own sampling, limits, stop strings and cancel flag (see
+sampling.py), and coming back as its own Result.
 """
 
 from __future__ import annotations

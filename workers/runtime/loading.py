@@ -7,6 +7,7 @@ there; Hugging Face ids load from a mounted directory or the local HF cache, off
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -190,32 +191,8 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = weights_dir(variant, registry, cache_root)
     kwargs = model_kwargs(variant, device)
-    if variant.engine == "processor":
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from workers.runtime.multimodal import ProcessorEngine
-
-        return ProcessorEngine(
-            name=variant.name,
-            model=place(AutoModelForImageTextToText.from_pretrained(path, **kwargs), variant, device),
-            processor=AutoProcessor.from_pretrained(path, **LOCAL),
-            device=device,
-            max_batch_size=variant.batch_size(device),
-            max_input_tokens=variant.max_input_tokens,
-        )
-    if variant.engine == "whisper":
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        from workers.runtime.whisper import WhisperEngine
-
-        return WhisperEngine(
-            name=variant.name,
-            model=place(WhisperForConditionalGeneration.from_pretrained(path, **kwargs), variant, device),
-            processor=WhisperProcessor.from_pretrained(path, **LOCAL),
-            device=device,
-            max_batch_size=variant.batch_size(device),
-            translate=variant.translate,
-        )
+    if variant.engine in ("processor", "whisper"):
+        return _with_processor(variant, path, device, kwargs)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
@@ -228,4 +205,32 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         device=device,
         max_batch_size=variant.batch_size(device),
         max_input_tokens=variant.max_input_tokens,
+    )
+
+
+def _with_processor(variant: Variant, path: Path, device: str, kwargs: dict[str, Any]) -> Engine:
+    """An engine over a model and its processor: Gemma 3 / 3n's (images, audio) or Whisper's."""
+    classes: tuple[Any, Any]  # the model's class and its processor's
+    make: Callable[..., Engine]
+    if variant.engine == "whisper":
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        from workers.runtime.whisper import WhisperEngine
+
+        classes = (WhisperForConditionalGeneration, WhisperProcessor)
+        make = functools.partial(WhisperEngine, translate=variant.translate)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from workers.runtime.multimodal import ProcessorEngine
+
+        classes = (AutoModelForImageTextToText, AutoProcessor)
+        make = functools.partial(ProcessorEngine, max_input_tokens=variant.max_input_tokens)
+    model_class, processor_class = classes
+    return make(
+        name=variant.name,
+        model=place(model_class.from_pretrained(path, **kwargs), variant, device),
+        processor=processor_class.from_pretrained(path, **LOCAL),
+        device=device,
+        max_batch_size=variant.batch_size(device),
     )

@@ -1,4 +1,5 @@
-"""Media on the worker: a job's files read from PostgreSQL and decoded for the processor.
+"""A job's media decoded on the worker: its files' bytes (read from PostgreSQL) made into the
+images and waveforms the processor takes.
 
 Images: Pillow, first frame, RGB. Audio: soundfile (libsndfile: WAV, FLAC, OGG, MP3),
 mixed to mono float32, resampled with soxr to the rate the model's feature extractor

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from core.tool_calls import tool_prompt
 from workers.runtime.base import CancelCheck, Request, RequestError, Result
-from workers.runtime.generation import Decoder
-from workers.runtime.text import GEMMA_CHAT_TEMPLATE, merge_turns, template_takes_tools, with_tool_prompt
+from workers.runtime.text import (
+    DecodingEngine,
+    EngineArgs,
+    merge_turns,
+    template_takes_tools,
+    with_tool_prompt,
+)
 
 
 def instruction(request: Request) -> str:
@@ -52,28 +57,14 @@ def shape(request: Request) -> tuple[str, int, int]:
     return ("chat", request.images, request.audio_clips)
 
 
-class ProcessorEngine:
-    def __init__(
-        self,
-        *,
-        name: str,
-        model: Any,
-        processor: Any,
-        device: str,
-        max_batch_size: int,
-        max_input_tokens: int,
-    ) -> None:
-        self.name = name
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.max_input_tokens = max_input_tokens
+class ProcessorEngine(DecodingEngine):
+    def __init__(self, *, processor: Any, **args: Unpack[EngineArgs]) -> None:
+        processor.tokenizer.padding_side = "left"
+        super().__init__(tokenizer=processor.tokenizer, **args)
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "left"
         if not getattr(processor, "chat_template", None):
-            processor.chat_template = self.tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+            processor.chat_template = self.tokenizer.chat_template  # the tokenizer's, or Gemma's
         self.tools_in_template = template_takes_tools(processor.chat_template)
-        self.decoder = Decoder(model=model, tokenizer=self.tokenizer, device=torch.device(device))
 
     def warmup(self) -> None:
         from core.schemas import GenerationParams
@@ -134,11 +125,7 @@ class ProcessorEngine:
         too_long = [n > self.max_input_tokens for n in lengths]
         if any(too_long):
             if len(group) == 1:
-                return [
-                    RequestError(
-                        f"input is {lengths[0]} tokens; {self.name} takes at most {self.max_input_tokens}"
-                    )
-                ]
+                return [self.too_long(lengths[0])]
             return [outcome for r in group for outcome in self._run([r], cancelled)]
         share = prep_ms / len(group)
         try:

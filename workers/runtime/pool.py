@@ -19,7 +19,7 @@ import structlog
 from core import moderation
 from core.broker import make_celery, redis_client
 from core.events import add_delta
-from core.queues import cancel_channel, cancel_key, cancel_requested_at, lease_key, message_key, worker_key
+from core.keys import cancel_channel, cancel_key, cancel_requested_at, lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry

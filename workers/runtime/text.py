@@ -1,9 +1,12 @@
-"""Text generation on a Hugging Face causal LM: many jobs, one left-padded `generate`."""
+"""Text generation on a Hugging Face causal LM: a job's prompt built from its messages (the chat
+template, the tools offered), then decoded step by step by a continuous decoder
+(workers.runtime.continuous) in the worker's engine process — requests join the running batch
+and leave it between decoding steps (workers.runtime.batcher)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 
@@ -78,28 +81,40 @@ def text_only(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
-class TextEngine:
-    """A causal LM, run step by step by the continuous decoder (its variants' batching)."""
+class EngineArgs(TypedDict):
+    """What a `DecodingEngine` is built with, besides its tokenizer (or the processor that has it)."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        model: Any,
-        tokenizer: Any,
-        device: str,
-        max_batch_size: int,
-        max_input_tokens: int,
-    ) -> None:
-        self.name = name
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.max_input_tokens = max_input_tokens
+    name: str
+    model: Any
+    device: str
+    max_batch_size: int
+    max_input_tokens: int
+
+
+class DecodingEngine:
+    """What the text and multimodal engines share: a Hugging Face model that a `Decoder` runs, its
+    tokenizer (with Gemma's chat template where it ships none), and the engine's limits."""
+
+    def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
+        self.name = args["name"]
+        self.device = args["device"]
+        self.max_batch_size = args["max_batch_size"]
+        self.max_input_tokens = args["max_input_tokens"]
         if not tokenizer.chat_template:
             tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model=model, tokenizer=tokenizer, device=torch.device(device))
-        vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+        self.decoder = Decoder(model=args["model"], tokenizer=tokenizer, device=torch.device(self.device))
+
+    def too_long(self, tokens: int) -> RequestError:
+        return RequestError(f"input is {tokens} tokens; {self.name} takes at most {self.max_input_tokens}")
+
+
+class TextEngine(DecodingEngine):
+    """A causal LM, run step by step by the continuous decoder (its variants' batching)."""
+
+    def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
+        super().__init__(tokenizer=tokenizer, **args)
+        vocab = int(getattr(args["model"].config, "vocab_size", 0) or len(tokenizer))
         self.grammars = Grammars(tokenizer, vocab, self.decoder.eos_ids)
 
     def encode(self, request: Request) -> list[int]:
@@ -142,9 +157,7 @@ class TextEngine:
                 raise RequestError(f"the chat template refused the messages ({type(exc).__name__})") from exc
             ids = list(encoded["input_ids"])
         if len(ids) > self.max_input_tokens:
-            raise RequestError(
-                f"input is {len(ids)} tokens; {self.name} takes at most {self.max_input_tokens}"
-            )
+            raise self.too_long(len(ids))
         return ids
 
     def stream(self) -> ContinuousDecoder:

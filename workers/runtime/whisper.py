@@ -12,7 +12,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from workers.runtime.base import CancelCheck, Request, RequestError, Result
 from workers.runtime.generation import peak_memory
-from workers.runtime.media import SAMPLING_RATE
+from workers.runtime.media_decoding import SAMPLING_RATE
 from workers.runtime.sampling import RowSampler, RowStopper, needs_sampler
 
 MAX_SECONDS = 30.0  # one Whisper window
