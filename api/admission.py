@@ -1,4 +1,5 @@
-"""Quota admission at the API: the caller's limits from PostgreSQL, the counters in Redis.
+"""Admission at the API: the caller's limits (their quota's row, else the deployment's defaults)
+and the checks against them; the counters themselves are Redis scripts (core/quotas.py).
 
 `admit` runs after the job's media is checked (inside the transaction that stores it) and before
 its row is written; whatever refuses or fails after a reservation gives it back through `release`.
@@ -7,21 +8,21 @@ Slots a crash leaves held are released by the reconciler (workers/reconciler.py)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import NoReturn
 
 import structlog
-from fastapi import Request
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.auth import limits_of as limits_of
-from api.media import MediaTotals
+from api.media_admission import MediaTotals
 from core import quotas, structured
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
 from core.schemas import JobCreate
+from core.settings import Settings
 from db.models import User
 from db.repo import jobs as jobs_repo
 
@@ -34,6 +35,26 @@ class Reservation:
     day: date
     tokens: int
     in_flight: int = 1  # the user's jobs admitted and not ended, this one included
+
+
+# Told the caller's rate-limit window after each admission, refused or not (for the RateLimit-*
+# headers of the response: api/middleware.py `rate_headers`).
+WindowSeen = Callable[[Snapshot], None]
+
+
+def limits_of(user: User, settings: Settings) -> Limits:
+    quota = user.quota
+    if quota is None:
+        return Limits.defaults(settings)
+    return Limits(
+        requests_per_minute=quota.requests_per_minute,
+        tokens_per_day=quota.tokens_per_day,
+        max_concurrent_jobs=quota.max_concurrent_jobs,
+        max_input_bytes=quota.max_input_bytes,
+        allowed_variants=quota.allowed_variants,
+        max_storage_bytes=quota.max_storage_bytes,
+        max_files=quota.max_files,
+    )
 
 
 def check_variant(limits: Limits, variant: str) -> None:
@@ -63,14 +84,9 @@ def input_bytes(spec: JobCreate, media: MediaTotals) -> int:
     return len(spec.input.text().encode()) + schema + media.bytes
 
 
-def remember(request: Request, snapshot: Snapshot) -> None:
-    """The RateLimit-* headers the response will carry (see `RateLimitHeaders`)."""
-    request.state.ratelimit = snapshot.rate.headers()
-
-
 async def admit(
     *,
-    request: Request | None,
+    window_seen: WindowSeen | None,
     maker: async_sessionmaker[AsyncSession],
     quota: AsyncQuotas,
     limits: Limits,
@@ -94,8 +110,8 @@ async def admit(
         outcome = await quota.admit(
             user_id=user.id, limits=limits, job_id=job_id, reserve=tokens, day=day, batch=batch
         )
-        if request is not None:
-            remember(request, outcome.snapshot)
+        if window_seen is not None:
+            window_seen(outcome.snapshot)
         if outcome.outcome == quotas.SEED:
             # One snapshot: every job is either settled in the ledger or in flight, never both.
             async with maker() as session, session.begin():
@@ -139,11 +155,9 @@ def _refuse(outcome: quotas.Admission) -> NoReturn:
     )
 
 
-async def release(quota: AsyncQuotas, user_id: str, charge: jobs_repo.Charge | Reservation) -> None:
-    """Settle a job that ended at the API (cancelled while queued, withdrawn, replayed) — once."""
-    day = charge.day
-    actual = charge.tokens if isinstance(charge, jobs_repo.Charge) else 0
+async def release(quota: AsyncQuotas, user_id: str, reservation: Reservation) -> None:
+    """Give back what admission reserved for a job that was never queued (withdrawn, replayed)."""
     try:
-        await quota.settle(user_id=user_id, job_id=charge.job_id, day=day, actual=actual)
+        await quota.settle(user_id=user_id, job_id=reservation.job_id, day=reservation.day, actual=0)
     except RedisError:
-        log.warning("quota.release_failed", job_id=charge.job_id)
+        log.warning("quota.release_failed", job_id=reservation.job_id)

@@ -1,4 +1,4 @@
-"""`create_app()`: settings → engines on app.state → routers → error handlers."""
+"""`create_app()`: settings → engines and services on app.state → routers → error handlers."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.auth import Authenticator
-from api.batches import BatchRunner
+from api.batch_runner import BatchRunner
 from api.errors import install_error_handlers
-from api.fleet_view import FleetView
+from api.fleet import FleetView
 from api.holds import Holds
-from api.limits import BodyLimit, KeyFirst, RateLimitHeaders
+from api.middleware import BodyLimit, KeyFirst, RateLimitHeaders
 from api.routers import (
     admin,
     audio,
@@ -32,9 +32,10 @@ from api.routers import (
     usage,
     webhooks,
 )
+from api.submission import Submitter
 from api.waiting import DoneListener
 from core import __version__, moderation
-from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery
+from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery, redis_client
 from core.quotas import AsyncQuotas
 from core.settings import Settings, get_settings
 from core.variants import load_variants
@@ -71,14 +72,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.done = DoneListener(app.state.redis, settings)
     app.state.done.start()
     app.state.broker = make_celery(settings, name="gemmaq-api")
-    runner = BatchRunner(app)  # moves batches along (api/batches.py)
-    runner.start()
+    sync_redis = redis_client(settings)  # for the ends of jobs cancelled here (db/endings.py, sync)
+    app.state.submitter = Submitter(
+        quota=app.state.quotas, maker=app.state.sessionmaker, autocommit=app.state.autocommit,
+        broker=app.state.broker, redis=app.state.redis, fleet=app.state.fleet, settings=settings,
+        variants=app.state.variants, sync_redis=sync_redis,
+    )  # fmt: skip
+    runner = BatchRunner(submitter=app.state.submitter, maker=app.state.sessionmaker, settings=settings)
+    runner.start()  # moves batches along (api/batch_runner.py)
     try:
         yield
     finally:
         await runner.stop()
         await app.state.done.stop()
         await app.state.redis.aclose()
+        await app.state.redis.connection_pool.disconnect()  # aclose leaves a pool it was given open
+        sync_redis.close()
         await engine.dispose()
 
 

@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.admission import limits_of
 from core import quotas
-from core.queues import key_epoch_key
-from core.quotas import AsyncQuotas, Limits, Snapshot
+from core.keys import key_epoch_key
+from core.quotas import AsyncQuotas, Snapshot
 from core.settings import Settings
 from db.models import User
 from db.repo import users as users_repo
@@ -46,21 +47,6 @@ return epoch
 async def renew_key_epoch(redis: Redis, settings: Settings) -> None:
     """Keys or quotas changed in PostgreSQL: every API process reads its callers' keys again."""
     await redis.set(key_epoch_key(settings), uuid.uuid4().hex)
-
-
-def limits_of(user: User, settings: Settings) -> Limits:
-    quota = user.quota
-    if quota is None:
-        return Limits.defaults(settings)
-    return Limits(
-        requests_per_minute=quota.requests_per_minute,
-        tokens_per_day=quota.tokens_per_day,
-        max_concurrent_jobs=quota.max_concurrent_jobs,
-        max_input_bytes=quota.max_input_bytes,
-        allowed_variants=quota.allowed_variants,
-        max_storage_bytes=quota.max_storage_bytes,
-        max_files=quota.max_files,
-    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each turn it locks one batch (the least recently worked on; another process's are skipped) and:
 - `validating` → `in_progress`;
-- `in_progress`: submits its next lines as ordinary jobs (api/submission.py) at
+- `in_progress`: submits its next lines as ordinary jobs (the API's `Submitter`) at
   `BATCH_PRIORITY`, below interactive jobs, until a quota refuses one — the batch then waits
   for slots to free, so a 50,000-line file never floods the queue — or `LINES_PER_TURN` are in.
   Each line's job carries the idempotency key `<batch id>:<line>`, so a turn cut short by a crash
@@ -20,7 +20,6 @@ A batch's file is read one part (about 1 MiB of whole lines) at a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,20 +27,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
-from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import RowMapping
 from sqlalchemy.exc import DataError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.background import Background
+from api.schemas import job_out
 from api.submission import Submitter
 from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable, ValidationFailed
 from core.openai_batch import LINE_ENDPOINTS
 from core.schemas import JobCreate
-from db.models import Batch, BatchLineError
+from core.settings import Settings
+from db.models import Batch, BatchLineError, User
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
-from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -56,23 +56,19 @@ FAILED_BACKOFF_S = (1.0, 5.0, 30.0, 120.0)  # a turn failed (a bug, the database
 PARTS_KEPT = 8  # batch file parts kept in memory between turns (about 1 MiB each)
 
 
-class BatchRunner:
-    def __init__(self, app: FastAPI) -> None:
-        self.state = app.state
-        self._task: asyncio.Task[None] | None = None
+class BatchRunner(Background):
+    task_name = "batch-runner"
+
+    def __init__(
+        self, *, submitter: Submitter, maker: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        self.submitter = submitter
+        self.maker = maker
+        self.settings = settings
         self._cached_parts: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
         self._held: dict[str, tuple[int, str, JobCreate]] = {}  # batch → a refused line's job
         self._refusals: dict[str, int] = {}  # batch → quota refusals in a row
         self._failures: dict[str, int] = {}  # batch → failed turns in a row
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="batch-runner")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:
@@ -89,7 +85,7 @@ class BatchRunner:
         next one while the others go on."""
         batch_id: str | None = None
         try:
-            async with self.state.sessionmaker() as session, session.begin():
+            async with self.maker() as session, session.begin():
                 batch = await batches_repo.lock_next(session=session)
                 if batch is None:
                     return False
@@ -98,13 +94,8 @@ class BatchRunner:
                 user = await batches_repo.owner(session=session, user_id=batch.user_id)
                 if user is None:
                     return True
-                submitter = Submitter(
-                    user, self.state.quotas, self.state.sessionmaker, self.state.autocommit,
-                    self.state.broker, self.state.redis, self.state.fleet, self.state.settings,
-                    self.state.variants,
-                )  # fmt: skip
                 structlog.contextvars.bind_contextvars(batch_id=batch.id, user_id=user.id)
-                wait = await self._advance(batch, submitter)
+                wait = await self._advance(batch, user)
                 if wait:
                     batch.next_turn_at = datetime.now(UTC) + timedelta(seconds=wait)
         except Exception:
@@ -113,7 +104,7 @@ class BatchRunner:
             failures = self._failures[batch_id] = self._failures.get(batch_id, 0) + 1
             wait = _backoff(FAILED_BACKOFF_S, failures)
             log.exception("batch.turn_failed", batch_id=batch_id, failures=failures, retry_in_s=wait)
-            async with self.state.sessionmaker() as session, session.begin():
+            async with self.maker() as session, session.begin():
                 await batches_repo.put_off(session=session, batch_id=batch_id, seconds=wait)
             return True
         finally:
@@ -121,7 +112,7 @@ class BatchRunner:
         self._failures.pop(batch_id, None)
         return True
 
-    async def _advance(self, batch: Batch, submitter: Submitter) -> float | None:
+    async def _advance(self, batch: Batch, user: User) -> float | None:
         """One step of the batch's life; the seconds to wait before its next turn, if any."""
         now = datetime.now(UTC)
         if batch.status == "validating":
@@ -132,11 +123,11 @@ class BatchRunner:
             log.info("batch.expiring")
         if batch.status == "in_progress":
             if batch.submitted < batch.total:
-                return await self._submit_lines(batch, submitter)
+                return await self._submit_lines(batch, user)
             if not await self._pending(batch):
                 batch.status, batch.finalizing_at = "finalizing", now
         elif batch.status == "cancelling":
-            if not await self._stop_jobs(batch, submitter):
+            if not await self._stop_jobs(batch, user):
                 batch.status, batch.finalizing_at = "finalizing", now
         elif batch.status == "finalizing":
             await self._finalize(batch)
@@ -146,7 +137,7 @@ class BatchRunner:
 
     # ---- in progress ---------------------------------------------------------------------
 
-    async def _submit_lines(self, batch: Batch, submitter: Submitter) -> float | None:
+    async def _submit_lines(self, batch: Batch, user: User) -> float | None:
         """Queue the batch's next lines; the seconds to wait when a quota refused one."""
         lines = await self._lines(batch.input_file_id, batch.next_part)
         if lines is None:  # every part read: the count at upload was the truth
@@ -156,7 +147,7 @@ class BatchRunner:
         while batch.next_line < len(lines) and submitted < LINES_PER_TURN:
             raw = lines[batch.next_line]
             if raw.strip():
-                if not await self._submit_line(batch, submitter, raw, batch.submitted):
+                if not await self._submit_line(batch, user, raw, batch.submitted):
                     # A quota is full: this line again, later and later while it stays full.
                     refusals = self._refusals[batch.id] = self._refusals.get(batch.id, 0) + 1
                     return _backoff(REFUSED_BACKOFF_S, refusals)
@@ -175,7 +166,7 @@ class BatchRunner:
         if key in self._cached_parts:
             self._cached_parts.move_to_end(key)
             return self._cached_parts[key]
-        async with self.state.sessionmaker() as session:
+        async with self.maker() as session:
             part = await files_repo.read_part(session=session, file_id=file_id, seq=seq)
         if part is None:
             return None
@@ -185,7 +176,7 @@ class BatchRunner:
             self._cached_parts.popitem(last=False)
         return lines
 
-    async def _submit_line(self, batch: Batch, submitter: Submitter, raw: bytes, line: int) -> bool:
+    async def _submit_line(self, batch: Batch, user: User, raw: bytes, line: int) -> bool:
         """Queue one line's job, or record why it cannot be one; False: refused for now (quota).
         A refused line's job is kept, decoded, for the next turn."""
         custom_id: str | None = None
@@ -196,7 +187,9 @@ class BatchRunner:
             else:
                 custom_id, spec = _decode(batch, raw)
             try:
-                await submitter.submit(spec, idempotency_key=f"{batch.id}:{line}", batch=(batch.id, line))
+                await self.submitter.submit(
+                    user, spec, idempotency_key=f"{batch.id}:{line}", batch=(batch.id, line)
+                )
             except (RateLimited, QuotaExceeded, Unavailable):
                 self._held[batch.id] = (line, custom_id, spec)
                 return False
@@ -214,21 +207,21 @@ class BatchRunner:
     async def _line_error(
         self, batch_id: str, line: int, custom_id: str | None, code: str, message: str
     ) -> None:
-        async with self.state.sessionmaker() as session, session.begin():
+        async with self.maker() as session, session.begin():
             await batches_repo.add_line_error(
                 session=session, batch_id=batch_id, line=line, custom_id=custom_id, code=code, message=message
             )
 
     async def _pending(self, batch: Batch) -> int:
-        async with self.state.sessionmaker() as session:
+        async with self.maker() as session:
             counts = (await batches_repo.counts(session=session, batch_ids=[batch.id]))[batch.id]
         return sum(counts.get(s, 0) for s in batches_repo.PENDING)
 
     # ---- cancelling ----------------------------------------------------------------------
 
-    async def _stop_jobs(self, batch: Batch, submitter: Submitter) -> int:
+    async def _stop_jobs(self, batch: Batch, user: User) -> int:
         """Queued jobs cancelled, running ones asked to stop; how many have not ended yet."""
-        async with self.state.sessionmaker() as session:
+        async with self.maker() as session:
             queued = await batches_repo.job_ids(
                 session=session, batch_id=batch.id, status="queued", limit=CANCELS_PER_TURN
             )
@@ -236,9 +229,9 @@ class BatchRunner:
                 session=session, batch_id=batch.id, status="running", limit=CANCELS_PER_TURN
             )
         for job_id in queued:
-            await submitter.cancel_queued(job_id)
+            await self.submitter.cancel_queued(user, job_id)
         for job_id in running:
-            await submitter.stop_running(job_id)
+            await self.submitter.stop_running(job_id)
         return await self._pending(batch)
 
     # ---- finalizing ----------------------------------------------------------------------
@@ -259,12 +252,12 @@ class BatchRunner:
 
     async def _write(self, batch: Batch, *, errors: bool) -> str | None:
         """The output file (errors=False: the succeeded lines) or the error file; None if empty."""
-        async with self.state.sessionmaker() as session, session.begin():
+        async with self.maker() as session, session.begin():
             file = await files_repo.create_parted_file(
                 session=session, user_id=batch.user_id, purpose="batch_output",
                 filename=f"{batch.id}_{'error' if errors else 'output'}.jsonl",
                 parts=self._parts(batch, errors),
-                expires_at=files_repo.expiry(self.state.settings.files_retention_s),
+                expires_at=files_repo.expiry(self.settings.files_retention_s),
             )  # fmt: skip
             if not (file.media or {}).get("lines"):
                 await files_repo.delete_file(session=session, user_id=batch.user_id, file_id=file.id)
@@ -290,7 +283,7 @@ class BatchRunner:
             return batches_repo.jobs_page(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
 
         async for row in self._paged(jobs, lambda row: int(row["batch_line"])):
-            record = _record(batch, jobs_repo.job_out(row))
+            record = _record(batch, job_out(row))
             if (record["error"] is not None) == errors:
                 yield record
         if not errors:
@@ -311,7 +304,7 @@ class BatchRunner:
         """Every item `fetch` pages through, `PAGE` at a time after the last one's line."""
         after = -1
         while True:
-            async with self.state.sessionmaker() as session:
+            async with self.maker() as session:
                 page = await fetch(session, after)
             for item in page:
                 yield item

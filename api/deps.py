@@ -1,25 +1,24 @@
-"""Dependencies as Annotated aliases: settings, sessions, Redis, the broker, the caller.
+"""Dependencies as Annotated aliases: settings, sessions, Redis, the services on app.state, the
+caller, and the flow of a caller's jobs.
 
 Every one is `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop
 per dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
-from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.auth import Caller
-from api.fleet_view import FleetView
+from api.flow import JobFlow
 from api.holds import Holds
-from api.limits import MISSING_KEY
-from api.quota import remember
+from api.middleware import MISSING_KEY, remember
+from api.submission import Submitter
 from api.waiting import DoneListener
 from core.errors import Unauthorized
 from core.quotas import AsyncQuotas
@@ -28,73 +27,26 @@ from core.variants import VariantRegistry
 from db.models import User
 
 
-async def get_settings_dep(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _on_state(name: str) -> Any:
+    """The dependency that answers `app.state.<name>` (put there by create_app or its lifespan);
+    the alias that uses it states its type."""
+
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return Depends(get)
 
 
-async def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
-    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    return maker
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with (await get_sessionmaker(request))() as session:
-        yield session
-
-
-async def get_redis(request: Request) -> Redis:
-    redis: Redis = request.app.state.redis
-    return redis
-
-
-async def get_broker(request: Request) -> Celery:
-    broker: Celery = request.app.state.broker
-    return broker
-
-
-async def get_quotas(request: Request) -> AsyncQuotas:
-    quotas: AsyncQuotas = request.app.state.quotas
-    return quotas
-
-
-async def get_autocommit(request: Request) -> AsyncEngine:
-    engine: AsyncEngine = request.app.state.autocommit
-    return engine
-
-
-async def get_fleet(request: Request) -> FleetView:
-    fleet: FleetView = request.app.state.fleet
-    return fleet
-
-
-async def get_done(request: Request) -> DoneListener:
-    done: DoneListener = request.app.state.done
-    return done
-
-
-async def get_holds(request: Request) -> Holds:
-    holds: Holds = request.app.state.holds
-    return holds
-
-
-async def get_variants(request: Request) -> VariantRegistry:
-    variants: VariantRegistry = request.app.state.variants
-    return variants
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-SessionMakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
+SettingsDep = Annotated[Settings, _on_state("settings")]
+SessionMakerDep = Annotated[async_sessionmaker[AsyncSession], _on_state("sessionmaker")]
 # Connections of this engine run each statement as its own transaction (one round trip).
-AutocommitDep = Annotated[AsyncEngine, Depends(get_autocommit)]
-FleetDep = Annotated[FleetView, Depends(get_fleet)]
-DoneDep = Annotated[DoneListener, Depends(get_done)]
-RedisDep = Annotated[Redis, Depends(get_redis)]
-BrokerDep = Annotated[Celery, Depends(get_broker)]
-VariantsDep = Annotated[VariantRegistry, Depends(get_variants)]
-HoldsDep = Annotated[Holds, Depends(get_holds)]
-QuotasDep = Annotated[AsyncQuotas, Depends(get_quotas)]
+AutocommitDep = Annotated[AsyncEngine, _on_state("autocommit")]
+DoneDep = Annotated[DoneListener, _on_state("done")]
+RedisDep = Annotated[Redis, _on_state("redis")]
+VariantsDep = Annotated[VariantRegistry, _on_state("variants")]
+HoldsDep = Annotated[Holds, _on_state("holds")]
+QuotasDep = Annotated[AsyncQuotas, _on_state("quotas")]
+SubmitterDep = Annotated[Submitter, _on_state("submitter")]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq users create`")
 
@@ -102,7 +54,7 @@ _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq u
 async def authenticate(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> User:
-    """The caller api/limits.py `KeyFirst` authenticated before the body was read (`credentials`
+    """The caller api/middleware.py `KeyFirst` authenticated before the body was read (`credentials`
     is declared for the OpenAPI document's security scheme)."""
     caller: Caller | None = getattr(request.state, "caller", None)
     if caller is None:
@@ -114,3 +66,14 @@ async def authenticate(
 
 
 UserDep = Annotated[User, Depends(authenticate)]
+
+
+async def get_flow(request: Request, user: UserDep) -> JobFlow:
+    state = request.app.state
+    return JobFlow(
+        request=request, user=user, submitter=state.submitter, autocommit=state.autocommit,
+        redis=state.redis, settings=state.settings, done=state.done, holds=state.holds,
+    )  # fmt: skip
+
+
+FlowDep = Annotated[JobFlow, Depends(get_flow)]

@@ -112,7 +112,7 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 
 async def response_for(request: Request, exc: Exception) -> JSONResponse:
     """The answer the handlers below give for `exc`, for code that runs outside the app's own
-    exception handling (the ASGI layers of api/limits.py)."""
+    exception handling (the ASGI layers of api/middleware.py)."""
     if isinstance(exc, AppError):
         return await _app_error(request, exc)
     if isinstance(exc, DBAPIError | PoolTimeout):
@@ -136,16 +136,18 @@ def install_error_handlers(app: FastAPI) -> None:
 FAILED_STATUS = {"TIMEOUT": 504, "CONTENT_FILTERED": 400, "RESPONSE_FILTERED": 400}
 
 
-def job_error_response(job: JobOut) -> JSONResponse:
+def job_error_response(job: JobOut, headers: dict[str, str] | None = None) -> JSONResponse:
     """How the OpenAI-shaped routes answer a job that did not succeed: its error code, under the
-    HTTP status the code has (a job still running past the wait: 504)."""
+    HTTP status the code has (a job still running past the wait: 504), with `headers`."""
     details = {"job_id": job.id, "status": job.status}
     if job.status == "failed" and job.error is not None:
         status = FAILED_STATUS.get(job.error.code, 502)
-        return error_response(status, job.error.code, job.error.message, details)
-    if job.status in ("cancelled", "expired"):
+        response = error_response(status, job.error.code, job.error.message, details)
+    elif job.status in ("cancelled", "expired"):
         code = job.error.code if job.error else job.status.upper()
-        return error_response(409, code, f"the job was {job.status} before it finished", details)
-    return error_response(
-        504, "TIMEOUT", f"the job is still {job.status}; follow it at /v1/jobs/{job.id}", details
-    )
+        response = error_response(409, code, f"the job was {job.status} before it finished", details)
+    else:
+        message = f"the job is still {job.status}; follow it at /v1/jobs/{job.id}"
+        response = error_response(504, "TIMEOUT", message, details)
+    response.headers.update(headers or {})
+    return response

@@ -1,7 +1,9 @@
-"""Media parts of a job at admission: checked against the limits, stored as files, referenced by id.
+"""Media parts of a job at admission: checked against the limits, stored as files, referenced by id;
+and uploaded media read no further than its cap.
 
 Inline (base64) media becomes a file of the caller's, so a job row and its Redis
-message stay small and workers read every image or clip the same way.
+message stay small and workers read every image or clip the same way. What a file's bytes are
+(format, size, pixels, seconds) is found by core/media_checks.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import NotFound, PayloadTooLarge, ValidationFailed
-from core.media import MediaInfo, decode_base64, inspect_audio, inspect_image
+from core.media_checks import MediaInfo, decode_base64, inspect_audio, inspect_image
 from core.schemas import AudioPart, ImagePart, JobCreate
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry

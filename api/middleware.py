@@ -3,14 +3,19 @@
   /v1/ without a valid key is answered 401 at once, however large the body it announces;
 - `BodyLimit`: a cap on the body, enforced while it streams in (before any parsing): 413,
   whether the length is announced or the body comes chunked;
-- `RateLimitHeaders`: the RateLimit-* headers on every authenticated response."""
+- `RateLimitHeaders`: the RateLimit-* headers on every authenticated response (from the
+  caller's rate-limit window that authentication, then admission, `remember`)."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, response_for
+from core.quotas import Snapshot
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
 MISSING_KEY = "missing API key: send `Authorization: Bearer <key>`"
@@ -108,6 +113,16 @@ async def _refuse(send: Send, limit: int) -> None:
     response.headers["connection"] = "close"  # the rest of the body is not read
     await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+def remember(request: Request, snapshot: Snapshot) -> None:
+    """The RateLimit-* headers the response will carry (`RateLimitHeaders` adds them)."""
+    request.state.ratelimit = snapshot.rate.headers()
+
+
+def rate_headers(request: Request) -> Callable[[Snapshot], None]:
+    """What admission is told the caller's window with: remembered for this request's response."""
+    return functools.partial(remember, request)
 
 
 class RateLimitHeaders:

@@ -21,7 +21,10 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core import events
+from core import (
+    events,
+    keys,
+)
 from core.errors import ValidationFailed
 from core.schemas import TERMINAL_STATUSES, JobOut
 from core.settings import Settings
@@ -57,7 +60,7 @@ async def follow(
     redis: Redis, settings: Settings, job: JobOut, read: Callable[[], Awaitable[JobOut]], cursor: str
 ) -> AsyncIterator[Event]:
     """The job's events after `cursor`, then `done`; `read` re-reads the job (its row)."""
-    key = events.events_key(settings, job.id)
+    key = keys.events_key(settings, job.id)
     terminal = job.status in TERMINAL_STATUSES
     attempt = 0  # the latest attempt a `running` status announced: older attempts' text is dropped
     while True:

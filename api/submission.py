@@ -1,6 +1,19 @@
-"""Submitting a job: what `POST /v1/jobs` does, and what the OpenAI-compatible routes do for
-each chat completion and batch line (one path, so every job is checked, admitted, metered and
-queued alike)."""
+"""Submitting a job: what `POST /v1/jobs` does, and what the OpenAI-compatible routes and the batch
+runner do for each chat completion, response, transcription and batch line (one path, so every
+job is checked, admitted, metered and queued alike).
+
+A submission goes through four steps:
+- `validate`: what can be refused before anything is written — the variant (the caller's quota
+  allows it, it serves the task, some worker can run it), the params and media parts against its
+  limits, the caller's content policy;
+- `admit`: quota admission (api/admission.py) — one request from the per-minute window, one
+  concurrent-job slot and the job's tokens, reserved;
+- `insert`: the job's row, in one statement; a job with media stores its inline media as files,
+  is admitted and has its row written in one transaction;
+- `enqueue`: the broker message, after commit; if the broker is down, the job is withdrawn.
+A repeated Idempotency-Key answers the first job instead (`Submitted.replayed`); a reservation
+whose job was not queued is given back.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +23,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated
 
 import structlog
 from celery import Celery
-from fastapi import Depends, Request
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api import quota as admission
-from api.deps import (
-    AutocommitDep,
-    BrokerDep,
-    FleetDep,
-    QuotasDep,
-    RedisDep,
-    SessionMakerDep,
-    SettingsDep,
-    UserDep,
-    VariantsDep,
-)
-from api.fleet import availability
-from api.fleet_view import FleetView
-from api.media import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
+from api import admission
+from api.admission import WindowSeen
+from api.fleet import FleetView, availability
+from api.media_admission import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
+from api.schemas import job_out
 from core import faults, moderation, structured
 from core.broker import send_job
 from core.errors import (
@@ -47,16 +49,18 @@ from core.errors import (
     UnknownVariant,
     ValidationFailed,
 )
-from core.metrics import add_filtered, record_ended_args
-from core.queues import cancel_channel, cancel_key, job_done_channel
-from core.quotas import AsyncQuotas
+from core.keys import cancel_channel, cancel_key
+from core.metrics import add_filtered
+from core.quotas import AsyncQuotas, Limits
 from core.schemas import JobCreate, JobOut
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from core.webhooks import check_target
+from db.endings import Ended, JobEnd, end_jobs
 from db.ids import new_id
 from db.models import User
 from db.repo import jobs as jobs_repo
+from db.session import autocommit_engine
 
 log = structlog.get_logger(__name__)
 
@@ -71,159 +75,238 @@ class Submitted:
     replayed: bool  # an earlier job with the same Idempotency-Key and body
 
 
-@dataclass
-class Submitter:
-    """How jobs get submitted for one user: a request's (`SubmitterDep`), or a batch's lines'
-    (api/batches.py, no request: lines take no part of the per-minute window)."""
+@dataclass(frozen=True)
+class Draft:
+    """A validated job on its way in: what the steps after `validate` need to know of it."""
 
     user: User
-    quota: AsyncQuotas
-    maker: async_sessionmaker[AsyncSession]
-    autocommit: AsyncEngine
-    broker: Celery
-    redis: Redis
-    fleet: FleetView
-    settings: Settings
-    variants: VariantRegistry
-    request: Request | None = None
+    limits: Limits
+    variant: Variant
+    spec: JobCreate
+    job_id: str
+    request_hash: str
+    idempotency_key: str | None
+    batch: tuple[str, int] | None  # a batch's line: (batch id, line number)
+
+
+@dataclass(frozen=True)
+class Written:
+    """The row `insert` wrote, or found: an earlier job that took the Idempotency-Key meanwhile
+    (`created` False: what this submission wrote is rolled back and its reservation given back)."""
+
+    row: RowMapping
+    created: bool
+    reservation: admission.Reservation
+
+
+class Submitter:
+    """Submits and cancels jobs. One per API process, built in the app's lifespan
+    (`app.state.submitter`) and shared by the routes (api/deps.py `SubmitterDep`) and the batch
+    runner; whose jobs they are is a parameter of each method."""
+
+    def __init__(
+        self,
+        *,
+        quota: AsyncQuotas,
+        maker: async_sessionmaker[AsyncSession],
+        autocommit: AsyncEngine,
+        broker: Celery,
+        redis: Redis,
+        fleet: FleetView,
+        settings: Settings,
+        variants: VariantRegistry,
+        sync_redis: SyncRedis,
+    ) -> None:
+        self.sync_redis = sync_redis  # for end_jobs, which cancel_queued runs on a pool thread
+        self.quota = quota
+        self.maker = maker
+        self.autocommit = autocommit
+        self.broker = broker
+        self.redis = redis
+        self.fleet = fleet
+        self.settings = settings
+        self.variants = variants
 
     async def submit(
-        self, spec: JobCreate, idempotency_key: str | None = None, batch: tuple[str, int] | None = None
+        self,
+        user: User,
+        spec: JobCreate,
+        *,
+        idempotency_key: str | None = None,
+        batch: tuple[str, int] | None = None,
+        window_seen: WindowSeen | None = None,
     ) -> Submitted:
         """Queue a job. A repeat with the same `Idempotency-Key` and body returns the first job;
         the same key with a different body is a 409. Inline media is checked and stored as files.
-        Admission takes one request from the per-minute window, one concurrent-job slot and the
-        job's tokens (input estimate + `max_new_tokens`, settled to the real count when it ends)."""
-        user, settings, autocommit, quota = self.user, self.settings, self.autocommit, self.quota
-        limits = admission.limits_of(user, settings)
+        A batch's line (`batch`) takes no part of the per-minute window; `window_seen` is told the
+        caller's window after admission, refused or not."""
+        limits = admission.limits_of(user, self.settings)
+        variant = await self.validate(user, limits, spec)
+        draft = Draft(
+            user=user, limits=limits, variant=variant, spec=spec, job_id=new_id("job"),
+            request_hash=hashlib.sha256(spec.model_dump_json().encode()).hexdigest(),
+            idempotency_key=idempotency_key, batch=batch,
+        )  # fmt: skip
+        earlier = await self._earlier(draft)
+        if earlier is not None:
+            return await self._replay(draft, earlier)
+        written = await self._admit_and_insert(draft, window_seen)
+        if not written.created:
+            return await self._replay(draft, written.row)
+        await self.enqueue(draft, written.reservation)
+        return Submitted(job_out(written.row), replayed=False)
+
+    async def validate(self, user: User, limits: Limits, spec: JobCreate) -> Variant:
+        """Refuse what can be refused before anything is written; the variant that will run the job."""
         admission.check_variant(limits, spec.variant)
-        variant = await _check_spec(spec, self.variants, self.fleet, settings)
-        await self.check_content(spec)
-        request_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
-        if idempotency_key is not None:
-            async with autocommit.connect() as connection:
-                earlier = await jobs_repo.find_idempotent(
-                    session=connection, user_id=user.id, idempotency_key=idempotency_key
-                )
-            if earlier is not None:
-                return await _replay(earlier, request_hash, autocommit, user.id)
-        inline = await inspect_inline(spec, settings)
-        job_id = new_id("job")
-        reservation: admission.Reservation | None = None
+        variant = await _check_spec(spec, self.variants, self.fleet, self.settings)
+        await self.check_content(user, spec)
+        return variant
 
-        async def admit(media: MediaTotals) -> admission.Reservation:
-            nonlocal reservation
-            reservation = await admission.admit(
-                request=self.request, maker=self.maker, quota=quota, limits=limits, user=user, job_id=job_id,
-                spec=spec, media=media, batch=batch is not None,
-            )  # fmt: skip
-            return reservation
+    async def admit(
+        self, draft: Draft, media: MediaTotals, window_seen: WindowSeen | None
+    ) -> admission.Reservation:
+        """The job's reservation: a place in the per-minute window, a concurrent-job slot and its
+        tokens (input estimate + `max_new_tokens`, settled to the real count when it ends)."""
+        return await admission.admit(
+            window_seen=window_seen, maker=self.maker, quota=self.quota, limits=draft.limits,
+            user=draft.user, job_id=draft.job_id, spec=draft.spec, media=media, batch=draft.batch is not None,
+        )  # fmt: skip
 
-        async def insert(db: AsyncSession | AsyncConnection, granted: admission.Reservation) -> RowMapping:
-            job, created = await jobs_repo.create_job(
-                session=db, user_id=user.id, spec=spec, idempotency_key=idempotency_key,
-                request_hash=request_hash, job_id=job_id, charged_on=granted.day,
-                reserved_tokens=granted.tokens, batch=batch,
-            )  # fmt: skip
-            if not created:
-                raise _Replay(job)
-            return job
+    async def insert(
+        self, db: AsyncSession | AsyncConnection, draft: Draft, reservation: admission.Reservation
+    ) -> tuple[RowMapping, bool]:
+        """The job's queued row and True; or, when its Idempotency-Key was taken meanwhile, the
+        row of the job that took it and False."""
+        return await jobs_repo.create_job(
+            session=db, user_id=draft.user.id, spec=draft.spec, idempotency_key=draft.idempotency_key,
+            request_hash=draft.request_hash, job_id=draft.job_id, charged_on=reservation.day,
+            reserved_tokens=reservation.tokens, batch=draft.batch,
+        )  # fmt: skip
 
+    async def enqueue(self, draft: Draft, reservation: admission.Reservation) -> None:
+        """Send the committed job's message. If the broker is down the job is withdrawn, its
+        reservation given back and the caller told 503 — unless a worker has taken it meanwhile
+        (the message went out after all): then it stands."""
+        spec = draft.spec
+        structlog.contextvars.bind_contextvars(job_id=draft.job_id, variant=spec.variant)
+        faults.crash_here(self.settings, faults.API_AFTER_COMMIT)
         try:
-            if spec.input.media():  # its files and its row: one transaction
-                async with self.maker() as session, session.begin():
-                    media = await store_media(
-                        session=session, user_id=user.id, spec=spec, inline=inline,
-                        max_audio_seconds=variant.max_audio_seconds, retention_s=settings.files_retention_s,
-                    )  # fmt: skip
-                    job = await insert(session, await admit(media))
-            else:  # its row alone: one statement
-                granted = await admit(NO_MEDIA)
-                async with autocommit.connect() as connection:
-                    job = await insert(connection, granted)
-        except BaseException as exc:
-            if reservation is not None:  # nothing was queued: the slot and the tokens go back
-                await admission.release(quota, user.id, reservation)
-            if isinstance(exc, _Replay):
-                return await _replay(exc.job, request_hash, autocommit, user.id)
-            raise
-        assert reservation is not None
-        structlog.contextvars.bind_contextvars(job_id=job_id, variant=spec.variant)
-        faults.crash_here(settings, faults.API_AFTER_COMMIT)
-        try:
-            await _enqueue_or_withdraw(
-                self.maker,
-                self.redis,
-                self.broker,
-                job_id,
-                spec.variant,
-                spec.priority,
-                reservation.in_flight,
-            )
-        except Unavailable:
-            await admission.release(quota, user.id, reservation)
-            raise
+            await send_job(
+                self.redis, self.broker, job_id=draft.job_id, variant=spec.variant, priority=spec.priority,
+                in_flight=reservation.in_flight,
+            )  # fmt: skip
+        except Exception as exc:
+            log.error("job.enqueue_failed", error=type(exc).__name__)
+            async with self.maker() as session, session.begin():
+                withdrawn = await jobs_repo.withdraw(session=session, job_id=draft.job_id)
+            if withdrawn:
+                await admission.release(self.quota, draft.user.id, reservation)
+                raise Unavailable("the job queue is not answering; retry shortly") from exc
         log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
-        return Submitted(jobs_repo.job_out(job), replayed=False)
 
-    def policy(self) -> moderation.Policy:
+    async def _admit_and_insert(self, draft: Draft, window_seen: WindowSeen | None) -> Written:
+        """`admit`, then `insert`: a job with media has its inline media checked and stored as
+        files, is admitted and has its row written, all in one transaction; a job without, is
+        admitted, then written in one statement. Whatever fails after admission gives the
+        reservation back, as does finding the Idempotency-Key taken."""
+        inline = await inspect_inline(draft.spec, self.settings)
+        reservation: admission.Reservation | None = None
+        try:
+            if draft.spec.input.media():  # its files and its row: one transaction
+                async with self.maker() as session, session.begin() as transaction:
+                    media = await store_media(
+                        session=session, user_id=draft.user.id, spec=draft.spec, inline=inline,
+                        max_audio_seconds=draft.variant.max_audio_seconds,
+                        retention_s=self.settings.files_retention_s,
+                    )  # fmt: skip
+                    reservation = await self.admit(draft, media, window_seen)
+                    row, created = await self.insert(session, draft, reservation)
+                    if not created:  # the files stored for this submission go too
+                        await transaction.rollback()
+            else:  # its row alone: one statement
+                reservation = await self.admit(draft, NO_MEDIA, window_seen)
+                async with self.autocommit.connect() as connection:
+                    row, created = await self.insert(connection, draft, reservation)
+        except BaseException:
+            if reservation is not None:  # nothing was queued: the slot and the tokens go back
+                await admission.release(self.quota, draft.user.id, reservation)
+            raise
+        assert reservation is not None  # both ways admit before they insert
+        if not created:
+            await admission.release(self.quota, draft.user.id, reservation)
+        return Written(row=row, created=created, reservation=reservation)
+
+    async def _earlier(self, draft: Draft) -> RowMapping | None:
+        """The user's job that already holds the draft's Idempotency-Key, if any."""
+        if draft.idempotency_key is None:
+            return None
+        async with self.autocommit.connect() as connection:
+            return await jobs_repo.find_idempotent(
+                session=connection, user_id=draft.user.id, idempotency_key=draft.idempotency_key
+            )
+
+    async def _replay(self, draft: Draft, earlier: RowMapping) -> Submitted:
+        """The earlier job with the same Idempotency-Key, if it came with the same body."""
+        if earlier["request_hash"] != draft.request_hash:
+            raise Conflict(
+                "this Idempotency-Key was used for a different request",
+                {"idempotency_key": earlier["idempotency_key"], "job_id": earlier["id"]},
+            )
+        return Submitted(await read_job(self.autocommit, draft.user.id, earlier["id"]), replayed=True)
+
+    def policy(self, user: User) -> moderation.Policy:
         """The user's moderation policy: their quota's override, else the deployment's."""
-        override = self.user.quota.moderation_policy if self.user.quota is not None else None
+        override = user.quota.moderation_policy if user.quota is not None else None
         return moderation.policy_for(override, self.settings.moderation_policy)
 
-    async def check_content(self, spec: JobCreate) -> None:
+    async def check_content(self, user: User, spec: JobCreate) -> None:
         """Refuse an input that falls in a category of the user's policy (400 CONTENT_FILTERED),
         before anything is queued; the refusal names the category, never the text."""
-        category = self.policy().check(spec.input.text(), "input")
+        category = self.policy(user).check(spec.input.text(), "input")
         if category is None:
             return
-        log.warning("job.filtered", stage="input", category=category, user_id=self.user.id)
+        log.warning("job.filtered", stage="input", category=category, user_id=user.id)
         with contextlib.suppress(RedisError):
             async with self.redis.pipeline(transaction=False) as pipe:
-                add_filtered(pipe, self.settings, self.user.id, "input", category)
+                add_filtered(pipe, self.settings, user.id, "input", category)
                 await pipe.execute()
         raise ContentFiltered(
             f"the input falls in the content policy's category {category!r}", {"category": category}
         )
 
-    async def submit_all(self, specs: Sequence[JobCreate]) -> list[JobOut]:
+    async def submit_all(
+        self, user: User, specs: Sequence[JobCreate], *, window_seen: WindowSeen | None = None
+    ) -> list[JobOut]:
         """Queue the jobs of one request (a completion's prompts): all of them, or none — when
         one is refused, those queued before it are cancelled, and the refusal is raised."""
-        limits = admission.limits_of(self.user, self.settings)
+        limits = admission.limits_of(user, self.settings)
         for spec in specs:  # what can be refused before anything is queued
-            admission.check_variant(limits, spec.variant)
-            await _check_spec(spec, self.variants, self.fleet, self.settings)
-            await self.check_content(spec)
+            await self.validate(user, limits, spec)
         jobs: list[JobOut] = []
         try:
             for spec in specs:
-                jobs.append((await self.submit(spec)).job)
+                jobs.append((await self.submit(user, spec, window_seen=window_seen)).job)
         except BaseException:
             for job in jobs:
-                if not await self.cancel_queued(job.id):
+                if not await self.cancel_queued(user, job.id):
                     await self.stop_running(job.id)
             raise
         return jobs
 
-    async def cancel_queued(self, job_id: str) -> bool:
+    async def cancel_queued(self, user: User, job_id: str) -> bool:
         """End the user's job `cancelled` if it is still queued (it never runs): its slot and
         tokens released, its end recorded (event, metrics) and its waiters woken."""
-        async with self.maker() as session, session.begin():
-            charge = await jobs_repo.cancel_queued(session=session, user_id=self.user.id, job_id=job_id)
-        if charge is None:
+        ended = await run_in_threadpool(self._end, JobEnd.cancel(job_id, user.id))
+        if ended is None:
             return False
-        await admission.release(self.quota, self.user.id, charge)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if charge.ended is not None:  # as workers.outcome does for the jobs workers end
-                    keys, args = record_ended_args(self.settings, [charge.ended])
-                    await self.quota.record_ended(keys=keys, args=args, client=pipe)
-                pipe.publish(job_done_channel(self.settings, job_id), "cancelled")
-                await pipe.execute()
-        except RedisError:  # waiters re-read their job every few seconds
-            log.warning("job.notify_failed", job_id=job_id)
         log.info("job.cancelled", job_id=job_id)
         return True
+
+    def _end(self, end: JobEnd) -> Ended | None:
+        """`end_jobs` (db/endings.py), the one path every job's end takes, on a pool thread."""
+        with autocommit_engine(self.settings.db_url).connect() as connection:
+            return end_jobs(connection, self.sync_redis, self.settings, [end])[0]
 
     async def stop_running(self, job_id: str) -> None:
         """Ask the worker running the job to stop it at its next decoding step."""
@@ -313,64 +396,9 @@ async def _check_grammar(spec: JobCreate, variant: Variant) -> None:
         raise ValidationFailed(f"{field}: {exc}", {"field": field}) from None
 
 
-class _Replay(Exception):
-    """The Idempotency-Key was taken meanwhile: roll back what this request wrote, answer the first job."""
-
-    def __init__(self, job: RowMapping) -> None:
-        self.job = job
-
-
 async def read_job(autocommit: AsyncEngine, user_id: str, job_id: str) -> JobOut:
     async with autocommit.connect() as connection:
         job = await jobs_repo.get_job(session=connection, user_id=user_id, job_id=job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return jobs_repo.job_out(job)
-
-
-async def _replay(job: RowMapping, request_hash: str, autocommit: AsyncEngine, user_id: str) -> Submitted:
-    if job["request_hash"] != request_hash:
-        raise Conflict(
-            "this Idempotency-Key was used for a different request",
-            {"idempotency_key": job["idempotency_key"], "job_id": job["id"]},
-        )
-    return Submitted(await read_job(autocommit, user_id, job["id"]), replayed=True)
-
-
-async def _enqueue_or_withdraw(
-    maker: async_sessionmaker[AsyncSession],
-    redis: RedisDep,
-    broker: BrokerDep,
-    job_id: str,
-    variant: str,
-    priority: int,
-    in_flight: int,
-) -> None:
-    """Enqueue after commit. If the broker is down the job is withdrawn and the caller told 503 —
-    unless a worker has taken it meanwhile (the message went out after all): then it stands."""
-    try:
-        await send_job(redis, broker, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight)
-    except Exception as exc:
-        log.error("job.enqueue_failed", error=type(exc).__name__)
-        async with maker() as session, session.begin():
-            withdrawn = await jobs_repo.withdraw(session=session, job_id=job_id)
-        if withdrawn:
-            raise Unavailable("the job queue is not answering; retry shortly") from exc
-
-
-async def _submitter(
-    request: Request,
-    user: UserDep,
-    quota: QuotasDep,
-    maker: SessionMakerDep,
-    autocommit: AutocommitDep,
-    broker: BrokerDep,
-    redis: RedisDep,
-    fleet: FleetDep,
-    settings: SettingsDep,
-    variants: VariantsDep,
-) -> Submitter:
-    return Submitter(user, quota, maker, autocommit, broker, redis, fleet, settings, variants, request)
-
-
-SubmitterDep = Annotated[Submitter, Depends(_submitter)]
+    return job_out(job)

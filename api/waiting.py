@@ -18,7 +18,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.queues import job_done_channel
+from api.background import Background
+from core.keys import job_done_channel
 from core.schemas import TERMINAL_STATUSES, JobOut
 from core.settings import Settings
 
@@ -33,23 +34,15 @@ POLL_S = 1.0  # ... while the listener is not subscribed
 RETRY_S = 0.5  # between the listener's attempts to subscribe
 
 
-class DoneListener:
+class DoneListener(Background):
+    task_name = "done-listener"
+
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self._pattern = job_done_channel(settings, "*")
         self._prefix = len(self._pattern) - 1
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._task: asyncio.Task[None] | None = None
         self.subscribed = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="done-listener")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:

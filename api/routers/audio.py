@@ -12,17 +12,15 @@ the whole clip. The job's id is in `X-Gemmaq-Job-Id`.
 from __future__ import annotations
 
 import base64
-import functools
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from api.deps import DoneDep, HoldsDep
+from api.deps import FlowDep
 from api.errors import job_error_response, responses
-from api.media import read_capped
-from api.routers.chat import INTERACTIVE_PRIORITY
-from api.submission import SubmitterDep, read_job
+from api.flow import INTERACTIVE_PRIORITY, JobFlow
+from api.media_admission import read_capped
 from core.openai_chat import job_spec
 from core.schemas import JobOut
 
@@ -46,9 +44,7 @@ FormatForm = Annotated[Format, Form()]
 
 @router.post("/audio/transcriptions", responses=ANSWERS, summary="Transcribe speech (OpenAI-compatible)")
 async def transcriptions(
-    submitter: SubmitterDep,
-    done: DoneDep,
-    holds: HoldsDep,
+    flow: FlowDep,
     file: FileForm,
     model: ModelForm,
     language: LanguageForm = None,
@@ -60,32 +56,24 @@ async def transcriptions(
     ] = None,
 ) -> Response:
     del timestamp_granularities  # segments are what verbose_json carries; words are not served
-    return await _speech(
-        "transcribe", submitter, done, holds, file, model, language, prompt, temperature, response_format
-    )
+    return await _answer(flow, "transcribe", file, model, language, prompt, temperature, response_format)
 
 
 @router.post("/audio/translations", responses=ANSWERS, summary="Translate speech into English (OpenAI shape)")
 async def translations(
-    submitter: SubmitterDep,
-    done: DoneDep,
-    holds: HoldsDep,
+    flow: FlowDep,
     file: FileForm,
     model: ModelForm,
     prompt: PromptForm = None,
     temperature: TemperatureForm = None,
     response_format: FormatForm = "json",
 ) -> Response:
-    return await _speech(
-        "translate", submitter, done, holds, file, model, None, prompt, temperature, response_format
-    )
+    return await _answer(flow, "translate", file, model, None, prompt, temperature, response_format)
 
 
-async def _speech(
+async def _answer(
+    flow: JobFlow,
     task: Literal["transcribe", "translate"],
-    submitter: SubmitterDep,
-    done: DoneDep,
-    holds: HoldsDep,
     file: UploadFile,
     model: str,
     language: str | None,
@@ -93,8 +81,7 @@ async def _speech(
     temperature: float | None,
     response_format: Format,
 ) -> Response:
-    settings = submitter.settings
-    data = await read_capped(file, settings.media_max_audio_bytes)
+    data = await read_capped(file, flow.settings.media_max_audio_bytes)
     params: dict[str, Any] = {"audio_task": task, "timestamps": response_format in TIMED}
     if language is not None:
         params["language"] = language
@@ -112,15 +99,11 @@ async def _speech(
             "metadata": {"api": f"audio.{task}"},
         }
     )
-    with holds.take("wait", submitter.user.id):
-        job = (await submitter.submit(spec)).job
-        read = functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id)
-        job = await done.wait_for(job.id, read, settings.chat_wait_s)
+    with flow.hold("wait"):
+        job = await flow.wait((await flow.submit(spec)).id)
     headers = {"X-Gemmaq-Job-Id": job.id}
     if job.status != "succeeded" or job.result is None:
-        response = job_error_response(job)
-        response.headers.update(headers)
-        return response
+        return job_error_response(job, headers)
     if response_format == "json":
         return JSONResponse({"text": job.result.text, "usage": _usage(job)}, headers=headers)
     if response_format == "text":

@@ -1,20 +1,19 @@
 """The OpenAI Batch API: a JSONL file of chat completion requests in, an output file and an error
-file out. The batch runner (api/batches.py) submits the lines as jobs and writes the files."""
+file out. The batch runner (api/batch_runner.py) submits the lines as jobs and writes the files."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
+from api.schemas import BatchCreate
 from core.errors import NotFound, ValidationFailed
 from core.openai_batch import BatchList, BatchOut, batch_out
-from core.schemas import SafeStr
 from core.webhooks import check_target
 from db.models import Batch
 from db.repo import batches as batches_repo
@@ -24,21 +23,6 @@ from db.repo import webhooks as webhooks_repo
 router = APIRouter(tags=["batches"])
 
 WINDOWS = {"24h": timedelta(hours=24)}
-
-
-class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input_file_id: str = Field(max_length=64)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
-    completion_window: Literal["24h"] = "24h"
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(None, max_length=16)
-    )
-    webhook_url: SafeStr | None = Field(
-        None,
-        max_length=2000,
-        description="gemmaq: batch.completed|failed|cancelled go here (else your default)",
-    )
 
 
 async def _out(maker: SessionMakerDep, batch: Batch) -> BatchOut:

@@ -7,74 +7,48 @@ events, api/streaming.py), then `data: [DONE]`. The job's id is in `X-Gemmaq-Job
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from api.deps import DoneDep, HoldsDep
-from api.errors import job_error_response, responses
-from api.holds import KeyWatch, guarded
-from api.streaming import follow
-from api.submission import SubmitterDep, read_job
+from api.deps import FlowDep
+from api.errors import job_error_response
+from api.flow import COMPLETION_ANSWERS, INTERACTIVE_PRIORITY
 from core import openai_chat
 from core.openai_chat import ChatRequest
 from core.schemas import JobOut
 
 router = APIRouter(tags=["openai"])
 
-INTERACTIVE_PRIORITY = 5  # a chat completion's jobs: as a job submitted with the default priority
-PING_S = 15
-
 
 @router.post(
     "/chat/completions",
-    responses={
-        **responses(401, 403, 409, 413, 415, 422, 429, 502, 503, 504),
-        200: {"content": {"text/event-stream": {}}, "description": "the completion, or its chunks streamed"},
-    },
+    responses=COMPLETION_ANSWERS,
     summary="Chat completion (OpenAI-compatible)",
 )
-async def chat_completions(
-    request: Request, body: ChatRequest, submitter: SubmitterDep, done: DoneDep, holds: HoldsDep
-) -> Response:
+async def chat_completions(body: ChatRequest, flow: FlowDep) -> Response:
     spec = openai_chat.to_job(body, priority=INTERACTIVE_PRIORITY, metadata={"api": "chat.completions"})
-    # A place under the caller's cap first (429 past it), so a refused request queues nothing.
-    hold = holds.take("stream" if body.stream else "wait", submitter.user.id)
-    try:
-        job = (await submitter.submit(spec)).job
-    except BaseException:
-        hold.release()
-        raise
+    with flow.submitting(stream=body.stream) as hold:
+        job = await flow.submit(spec)
     headers = {"X-Gemmaq-Job-Id": job.id}
     if body.stream:
-        watch = KeyWatch(request)
-
-        async def read() -> JobOut:
-            await watch.check()
-            return await read_job(submitter.autocommit, submitter.user.id, job.id)
-
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        follow_job = follow(submitter.redis, submitter.settings, job, read, "0-0")
         # A reply that must be a tool call streams as one: no content deltas, then its calls.
         calls_only = spec.params.tool_choice not in (None, "none", "auto")
-        chunks = guarded(_chunks(job, follow_job, include_usage, calls_only=calls_only), hold, watch)
-        return EventSourceResponse(chunks, ping=PING_S, headers=headers)
-    with hold:
-        job = await done.wait_for(
-            job.id,
-            functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id),
-            submitter.settings.chat_wait_s,
+        return flow.stream(
+            hold,
+            lambda follow: _chunks(job, follow(job), include_usage, calls_only=calls_only),
+            headers=headers,
         )
+    with hold:
+        job = await flow.wait(job.id)
     if job.status == "succeeded":
         return JSONResponse(openai_chat.completion(job), headers=headers)
-    response = job_error_response(job)
-    response.headers.update(headers)
-    return response
+    return job_error_response(job, headers)
 
 
 async def _chunks(

@@ -8,16 +8,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile, status
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from api import quota as admission
+from api import admission
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
-from api.media import read_capped
+from api.media_admission import read_capped
+from api.schemas import FileDeleted, FileList, FileOut, file_out
 from core.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMedia, ValidationFailed
-from core.media import sniff_media
+from core.media_checks import sniff_media
 from core.settings import Settings
 from db.models import File
 from db.repo import files as files_repo
@@ -25,49 +25,8 @@ from db.repo import files as files_repo
 router = APIRouter(tags=["files"])
 
 Purpose = Literal["media", "batch", "batch_output"]  # batch_output: a batch's output and error files
-CHUNK = 1024 * 1024
 PART = 1024 * 1024  # a batch file's parts: about this many bytes of whole lines
 MAX_RETENTION_S = 30 * 86_400 * 12  # `expires_after[seconds]`: up to a year
-
-
-class FileOut(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: Literal["processed"] = "processed"
-    content_type: str
-    sha256: str
-    media: dict[str, Any] | None
-    expires_at: int | None = None
-
-
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileOut]
-    has_more: bool
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    deleted: bool
-
-
-def file_out(file: File) -> FileOut:
-    return FileOut(
-        id=file.id,
-        bytes=file.size,
-        created_at=int(file.created_at.timestamp()),
-        filename=file.filename,
-        purpose=file.purpose,
-        content_type=file.content_type,
-        sha256=file.sha256,
-        media=file.media,
-        expires_at=int(file.expires_at.timestamp()) if file.expires_at else None,
-    )
 
 
 def _check_lines(data: bytes, first: int) -> int:

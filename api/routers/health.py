@@ -1,13 +1,15 @@
+"""Liveness and readiness probes."""
+
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from api.deps import RedisDep, SessionMakerDep
 from api.errors import ErrorResponse, error_response
+from db.repo import health as health_repo
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +29,7 @@ async def readyz(maker: SessionMakerDep, redis: RedisDep) -> JSONResponse:
 
     async def database() -> None:
         async with maker() as session:
-            await session.execute(text("SELECT 1"))
+            await health_repo.ping(session=session)
 
     for name, probe in (("postgres", database), ("redis", redis.ping)):
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -11,11 +10,12 @@ import structlog
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import AutocommitDep, DoneDep, HoldsDep, RedisDep, SettingsDep, UserDep
+from api.deps import AutocommitDep, FlowDep, SubmitterDep, UserDep
 from api.errors import responses
-from api.holds import KeyWatch, guarded
-from api.streaming import cursor_of, follow
-from api.submission import SubmitterDep, read_job
+from api.middleware import rate_headers
+from api.schemas import job_out
+from api.streaming import Event, cursor_of
+from api.submission import read_job
 from core.errors import Conflict, ValidationFailed
 from core.schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus
 from db.repo import jobs as jobs_repo
@@ -25,8 +25,6 @@ log = structlog.get_logger(__name__)
 
 JobIdPath = Annotated[str, "job id"]
 
-PING_S = 15  # an SSE comment this often keeps idle connections open through proxies
-
 
 @router.post(
     "/jobs",
@@ -35,8 +33,10 @@ PING_S = 15  # an SSE comment this often keeps idle connections open through pro
     summary="Submit a job",
 )
 async def create_job(
+    request: Request,
     spec: JobCreate,
     response: Response,
+    user: UserDep,
     submitter: SubmitterDep,
     idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
 ) -> JobOut:
@@ -44,7 +44,9 @@ async def create_job(
     the same key with a different body is a 409. Inline media is checked and stored as files.
     Admission takes one request from the per-minute window, one concurrent-job slot and the
     job's tokens (input estimate + `max_new_tokens`, settled to the real count when it ends)."""
-    submitted = await submitter.submit(spec, idempotency_key)
+    submitted = await submitter.submit(
+        user, spec, idempotency_key=idempotency_key, window_seen=rate_headers(request)
+    )
     response.headers["Location"] = f"/v1/jobs/{submitted.job.id}"
     if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -54,17 +56,13 @@ async def create_job(
 @router.get("/jobs/{job_id}", responses=responses(401, 404, 422), summary="Read a job")
 async def get_job(
     job_id: JobIdPath,
-    user: UserDep,
-    autocommit: AutocommitDep,
-    done: DoneDep,
-    holds: HoldsDep,
+    flow: FlowDep,
     wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds for a terminal state")] = 0,
 ) -> JobOut:
-    read = functools.partial(read_job, autocommit, user.id, job_id)
     if wait <= 0:
-        return await read()
-    with holds.take("wait", user.id):
-        return await done.wait_for(job_id, read, wait)
+        return await flow.read(job_id)
+    with flow.hold("wait"):
+        return await flow.wait(job_id, wait)
 
 
 @router.get(
@@ -77,13 +75,8 @@ async def get_job(
     summary="Follow a job: status changes and text deltas (Server-Sent Events)",
 )
 async def job_events(
-    request: Request,
     job_id: JobIdPath,
-    holds: HoldsDep,
-    user: UserDep,
-    autocommit: AutocommitDep,
-    redis: RedisDep,
-    settings: SettingsDep,
+    flow: FlowDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=41)] = None,
 ) -> EventSourceResponse:
     """Events `status` (`{"status": …}`) and `delta` (`{"text": …}`: the next piece of the
@@ -91,18 +84,14 @@ async def job_events(
     `Last-Event-ID` resumes after it. A last `done` event carries the whole job, then the
     stream ends."""
     cursor = cursor_of(last_event_id)
-    job = await read_job(autocommit, user.id, job_id)  # 404 before the stream starts
-    hold, watch = holds.take("stream", user.id), KeyWatch(request)  # 429 past the user's cap
+    job = await flow.read(job_id)  # 404 before the stream starts
+    hold = flow.hold("stream")  # 429 past the user's cap
+    return flow.stream(hold, lambda follow: _frames(follow(job)), cursor=cursor)
 
-    async def reread() -> JobOut:
-        await watch.check()
-        return await read_job(autocommit, user.id, job_id)
 
-    async def frames() -> AsyncIterator[ServerSentEvent]:
-        async for e in follow(redis, settings, job, reread, cursor):
-            yield ServerSentEvent(data=json.dumps(e.data), event=e.event, id=e.id)
-
-    return EventSourceResponse(guarded(frames(), hold, watch), ping=PING_S)
+async def _frames(events: AsyncIterator[Event]) -> AsyncIterator[ServerSentEvent]:
+    async for e in events:
+        yield ServerSentEvent(data=json.dumps(e.data), event=e.event, id=e.id)
 
 
 @router.get("/jobs", responses=responses(401, 422), summary="List your jobs, newest first")
@@ -123,7 +112,7 @@ async def list_jobs(
             session=connection, user_id=user.id, status=status_, variant=variant, cursor=position, limit=limit
         )
     return JobList(
-        data=[jobs_repo.job_out(j) for j in page.jobs],
+        data=[job_out(j) for j in page.jobs],
         next_cursor=page.next_cursor,
         has_more=page.next_cursor is not None,
     )
@@ -134,11 +123,13 @@ async def list_jobs(
     responses={**responses(401, 404, 409), 202: {"model": JobOut, "description": "running: stop requested"}},
     summary="Cancel a queued or running job",
 )
-async def cancel_job(job_id: JobIdPath, response: Response, submitter: SubmitterDep) -> JobOut:
+async def cancel_job(
+    job_id: JobIdPath, response: Response, user: UserDep, autocommit: AutocommitDep, submitter: SubmitterDep
+) -> JobOut:
     """A queued job ends `cancelled` at once and never runs. A running job is asked to stop
     between decoding steps (202); it ends `cancelled` with its partial output."""
-    cancelled = await submitter.cancel_queued(job_id)
-    job = await read_job(submitter.autocommit, submitter.user.id, job_id)
+    cancelled = await submitter.cancel_queued(user, job_id)
+    job = await read_job(autocommit, user.id, job_id)
     if cancelled:
         return job
     if job.status in TERMINAL_STATUSES:

@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from api.deps import RedisDep, SettingsDep, UserDep, VariantsDep
 from api.errors import responses
 from api.fleet import availability, live_workers, queue_depths, states_of
+from api.schemas import ModelList, ModelOut, WorkerState
 
 router = APIRouter(tags=["models"])
-
-
-class WorkerState(BaseModel):
-    """One worker's view of the variant: `warm` (resident), `cold` (served, loaded when a job
-    comes), `loading`, or `unavailable` (with the reason)."""
-
-    worker: str
-    device: str
-    state: Literal["loading", "warm", "cold", "unavailable"]
-    reason: str | None = None
-    last_used_at: float | None = Field(None, description="epoch seconds of its latest job on this worker")
-    resident_mb: float | None = Field(None, description="memory it occupies while warm, as measured")
-    memory_mb: float | None = Field(None, description="what the worker's memory budget counts for it")
-    load_ms: float | None = Field(None, description="its latest load on this worker")
-
-
-class ModelOut(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str
-    family: str
-    size: str
-    tasks: list[str]
-    dtype: str
-    quantization: str
-    diagnostic: bool
-    description: str
-    max_new_tokens: int
-    max_batch_size: int
-    available: bool
-    unavailable_reason: str | None
-    workers: list[WorkerState]
-    queue_depth: int | None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelOut]
 
 
 @router.get("/models", responses=responses(401), summary="List variants")

@@ -5,41 +5,20 @@ inputs and outputs are checked against. No job is queued: a policy check takes m
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter
-from pydantic import Field
 
+from api.deps import SubmitterDep, UserDep
 from api.errors import responses
-from api.submission import SubmitterDep
+from api.schemas import MAX_MODERATION_INPUTS, ModerationRequest
 from core.errors import ValidationFailed
 from core.moderation import OPENAI_CATEGORIES
-from core.openai_chat import Strict
-from core.schemas import MAX_TEXT_CHARS, SafeStr
+from core.schemas import MAX_TEXT_CHARS
 
 router = APIRouter(tags=["openai"])
 
-MAX_INPUTS = 32
 POLICY_MODEL = "gemmaq-policy"
-
-
-class TextInput(Strict):
-    type: Literal["text"]
-    text: SafeStr = Field(max_length=MAX_TEXT_CHARS)
-
-
-class ModerationRequest(Strict):
-    input: SafeStr | list[SafeStr] | list[TextInput] = Field(
-        description=f"a text, up to {MAX_INPUTS} texts (a result each), or text parts (one result)"
-    )
-    model: SafeStr | None = Field(None, max_length=100, description="ignored: the policy answers")
-
-    def texts(self) -> list[str]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if all(isinstance(item, TextInput) for item in self.input):
-            return ["\n".join(item.text for item in self.input if isinstance(item, TextInput))]
-        return [item for item in self.input if isinstance(item, str)]
 
 
 @router.post(
@@ -47,11 +26,11 @@ class ModerationRequest(Strict):
     responses=responses(401, 413, 422),
     summary="Moderation (OpenAI-compatible), from the content policy your jobs are checked against",
 )
-async def moderations(body: ModerationRequest, submitter: SubmitterDep) -> dict[str, Any]:
+async def moderations(body: ModerationRequest, user: UserDep, submitter: SubmitterDep) -> dict[str, Any]:
     texts = body.texts()
-    if len(texts) > MAX_INPUTS or any(len(t) > MAX_TEXT_CHARS for t in texts):
-        raise ValidationFailed(f"input: at most {MAX_INPUTS} texts of {MAX_TEXT_CHARS} characters")
-    policy = submitter.policy()
+    if len(texts) > MAX_MODERATION_INPUTS or any(len(t) > MAX_TEXT_CHARS for t in texts):
+        raise ValidationFailed(f"input: at most {MAX_MODERATION_INPUTS} texts of {MAX_TEXT_CHARS} characters")
+    policy = submitter.policy(user)
     results = []
     for text in texts:
         flags = dict.fromkeys(OPENAI_CATEGORIES, False) | policy.flags(text)

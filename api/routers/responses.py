@@ -11,22 +11,19 @@ cancelled and deleted. The job's id is in `X-Gemmaq-Job-Id`.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from api.deps import DoneDep, HoldsDep
+from api.deps import FlowDep, SessionMakerDep, UserDep
 from api.errors import responses
-from api.holds import KeyWatch, guarded
-from api.routers.chat import INTERACTIVE_PRIORITY, PING_S
-from api.streaming import follow
-from api.submission import Submitter, SubmitterDep, read_job
+from api.flow import INTERACTIVE_PRIORITY
 from core import openai_responses
 from core.errors import NotFound
 from core.openai_responses import ResponseRequest
@@ -49,61 +46,45 @@ CANCEL_WAIT_S = 10.0  # a cancelled running response: how long the answer waits 
     },
     summary="Create a response (OpenAI Responses API); background=true answers at once",
 )
-async def create_response(
-    request: Request, body: ResponseRequest, submitter: SubmitterDep, done: DoneDep, holds: HoldsDep
-) -> Response:
+async def create_response(body: ResponseRequest, flow: FlowDep, maker: SessionMakerDep) -> Response:
+    user = flow.user
     context: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        previous = await _stored(submitter, body.previous_response_id)
-        job = await read_job(submitter.autocommit, submitter.user.id, previous.job_id)
+        previous = await _stored(maker, user.id, body.previous_response_id)
+        job = await flow.read(previous.job_id)
         if job.status not in TERMINAL_STATUSES:
             raise NotFound(f"response {previous.id!r} has not finished; continue it once it has")
         context = openai_responses.continued(previous.context, previous.input_items, job)
     response_id = new_id("resp")
     tags = {"api": "responses", "response_id": response_id}
     spec = openai_responses.to_job(body, context, priority=INTERACTIVE_PRIORITY, metadata=tags)
-    hold = None if body.background else holds.take("stream" if body.stream else "wait", submitter.user.id)
-    try:
-        job = (await submitter.submit(spec)).job
+    # In the background nothing is held open: the answer comes at once.
+    holding = contextlib.nullcontext() if body.background else flow.submitting(stream=body.stream)
+    with holding as hold:
+        job = await flow.submit(spec)
         row = StoredResponse(
-            id=response_id, user_id=submitter.user.id, job_id=job.id,
+            id=response_id, user_id=user.id, job_id=job.id,
             previous_response_id=body.previous_response_id, instructions=body.instructions,
             input_items=body.items(), context=context, background=body.background,
             max_output_tokens=body.max_output_tokens, metadata_=body.metadata or {},
         )  # fmt: skip
         if body.store:
-            async with submitter.maker() as session, session.begin():
+            async with maker() as session, session.begin():
                 await responses_repo.add(session=session, row=row)
-    except BaseException:
-        if hold is not None:
-            hold.release()
-        raise
     headers = {"X-Gemmaq-Job-Id": job.id}
-    if body.background:
+    if hold is None:
         return JSONResponse(openai_responses.response_of(row, job, store=body.store), headers=headers)
-    assert hold is not None
     if body.stream:
-        watch = KeyWatch(request)
-
-        async def read() -> JobOut:
-            await watch.check()
-            return await read_job(submitter.autocommit, submitter.user.id, job.id)
-
-        events = _events(row, job, body.store, follow(submitter.redis, submitter.settings, job, read, "0-0"))
-        return EventSourceResponse(guarded(events, hold, watch), ping=PING_S, headers=headers)
+        return flow.stream(hold, lambda follow: _events(row, job, body.store, follow(job)), headers=headers)
     with hold:
-        job = await done.wait_for(
-            job.id,
-            functools.partial(read_job, submitter.autocommit, submitter.user.id, job.id),
-            submitter.settings.chat_wait_s,
-        )
+        job = await flow.wait(job.id)
     return JSONResponse(openai_responses.response_of(row, job, store=body.store), headers=headers)
 
 
 @router.get("/responses/{response_id}", responses=responses(401, 404), summary="Retrieve a stored response")
-async def get_response(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
-    row = await _stored(submitter, response_id)
-    job = await read_job(submitter.autocommit, submitter.user.id, row.job_id)
+async def get_response(response_id: ResponseId, flow: FlowDep, maker: SessionMakerDep) -> dict[str, Any]:
+    row = await _stored(maker, flow.user.id, response_id)
+    job = await flow.read(row.job_id)
     return openai_responses.response_of(row, job, created_at=row.created_at)
 
 
@@ -112,23 +93,20 @@ async def get_response(response_id: ResponseId, submitter: SubmitterDep) -> dict
     responses=responses(401, 404),
     summary="Cancel a response: queued, it never runs; running, it stops at its next step",
 )
-async def cancel_response(response_id: ResponseId, submitter: SubmitterDep, done: DoneDep) -> dict[str, Any]:
-    row = await _stored(submitter, response_id)
-    if not await submitter.cancel_queued(row.job_id):
-        job = await read_job(submitter.autocommit, submitter.user.id, row.job_id)
+async def cancel_response(response_id: ResponseId, flow: FlowDep, maker: SessionMakerDep) -> dict[str, Any]:
+    row = await _stored(maker, flow.user.id, response_id)
+    if not await flow.submitter.cancel_queued(flow.user, row.job_id):
+        job = await flow.read(row.job_id)
         if job.status not in TERMINAL_STATUSES:
-            await submitter.stop_running(row.job_id)
-    read = functools.partial(read_job, submitter.autocommit, submitter.user.id, row.job_id)
-    job = await done.wait_for(row.job_id, read, CANCEL_WAIT_S)
+            await flow.submitter.stop_running(row.job_id)
+    job = await flow.wait(row.job_id, CANCEL_WAIT_S)
     return openai_responses.response_of(row, job, created_at=row.created_at)
 
 
 @router.delete("/responses/{response_id}", responses=responses(401, 404), summary="Delete a stored response")
-async def delete_response(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
-    async with submitter.maker() as session, session.begin():
-        removed = await responses_repo.remove(
-            session=session, user_id=submitter.user.id, response_id=response_id
-        )
+async def delete_response(response_id: ResponseId, user: UserDep, maker: SessionMakerDep) -> dict[str, Any]:
+    async with maker() as session, session.begin():
+        removed = await responses_repo.remove(session=session, user_id=user.id, response_id=response_id)
     if not removed:
         raise NotFound(f"no response {response_id!r}")
     return {"id": response_id, "object": "response", "deleted": True}
@@ -137,8 +115,8 @@ async def delete_response(response_id: ResponseId, submitter: SubmitterDep) -> d
 @router.get(
     "/responses/{response_id}/input_items", responses=responses(401, 404), summary="A response's input items"
 )
-async def input_items(response_id: ResponseId, submitter: SubmitterDep) -> dict[str, Any]:
-    row = await _stored(submitter, response_id)
+async def input_items(response_id: ResponseId, user: UserDep, maker: SessionMakerDep) -> dict[str, Any]:
+    row = await _stored(maker, user.id, response_id)
     data = [
         {
             "id": f"msg_{row.id.removeprefix('resp_')}_{i}",
@@ -160,9 +138,9 @@ async def input_items(response_id: ResponseId, submitter: SubmitterDep) -> dict[
     }
 
 
-async def _stored(submitter: Submitter, response_id: str) -> StoredResponse:
-    async with submitter.maker() as session:
-        row = await responses_repo.get(session=session, user_id=submitter.user.id, response_id=response_id)
+async def _stored(maker: SessionMakerDep, user_id: str, response_id: str) -> StoredResponse:
+    async with maker() as session:
+        row = await responses_repo.get(session=session, user_id=user_id, response_id=response_id)
     if row is None:
         raise NotFound(f"no response {response_id!r}")
     return row

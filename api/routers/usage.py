@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api import quota as admission
+from api import admission
 from api.deps import QuotasDep, SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from core import quotas

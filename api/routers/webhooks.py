@@ -3,75 +3,19 @@ attempts (sent by workers/webhooks.py; what is sent and how it is signed: core/w
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
+from api.schemas import DeliveryList, WebhookSettings, WebhookSettingsIn, delivery_out
 from core.errors import NotFound
-from core.schemas import SafeStr
 from core.webhooks import check_target, new_secret
-from db.models import WebhookDelivery
 from db.repo import webhooks as webhooks_repo
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-
-class WebhookSettings(BaseModel):
-    default_url: str | None = Field(description="where jobs without their own webhook_url report")
-    secret: str = Field(description="verify deliveries with it (Standard Webhooks, `whsec_…`)")
-    events: list[str] = ["job.succeeded", "job.failed", "job.cancelled"]
-
-
-class WebhookSettingsIn(BaseModel):
-    default_url: SafeStr | None = Field(max_length=2000, description="null: no default")
-
-
-class Attempt(BaseModel):
-    at: datetime
-    status_code: int | None
-    error: str | None
-    ms: float
-
-
-class DeliveryOut(BaseModel):
-    id: str = Field(description="the webhook-id header of every attempt")
-    object: Literal["webhook.delivery"] = "webhook.delivery"
-    event: str
-    job_id: str | None
-    batch_id: str | None
-    url: str
-    status: Literal["pending", "delivered", "failed"]
-    attempts: list[Attempt]
-    next_attempt_at: datetime | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-
-class DeliveryList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[DeliveryOut]
-    has_more: bool
-
-
-def delivery_out(d: WebhookDelivery) -> DeliveryOut:
-    history: list[dict[str, Any]] = d.history or []
-    return DeliveryOut(
-        id=d.id,
-        event=d.event,
-        job_id=d.job_id,
-        batch_id=d.batch_id,
-        url=d.url,
-        status=d.status,
-        attempts=[Attempt(**a) for a in history],
-        next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
-        created_at=d.created_at,
-        delivered_at=d.delivered_at,
-    )
 
 
 @router.get("/settings", responses=responses(401), summary="Your default webhook URL and signing secret")
