@@ -5,9 +5,12 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 
-from tests.conftest import Stack
-from tests.test_api_errors import assert_envelope
+from tests.helpers.http import assert_envelope
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 
 def test_non_admin_gets_403_on_admin_routes(client: httpx.Client) -> None:

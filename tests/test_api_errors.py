@@ -8,22 +8,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from api.app import create_app
+from core.settings import Settings
+from tests.helpers.http import assert_envelope
+from tests.helpers.stack import Stack
 
 GOOD: dict[str, Any] = {"variant": "echo", "task": "text", "input": {"prompt": "hi"}}
 
 
-def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
-    """`response`: an httpx (or TestClient) response."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    return body["error"]  # type: ignore[no-any-return]
-
-
+@pytest.mark.stack
 def test_missing_and_wrong_keys_are_401(stack: Stack) -> None:
     with stack.client(None) as anonymous:
         assert_envelope(anonymous.post("/v1/jobs", json=GOOD), 401, "UNAUTHORIZED")
@@ -35,6 +28,7 @@ def test_missing_and_wrong_keys_are_401(stack: Stack) -> None:
         assert_envelope(basic.get("/v1/jobs"), 401, "UNAUTHORIZED")
 
 
+@pytest.mark.stack
 def test_another_users_job_and_batch_are_404(stack: Stack, client: httpx.Client) -> None:
     job = client.post("/v1/jobs", json=GOOD).json()
     request = {
@@ -64,6 +58,7 @@ def test_another_users_job_and_batch_are_404(stack: Stack, client: httpx.Client)
     assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize(
     ("body", "code", "where"),
     [
@@ -92,6 +87,7 @@ def test_bad_job_bodies_are_422(client: httpx.Client, body: Any, code: str, wher
     assert where in (error["message"] + str(error["details"]))
 
 
+@pytest.mark.stack
 def test_malformed_json_is_422(client: httpx.Client) -> None:
     response = client.post(
         "/v1/jobs", content=b'{"variant": "echo", ', headers={"Content-Type": "application/json"}
@@ -101,6 +97,7 @@ def test_malformed_json_is_422(client: httpx.Client) -> None:
     assert_envelope(not_utf8, 422, "VALIDATION_ERROR")
 
 
+@pytest.mark.stack
 def test_bad_query_parameters_are_422(client: httpx.Client) -> None:
     assert_envelope(client.get("/v1/jobs", params={"status": "sleeping"}), 422, "VALIDATION_ERROR")
     assert_envelope(client.get("/v1/jobs", params={"cursor": "!!!"}), 422, "VALIDATION_ERROR")
@@ -108,13 +105,15 @@ def test_bad_query_parameters_are_422(client: httpx.Client) -> None:
     assert_envelope(client.get("/v1/jobs/job_x", params={"wait": 61}), 422, "VALIDATION_ERROR")
 
 
+@pytest.mark.stack
 def test_unknown_route_and_method_use_the_envelope(client: httpx.Client) -> None:
     assert_envelope(client.get("/v1/nothing-here"), 404, "NOT_FOUND")
     assert_envelope(client.delete("/v1/jobs"), 405, "METHOD_NOT_ALLOWED")
 
 
-def test_openapi_documents_every_error_shape(stack: Stack) -> None:
-    spec = httpx.get(f"{stack.url}/openapi.json").json()
+@pytest.mark.unit
+def test_openapi_documents_every_error_shape() -> None:
+    spec = create_app(Settings()).openapi()  # the document /openapi.json serves, built in-process
     assert "ErrorResponse" in spec["components"]["schemas"]
     submit = spec["paths"]["/v1/jobs"]["post"]["responses"]
     for status in ("202", "401", "422", "503"):
@@ -128,6 +127,7 @@ def test_openapi_documents_every_error_shape(stack: Stack) -> None:
             assert "401" in method["responses"]
 
 
+@pytest.mark.stack
 def test_nul_characters_are_refused_not_500(client: httpx.Client) -> None:
     for body in (
         {**GOOD, "input": {"prompt": "a\u0000b"}},
@@ -146,6 +146,7 @@ def test_nul_characters_are_refused_not_500(client: httpx.Client) -> None:
     )
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize(
     ("messages", "why"),
     [
@@ -160,6 +161,7 @@ def test_message_order_is_checked(client: httpx.Client, messages: list[dict[str,
     assert why in error["message"]
 
 
+@pytest.mark.stack
 def test_input_far_over_the_token_cap_is_413(client: httpx.Client) -> None:
     long = "word " * 6000  # 30,000 characters per message, within the per-field cap
     messages = [{"role": "user", "content": long}, {"role": "assistant", "content": long},
@@ -169,12 +171,14 @@ def test_input_far_over_the_token_cap_is_413(client: httpx.Client) -> None:
     assert error["details"]["max_input_tokens"] > 0
 
 
+@pytest.mark.stack
 def test_variant_nobody_can_run_is_503(client: httpx.Client) -> None:
     body = {"variant": "gemma-3-4b-it", "task": "text", "input": {"prompt": "hi"}}
     error = assert_envelope(client.post("/v1/jobs", json=body), 503, "UNAVAILABLE")
     assert "google/gemma-3-4b-it" in error["message"]
 
 
+@pytest.mark.stack
 def test_idempotency_key_with_another_body_is_409(client: httpx.Client) -> None:
     first = client.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "same-key"})
     assert first.status_code == 202

@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gemmaq.embedded import free_port
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 DEV_START_TIMEOUT_S = 600
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from gemmaq.client import ApiError, Client
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 
 def requests_file(path: Path, count: int) -> Path:

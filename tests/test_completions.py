@@ -7,7 +7,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 MODEL = "gemma-3-270m"
 PROMPT = "The capital city of Germany is Berlin. The capital city of France is"  # as in the README

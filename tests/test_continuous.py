@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from core.schemas import GenerationParams
-from tests.conftest import gemma_270m_float32
+from tests.helpers.models import gemma_270m_float32
 from workers.runtime.base import Request, Result
 from workers.runtime.continuous import ContinuousDecoder
 from workers.runtime.generation import Decoder
+
+# The real 270M weights decoding in this process: minutes on a CPU, not a unit test's seconds.
+pytestmark = pytest.mark.stack
 
 PROMPTS = [
     "The capital city of Germany is Berlin. The capital city of France is",

@@ -3,38 +3,14 @@ deltas while it decodes, a resumable stream (`Last-Event-ID`)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from typing import Any
-
 import httpx
+import pytest
 
-from tests.conftest import Stack
+from tests.helpers.http import SseEvent, sse
+from tests.helpers.jobs import ESSAY
+from tests.helpers.stack import Stack
 
-ESSAY = {
-    "input": {"prompt": "Here is a long essay about lighthouses, part 1:\n\n"},
-    "params": {"max_new_tokens": 64},
-}
-
-SseEvent = dict[str, Any]  # {"id": str | None, "event": str, "data": dict}
-
-
-def sse(client: httpx.Client, job_id: str, last_event_id: str | None = None) -> Iterator[SseEvent]:
-    """The events of one connection, parsed as the SSE spec says (comments skipped)."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event: dict[str, str] = {}
-        for line in response.iter_lines():
-            if not line:
-                if "data" in event:
-                    data = json.loads(event["data"])
-                    yield {"id": event.get("id"), "event": event.get("event", "message"), "data": data}
-                event = {}
-            elif not line.startswith(":"):
-                field, _, text = line.partition(":")
-                event[field] = text[1:] if text.startswith(" ") else text
+pytestmark = pytest.mark.stack
 
 
 def test_deltas_arrive_before_the_end_and_join_into_the_result(client: httpx.Client) -> None:

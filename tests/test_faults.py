@@ -26,8 +26,11 @@ import pytest
 from core import faults
 from gemmaq.embedded import free_port
 from gemmaq.servers import PostgresProcess, RedisProcess
-from tests.conftest import ROOT, Stack, private_stack, wait_healthy, wait_job
-from tests.test_events import sse
+from tests.helpers.http import sse
+from tests.helpers.stack import Stack, private_stack, wait_healthy, wait_job
+from tests.helpers.variants import shipped_variants
+
+pytestmark = pytest.mark.faults
 
 VARIANTS = "gemma-3-270m,echo"
 STORY = "Write a very long story about a lighthouse keeper and the sea."
@@ -88,7 +91,7 @@ class Faulty:
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
     # Batches wait longer for their members: deterministic batches.
-    variants = (ROOT / "core" / "variants.toml").read_text().replace("max_wait_ms = 25", "max_wait_ms = 400")
+    variants = shipped_variants().replace("max_wait_ms = 25", "max_wait_ms = 400")
     env = {
         "GEMMAQ_WORKER_HEARTBEAT_S": "1",
         "GEMMAQ_LEASE_S": "3",

@@ -4,11 +4,14 @@ call that the worker parses, so the result does not hang on what a 270M model wo
 
 from __future__ import annotations
 
+import pytest
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 
 def chat(stack: Stack, key: str, model: str = "gemma-3-270m", **options: object) -> ChatOpenAI:

@@ -7,26 +7,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack
-from tests.media import b64, jpeg, png, png_header_only, tone_wav
-from tests.test_api_errors import assert_envelope
+from tests.helpers.http import assert_envelope
+from tests.helpers.jobs import VISION, audio_job, image_job, upload
+from tests.helpers.media import b64, jpeg, png, png_header_only, tone_wav
+from tests.helpers.stack import Stack
 
-VISION = "tiny-gemma-3-vision"
-AUDIO = "tiny-gemma-3n"
-
-
-def image_job(part: dict[str, Any], variant: str = VISION, task: str = "image") -> dict[str, Any]:
-    content = [{"type": "image", **part}, {"type": "text", "text": "Describe this picture."}]
-    return {"variant": variant, "task": task, "input": {"messages": [{"role": "user", "content": content}]}}
-
-
-def audio_job(part: dict[str, Any], variant: str = AUDIO) -> dict[str, Any]:
-    return {"variant": variant, "task": "audio", "input": {"messages": [{"role": "user", "content": [
-        {"type": "audio", **part}]}]}}  # fmt: skip
-
-
-def upload(client: httpx.Client, data: bytes, name: str, purpose: str = "media") -> httpx.Response:
-    return client.post("/v1/files", files={"file": (name, data)}, data={"purpose": purpose})
+pytestmark = pytest.mark.stack
 
 
 def test_upload_sniffs_the_bytes_not_the_name(client: httpx.Client) -> None:

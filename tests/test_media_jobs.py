@@ -10,9 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import wait_job
-from tests.media import b64, png, speech_wav, tone_wav
-from tests.test_media_admission import audio_job, image_job, upload
+from tests.helpers.jobs import audio_job, image_job, upload
+from tests.helpers.media import b64, png, speech_wav, tone_wav
+from tests.helpers.stack import wait_job
+
+pytestmark = pytest.mark.stack
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"
 

@@ -11,9 +11,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.routers.metrics import Filtered, JobCounts, PeakMemory, Spread, Summary, alerts_for
+from api.metrics_summary import alerts_for
+from api.schemas import Filtered, JobCounts, PeakMemory, Spread, Summary
 from core.settings import Settings
-from tests.conftest import ROOT, Stack, wait_job
+from tests.helpers.stack import Stack, wait_job
+from tests.helpers.variants import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "gemmaq.json"
 
@@ -38,6 +40,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+@pytest.mark.stack
 def test_metrics_move_as_jobs_run(stack: Stack, client: httpx.Client) -> None:
     variant = "gemma-3-270m"
     before, _ = scrape(stack)
@@ -90,6 +93,7 @@ def test_metrics_move_as_jobs_run(stack: Stack, client: httpx.Client) -> None:
     assert families >= {"gemmaq_jobs_ended", "gemmaq_queue_depth", "gemmaq_worker_device_memory_bytes"}
 
 
+@pytest.mark.stack
 def test_grafana_dashboard_charts_every_family(stack: Stack) -> None:
     dashboard = json.loads(Path(DASHBOARD).read_text())
     panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
@@ -101,6 +105,7 @@ def test_grafana_dashboard_charts_every_family(stack: Stack) -> None:
     assert not missing, f"no panel charts {sorted(missing)}"
 
 
+@pytest.mark.stack
 def test_summary_over_the_callers_jobs(stack: Stack) -> None:
     with stack.client(stack.new_key("summary")) as client:
         empty = client.get("/v1/metrics/summary").json()
@@ -136,6 +141,7 @@ def test_summary_over_the_callers_jobs(stack: Stack) -> None:
         assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "UNKNOWN_VARIANT"
 
 
+@pytest.mark.unit
 def test_summaryalerts_for_past_each_threshold() -> None:
     summary = Summary(
         scope="all", variant=None, window_s=3600,

@@ -12,7 +12,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 TERM = "quokkazoid"  # a word of no language, so that nothing else trips over it
 POLICY: dict[str, Any] = {

@@ -7,7 +7,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 MODEL = "gemma-3-270m"
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colours of a rainbow."}]

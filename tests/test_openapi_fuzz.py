@@ -12,8 +12,12 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_healthy
+from tests.helpers.stack import Stack, wait_healthy
+
+pytestmark = pytest.mark.stack
 
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance,status_code_conformance"
 

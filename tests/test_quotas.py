@@ -14,7 +14,9 @@ import redis
 
 from core.broker import enqueue_job, make_celery
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_healthy, wait_job
+from tests.helpers.stack import Stack, wait_healthy, wait_job
+
+pytestmark = pytest.mark.stack
 
 HELD = "echo-held"  # no worker serves it: its jobs stay queued and hold their slot
 

@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_healthy
+from tests.helpers.stack import Stack, wait_healthy
+
+pytestmark = pytest.mark.stack
 
 MODEL = "gemma-3-270m"
 BERLIN = "The capital city of Germany is Berlin. The capital city of France is"

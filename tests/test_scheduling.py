@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from core.scheduling import BROKER_STEPS, broker_step
-from tests.conftest import Stack, wait_job
-from tests.test_text_jobs import submit, text_job
+from tests.helpers.jobs import submit, text_job
+from tests.helpers.stack import Stack, wait_job
 
 
+@pytest.mark.unit
 def test_priority_bands_come_first_then_few_jobs_in_flight() -> None:
     assert broker_step(9, 1000) < broker_step(8, 1)  # any urgent job before any less urgent one
     assert broker_step(5, 1) < broker_step(5, 3) < broker_step(5, 9) < broker_step(5, 33)
@@ -18,6 +21,7 @@ def test_priority_bands_come_first_then_few_jobs_in_flight() -> None:
     assert broker_step(99, 1) == broker_step(9, 1) and broker_step(-3, 1) == broker_step(0, 1)
 
 
+@pytest.mark.stack
 def test_a_flood_does_not_starve_another_users_job(stack: Stack) -> None:
     """A queues 24 jobs, then one urgent job; B queues one job. A worker (one job at a time) then
     starts: A's urgent job runs first, B's within the first few — not after A's backlog."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
 import db.models  # noqa: F401  (registers every table)
 from db.base import Base
-from tests.conftest import Stack
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 
 def test_migrations_match_the_models(stack: Stack) -> None:

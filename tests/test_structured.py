@@ -19,8 +19,10 @@ from langchain_openai import ChatOpenAI
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from pydantic import BaseModel, Field
 
-from tests.conftest import Stack, wait_job
-from tests.test_batches import counts, oai_for, records, run_batch, wait_batch
+from tests.helpers.batches import counts, oai_for, records, run_batch, wait_batch
+from tests.helpers.stack import Stack, wait_job
+
+pytestmark = pytest.mark.stack
 
 TICKET = {
     "type": "object",

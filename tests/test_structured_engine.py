@@ -13,7 +13,7 @@ import pytest
 
 from core import structured
 from core.schemas import GenerationParams, Tool
-from tests.conftest import gemma_270m_float32
+from tests.helpers.models import gemma_270m_float32
 from workers.runtime.base import Request, Result
 from workers.runtime.text import TextEngine
 
@@ -89,6 +89,7 @@ def ask(i: int, prompt: str, **params: Any) -> Request:
     return Request(job_id=f"r{i}", messages=None, prompt=prompt, params=GenerationParams(**params))
 
 
+@pytest.mark.stack
 def test_rows_with_two_schemas_and_rows_with_none_share_a_batch(engine: TextEngine) -> None:
     free = [
         ask(0, "The capital city of France is", max_new_tokens=12),
@@ -129,6 +130,7 @@ def test_rows_with_two_schemas_and_rows_with_none_share_a_batch(engine: TextEngi
         assert result.grammar_compile_ms is not None
 
 
+@pytest.mark.stack
 def test_a_grammar_compiles_once(engine: TextEngine) -> None:
     first = run(engine, [ask(0, "JSON:", max_new_tokens=40, response_format=json_schema(ANSWER, "once"))])[
         "r0"
@@ -140,6 +142,7 @@ def test_a_grammar_compiles_once(engine: TextEngine) -> None:
     assert first.text == again.text
 
 
+@pytest.mark.stack
 def test_a_required_tool_call_matches_the_tools_schema(engine: TextEngine) -> None:
     weather = Tool.model_validate(
         {
@@ -173,6 +176,7 @@ def test_a_required_tool_call_matches_the_tools_schema(engine: TextEngine) -> No
             jsonschema.validate(call["arguments"], weather.function.parameters)
 
 
+@pytest.mark.stack
 def test_auto_lets_the_reply_be_text_or_a_valid_call(engine: TextEngine) -> None:
     weather = Tool.model_validate(
         {
@@ -209,6 +213,7 @@ def test_auto_lets_the_reply_be_text_or_a_valid_call(engine: TextEngine) -> None
         assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
 
 
+@pytest.mark.unit
 def test_a_grammar_over_its_compile_budget_is_refused() -> None:
     grammar = structured.grammar_of(structured.ResponseFormat(type="json_object"), None, None)
     assert grammar is not None

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import Stack, wait_job
+from tests.helpers.jobs import submit, text_job
+from tests.helpers.stack import Stack, wait_job
+
+pytestmark = pytest.mark.stack
 
 PROMPT = "The capital city of Germany is Berlin. The capital city of France is"
-
-
-def submit(client: httpx.Client, body: dict[str, Any], **headers: str) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json=body, headers=headers)
-    assert response.status_code == 202, response.text
-    assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
-    return response.json()  # type: ignore[no-any-return]
-
-
-def text_job(prompt: str, variant: str = "gemma-3-270m", **params: Any) -> dict[str, Any]:
-    return {
-        "variant": variant,
-        "task": "text",
-        "input": {"prompt": prompt},
-        "params": {"max_new_tokens": 8} | params,
-    }
 
 
 def test_completion_on_gemma_3_270m(stack: Stack, client: httpx.Client) -> None:
@@ -212,18 +199,32 @@ def test_health_and_readiness(stack: Stack) -> None:
     assert ready.status_code == 200 and ready.json()["checks"] == {"postgres": "ok", "redis": "ok"}
 
 
-def test_worker_side_completion_is_conditional(stack: Stack, client: httpx.Client) -> None:
-    """`finish` moves a job out of running once; a second call (a redelivery) changes nothing."""
-    from db.repo import runs
-    from db.session import sync_sessionmaker
+def test_a_job_ends_once(stack: Stack, client: httpx.Client) -> None:
+    """`end_jobs` moves a job out of the state its end names once: a second end of a finished
+    job (a redelivery, a racing reconciler, a late cancel) changes nothing, nor does a claim."""
+    import redis
+    from sqlalchemy import select
 
+    from db.endings import JobEnd, end_jobs
+    from db.models import Job
+    from db.repo import runs
+    from db.session import autocommit_engine
+
+    settings = stack.settings()
     job = wait_job(client, submit(client, text_job("x", variant="echo"))["id"])
-    maker = sync_sessionmaker(stack.settings().db_url)
-    with maker.begin() as session:
-        assert runs.claim(session=session, job_id=job["id"], worker="w") is None
-        again = runs.finish(
-            session=session, job_id=job["id"], attempt=1, status="failed", result=None,
-            error={"code": "X", "message": "y"}, metrics={"queue_ms": 1.0},
-        )  # fmt: skip
-    assert again is None
-    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+    client_redis = redis.Redis.from_url(settings.broker_url)
+    with autocommit_engine(settings.db_url).connect() as connection:
+        owner = connection.execute(select(Job.user_id).where(Job.id == job["id"])).scalar_one()
+        ends = [
+            JobEnd(
+                job["id"], "failed", error={"code": "X", "message": "y"}, metrics={"queue_ms": 1.0}, attempt=1
+            ),
+            JobEnd.cancel(job["id"], owner=owner),
+            JobEnd.expire(job["id"]),
+        ]
+        assert runs.claim_many(session=connection, job_ids=[job["id"]], worker="w") == [None]
+        for end in ends:
+            assert end_jobs(connection, client_redis, settings, [end]) == [None]
+    client_redis.close()
+    after = client.get(f"/v1/jobs/{job['id']}").json()
+    assert after["status"] == "succeeded" and after["result"]["text"] == job["result"]["text"]

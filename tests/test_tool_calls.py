@@ -7,6 +7,8 @@ import pytest
 from core.schemas import Tool
 from core.tool_calls import parse_tool_calls, tool_prompt
 
+pytestmark = pytest.mark.unit
+
 TOOLS = [
     Tool.model_validate(
         {
@@ -125,3 +127,72 @@ def test_prompt_lists_every_tool_and_the_format() -> None:
     assert "get_weather_forecast" in prompt and "get_weather_alerts" in prompt
     assert "location (string)" in prompt and "days (integer)" in prompt
     assert "FUNCTION_CALL:" in prompt
+
+
+@pytest.mark.parametrize(
+    ("reply", "calls"),
+    [
+        # Prose before and after a call line.
+        (
+            'Let me check.\nFUNCTION_CALL: get_weather_forecast(location="Tokyo, Japan", days=5)\n'
+            "I will report back.",
+            [FORECAST],
+        ),
+        # Two JSON calls in running text, each in its place.
+        (
+            'Sure: {"name": "get_weather_forecast", "arguments": {"location": "Tokyo, Japan", "days": 5}}'
+            ' and then {"name": "get_weather_alerts", "arguments": '
+            '{"location": "Tokyo, Japan", "severity": "severe"}}. Done.',
+            [FORECAST, ALERTS],
+        ),
+        # The same call twice counts once.
+        ('FUNCTION_CALL: get_weather_forecast(location="Tokyo, Japan", days=5)\n' * 2, [FORECAST]),
+        # A malformed JSON call does not hide a well-formed call after it.
+        (
+            '{"name": "get_weather_forecast", "arguments": {"location": } }\n'
+            'FUNCTION_CALL: get_weather_alerts(location="Tokyo, Japan", severity="severe")',
+            [ALERTS],
+        ),
+        # A list of calls: the undeclared tool is dropped, the declared one kept.
+        (
+            '[{"name": "book_flight", "arguments": {"to": "Tokyo"}}, '
+            '{"name": "get_weather_forecast", "arguments": {"location": "Tokyo, Japan", "days": 5}}]',
+            [FORECAST],
+        ),
+        # `function_call`, arguments as a JSON string.
+        (
+            '{"function_call": {"name": "get_weather_alerts", "arguments": '
+            '"{\\"location\\": \\"Tokyo, Japan\\", \\"severity\\": \\"severe\\"}"}}',
+            [ALERTS],
+        ),
+        # No arguments at all: an empty object.
+        ('{"name": "get_weather_alerts"}', [{"name": "get_weather_alerts", "arguments": {}}]),
+        # Nested values inside the arguments object are kept as they are.
+        (
+            '{"name": "get_weather_forecast", "arguments": {"location": {"city": "Tokyo"}, "days": [1, 2]}}',
+            [{"name": "get_weather_forecast", "arguments": {"location": {"city": "Tokyo"}, "days": [1, 2]}}],
+        ),
+    ],
+)
+def test_calls_among_text_and_other_calls(reply: str, calls: list[dict[str, object]]) -> None:
+    assert parse_tool_calls(reply, TOOLS) == (calls, True)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    ["[1, 2]", '"[1, 2]"', '"{not json"', "null", "5", '"plain text"'],
+)
+def test_arguments_that_are_not_an_object_are_no_call(arguments: str) -> None:
+    reply = '{"name": "get_weather_forecast", "arguments": ' + arguments + "}"
+    assert parse_tool_calls(reply, TOOLS) == ([], True)
+
+
+def test_calls_to_tools_the_job_did_not_declare() -> None:
+    assert parse_tool_calls('{"name": "book_flight", "arguments": {"to": "Tokyo"}}', TOOLS) == ([], False)
+    assert parse_tool_calls("FUNCTION_CALL: book_flight(to='Tokyo')", TOOLS) == ([], True)  # the marker
+    forecast = '{"name": "get_weather_forecast", "arguments": {"days": 1}}'
+    assert parse_tool_calls(forecast, []) == ([], False)  # no tools: nothing is a call
+
+
+def test_more_positional_arguments_than_parameters_are_no_call() -> None:
+    assert parse_tool_calls('get_weather_forecast("Tokyo", 5, 6)', TOOLS) == ([], True)

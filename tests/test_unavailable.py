@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core.settings import Settings
-from tests.conftest import Stack
-from tests.test_api_errors import assert_envelope
+from tests.helpers.http import assert_envelope
+from tests.helpers.stack import Stack
 
 NOWHERE_REDIS = "redis://127.0.0.1:1/0"
 NOWHERE_PG = "postgresql://postgres@127.0.0.1:1/nothing"
 JOB = {"variant": "echo", "input": {"prompt": "hi"}}
 
 
-def _app(stack: Stack, **overrides: str) -> TestClient:
-    settings = Settings(
-        database_url=overrides.get("database_url", stack.database_url),
-        redis_url=overrides.get("redis_url", stack.redis_url),
-        namespace=stack.namespace,
-    )
-    return TestClient(create_app(settings), raise_server_exceptions=False)
+@contextmanager
+def _app(*, database_url: str, redis_url: str, namespace: str) -> Iterator[TestClient]:
+    """The API in this process (lifespan and all), on these servers."""
+    app = create_app(Settings(database_url=database_url, redis_url=redis_url, namespace=namespace))
+    with TestClient(app, raise_server_exceptions=False) as api:
+        yield api
 
 
+@pytest.mark.stack
 def test_redis_down_is_503(stack: Stack) -> None:
     key = stack.new_key()
-    with _app(stack, redis_url=NOWHERE_REDIS) as api:
+    with _app(database_url=stack.database_url, redis_url=NOWHERE_REDIS, namespace=stack.namespace) as api:
         auth = {"Authorization": f"Bearer {key}"}
         start = time.monotonic()
         assert_envelope(api.post("/v1/jobs", json=JOB, headers=auth), 503, "UNAVAILABLE")
@@ -39,8 +43,11 @@ def test_redis_down_is_503(stack: Stack) -> None:
         assert api.get("/v1/jobs", headers=auth).status_code == 200  # reads need only PostgreSQL
 
 
-def test_postgres_down_is_503(stack: Stack) -> None:
-    with _app(stack, database_url=NOWHERE_PG) as api:
+@pytest.mark.unit
+def test_postgres_down_is_503(embedded_redis: str) -> None:
+    with _app(
+        database_url=NOWHERE_PG, redis_url=embedded_redis, namespace=f"unit-{uuid.uuid4().hex[:8]}"
+    ) as api:
         start = time.monotonic()
         response = api.post("/v1/jobs", json=JOB, headers={"Authorization": "Bearer gq_anything"})
         assert_envelope(response, 503, "UNAVAILABLE")

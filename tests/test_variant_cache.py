@@ -3,7 +3,7 @@ when the memory budget holds both; with room for one, the least recently used is
 loads again when its jobs come back, and every job succeeds.
 
 The workers serve two copies of real Whisper models (tiny.en and base, see
-tests/conftest.py:cache_test_variants) that no other worker serves: the fastest real
+tests/helpers/variants.py:cache_test_variants) that no other worker serves: the fastest real
 weights to load on a CPU.
 """
 
@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import Stack, wait_job
-from tests.media import b64, tone_wav
-from tests.test_media_admission import audio_job
+from tests.helpers.jobs import audio_job
+from tests.helpers.media import b64, tone_wav
+from tests.helpers.stack import Stack, wait_job
+
+pytestmark = pytest.mark.stack
 
 TINY, BASE = "cache-whisper-tiny-en", "cache-whisper-base"
 CLIP = b64(tone_wav(1.0))

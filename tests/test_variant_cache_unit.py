@@ -21,6 +21,8 @@ from workers.runtime.base import CancelCheck, Request, RequestError, Result, Shu
 from workers.runtime.cache import VariantCache
 from workers.runtime.device import LockedRunner
 
+pytestmark = pytest.mark.unit
+
 MB = 2**20
 
 

@@ -9,12 +9,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 import redis
 
+from core import keys
 from core.broker import enqueue_job, make_celery, task_message
-from tests.conftest import Stack, wait_job
+from core.settings import Settings
+from tests.helpers.stack import Stack, wait_job
 
 
+@pytest.mark.stack
 def test_redelivered_job_never_writes_a_second_result(stack: Stack, client: httpx.Client) -> None:
     job = wait_job(
         client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "once"}}).json()["id"]
@@ -32,6 +36,7 @@ def test_redelivered_job_never_writes_a_second_result(stack: Stack, client: http
     assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job["id"]) == [(1,)]
 
 
+@pytest.mark.stack
 def test_worker_reports_absent_weights_and_stays_up(stack: Stack, key: str) -> None:
     name = f"absent-{uuid.uuid4().hex[:6]}@test"
     worker = stack.gemmaq("worker", "--variants", "gemma-3-4b-it", "--device", "cpu", "--name", name,
@@ -56,6 +61,7 @@ def test_worker_reports_absent_weights_and_stays_up(stack: Stack, key: str) -> N
     assert worker.wait(timeout=30) == 0
 
 
+@pytest.mark.stack
 def test_no_prompt_or_output_in_any_log_line(stack: Stack, client: httpx.Client) -> None:
     canary = f"canary-{uuid.uuid4().hex}"
     for variant in ("echo", "gemma-3-270m"):
@@ -95,18 +101,21 @@ def _orphan(stack: Stack, client: httpx.Client, attempts: int) -> str:
     return job_id
 
 
+@pytest.mark.stack
 def test_job_of_a_dead_worker_runs_again_on_redelivery(stack: Stack, client: httpx.Client) -> None:
     job = wait_job(client, _orphan(stack, client, attempts=1))
     assert job["status"] == "succeeded" and job["attempts"] == 2
     assert job["result"]["text"] == "orphan" and job["metrics"]["attempt"] == 2
 
 
+@pytest.mark.stack
 def test_job_whose_workers_keep_dying_ends_failed(stack: Stack, client: httpx.Client) -> None:
     job = wait_job(client, _orphan(stack, client, attempts=3), timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "GENERATION_ERROR"
     assert "lost" in job["error"]["message"]
 
 
+@pytest.mark.stack
 def test_queued_job_past_its_deadline_expires_without_running(stack: Stack, client: httpx.Client) -> None:
     deadline = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
     body = {"variant": "echo-held", "input": {"prompt": "too late"}, "expires_at": deadline}
@@ -119,6 +128,7 @@ def test_queued_job_past_its_deadline_expires_without_running(stack: Stack, clie
     assert past.status_code == 422 and "expires_at" in past.json()["error"]["message"]
 
 
+@pytest.mark.stack
 def test_job_past_its_time_limit_ends_timeout(client: httpx.Client) -> None:
     body = {"input": {"prompt": "Write a very long story about the sea."},
             "params": {"max_new_tokens": 500, "timeout_s": 1}}  # fmt: skip
@@ -129,6 +139,7 @@ def test_job_past_its_time_limit_ends_timeout(client: httpx.Client) -> None:
     assert over.status_code == 422 and over.json()["error"]["details"]["limit"] == 600
 
 
+@pytest.mark.stack
 def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client: httpx.Client) -> None:
     """A second delivery while the job runs must not touch its lease (or the reconciler would
     requeue a healthy job and throw its result away)."""
@@ -151,11 +162,12 @@ def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client
     assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job_id) == [(1,)]
 
 
-def test_the_api_sends_the_message_kombu_would(stack: Stack) -> None:
+@pytest.mark.unit
+def test_the_api_sends_the_message_kombu_would(embedded_redis: str) -> None:
     """The API pushes task messages itself (core.broker.send_job): each must be what kombu sends."""
-    settings = stack.settings().model_copy(update={"namespace": f"message-{uuid.uuid4().hex[:8]}"})
+    settings = Settings(redis_url=embedded_redis, namespace=f"message-{uuid.uuid4().hex[:8]}")
     app = make_celery(settings)
-    client = redis.Redis.from_url(stack.redis_url)
+    client = redis.Redis.from_url(embedded_redis)
     try:
         # A step past kombu's own 0..9 (priority 7, 20 jobs in flight): the transport keeps it.
         enqueue_job(app, job_id="job_same", variant="echo", priority=7, in_flight=20)
@@ -175,3 +187,34 @@ def _shape(raw: str | bytes) -> dict[str, object]:
     message["headers"] |= {"id": "-", "root_id": "-"}
     message["properties"] |= {"correlation_id": "-", "delivery_tag": "-"}
     return dict(message)
+
+
+@pytest.mark.stack
+def test_a_job_whose_workers_were_all_lost_fails_once(stack: Stack, client: httpx.Client) -> None:
+    """The reconciler ends a running job that no worker holds a lease on, on its last attempt,
+    through the one path every job's end takes: failed, its lost attempt's metrics row written
+    (which worker, how long it held the job), its end published — once, however often it runs."""
+    from workers.reconciler import Reconciler
+
+    job = wait_job(
+        client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "x"}}).json()["id"]
+    )
+    # As if a worker "ghost" had claimed a second attempt five seconds ago, then died.
+    stack.sql(
+        "UPDATE jobs SET status = 'running', attempts = 2, worker = 'ghost', result = NULL, error = NULL,"
+        " finished_at = NULL, started_at = now() - interval '5 seconds' WHERE id = %s",
+        job["id"],
+    )
+    settings = stack.settings().model_copy(update={"max_attempts": 2, "lease_s": 0})
+    reconciler = Reconciler(settings)
+    assert reconciler.once()["failed"] == 1
+    assert reconciler.once()["failed"] == 0
+    failed = client.get(f"/v1/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "GENERATION_ERROR"
+    assert "lost on all 2 attempts" in failed["error"]["message"]
+    [(worker, total_ms)] = stack.sql(
+        "SELECT worker, total_ms FROM job_metrics WHERE job_id = %s AND attempt = 2", job["id"]
+    )
+    assert worker == "ghost" and 4000 < float(str(total_ms)) < 60_000
+    stream = redis.Redis.from_url(settings.broker_url).xrange(keys.events_key(settings, job["id"]))
+    assert stream is not None and json.loads(stream[-1][1][b"data"]) == {"status": "failed"}  # type: ignore[index]

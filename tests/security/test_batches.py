@@ -3,13 +3,16 @@ that refuses a line — none of them may stall another user's batch or spin the 
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any, Final
 
-from tests.conftest import Stack
-from tests.test_batches import jsonl, line, oai_for, records, wait_batch
+import pytest
+
+from tests.helpers.batches import jsonl, line, oai_for, records, wait_batch
+from tests.helpers.procs import cpu_seconds
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 TOOL_WITH_NUL = {
     "type": "function",
@@ -34,11 +37,6 @@ def schema(properties: int, description: int) -> dict[str, Any]:
 
 def with_tool(tool: dict[str, Any]) -> dict[str, Any]:
     return {"variant": "echo", "input": {"prompt": "hi", "tools": [tool]}}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_unstorable_lines_become_line_errors_and_stall_no_one(stack: Stack) -> None:

@@ -13,13 +13,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 import redis
 
 from core.settings import Settings
 from gemmaq.admin import revoke_key
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_healthy
-from tests.security.test_batches import cpu_seconds
+from tests.helpers.procs import cpu_seconds
+from tests.helpers.stack import Stack, wait_healthy
+
+pytestmark = pytest.mark.stack
 
 MIB = 1024 * 1024
 

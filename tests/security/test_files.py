@@ -8,8 +8,10 @@ import time
 import openai
 import pytest
 
-from tests.conftest import Stack
-from tests.test_batches import jsonl, line, oai_for
+from tests.helpers.batches import jsonl, line, oai_for
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 
 def upload(oai: openai.OpenAI, lines: int, **more: object) -> openai.types.FileObject:

@@ -4,14 +4,18 @@ cache, crowd the webhook rounds, or see text from a lost attempt mixed into a st
 from __future__ import annotations
 
 import httpx
+import pytest
 import redis
 from sqlalchemy import text
 
-from core.queues import key_epoch_key
+from core.keys import key_epoch_key
 from db.repo import webhooks as webhooks_repo
 from db.session import sync_sessionmaker
-from tests.conftest import Stack
-from tests.test_events import ESSAY, sse
+from tests.helpers.http import sse
+from tests.helpers.jobs import ESSAY
+from tests.helpers.stack import Stack
+
+pytestmark = pytest.mark.stack
 
 DUE = (
     "INSERT INTO webhook_deliveries (id, user_id, event, url, status, attempts, history, next_attempt_at)"

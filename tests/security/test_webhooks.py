@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,10 +15,12 @@ import pytest
 
 from core.settings import Settings
 from gemmaq.embedded import free_port
-from tests.conftest import Stack, wait_job
-from tests.test_webhooks import Receiver
+from tests.helpers.procs import rss_mb
+from tests.helpers.stack import Stack, wait_job
+from tests.helpers.webhooks import Receiver
 from workers.webhooks import Dispatcher, _Due
 
+NOWHERE_PG = "postgresql://postgres@127.0.0.1:1/nothing"
 BAD_URLS = [
     "http://[::1",
     "http://exa\tmple.com/hook",
@@ -47,6 +48,7 @@ BAD_URLS = [
 ]
 
 
+@pytest.mark.stack
 def test_urls_the_sender_could_not_use_are_422_everywhere(client: httpx.Client) -> None:
     for url in BAD_URLS:
         settings = client.put("/v1/webhooks/settings", json={"default_url": url})
@@ -56,9 +58,8 @@ def test_urls_the_sender_could_not_use_are_422_everywhere(client: httpx.Client) 
         assert job.status_code == 422, (url, job.status_code, job.text)
 
 
-def test_a_name_that_rebinds_to_loopback_gets_no_post_through(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.unit
+def test_a_name_that_rebinds_to_loopback_gets_no_post_through(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check resolves the name to a public address; a second lookup would answer loopback,
     where a receiver listens. The attempt connects to the checked address or nowhere."""
     receiver = Receiver()
@@ -72,13 +73,13 @@ def test_a_name_that_rebinds_to_loopback_gets_no_post_through(
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    dispatcher = Dispatcher(stack.settings().model_copy(update={"webhook_timeout_s": 2}))
+    dispatcher = Dispatcher(Settings(database_url=NOWHERE_PG, webhook_timeout_s=2))  # no round: no database
     url = f"http://rebind.example:{receiver.port}/"
     due = _Due("msg_rebind", "u", "job_x", None, "job.succeeded", url, 0, "{}")
     try:
         outcome = dispatcher._send(due, "{}", "whsec_" + "A" * 44)
     finally:
-        receiver.server.shutdown()
+        receiver.close()
     assert receiver.requests == []
     assert outcome["status_code"] is None and outcome["error"]
 
@@ -129,13 +130,7 @@ def hostile() -> Iterator[Hostile]:
     h.close()
 
 
-def rss_mb(pid: int) -> float:
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
-            return int(row.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
+@pytest.mark.stack
 def test_endless_and_trickling_receivers_fail_within_the_deadline(
     stack: Stack, client: httpx.Client, hostile: Hostile
 ) -> None:

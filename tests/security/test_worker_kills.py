@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from core.queues import lease_key, message_key
-from tests.conftest import EXTRA_VARIANTS, ROOT, Stack, private_stack, wait_healthy
+from core.keys import lease_key, message_key
+from tests.helpers.stack import Stack, private_stack, wait_healthy
+from tests.helpers.variants import EXTRA_VARIANTS, shipped_variants
+
+pytestmark = pytest.mark.faults
 
 KILLS = 20
 VARIANT = "echo-slow"  # batches of up to 4 that take 1.5 s: there is always something running
@@ -28,7 +31,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         "GEMMAQ_ENQUEUE_GRACE_S": "2",
         "GEMMAQ_MAX_ATTEMPTS": "50",  # a job may be caught by several of the kills in a row
     }
-    variants = (ROOT / "core" / "variants.toml").read_text() + EXTRA_VARIANTS
+    variants = shipped_variants() + EXTRA_VARIANTS
     folder = tmp_path_factory.mktemp("kills")
     with private_stack(folder, namespace="kills", variants=variants, env=env) as (stack, _, _):
         api = stack.gemmaq("api", "--port", stack.url.rsplit(":", 1)[1], log="api.log")

@@ -33,7 +33,7 @@ def _redis_answers(url: str) -> bool:
 
 
 @contextmanager
-def test_servers(scratch: Path) -> Iterator[tuple[str, str]]:
+def shared_servers(scratch: Path) -> Iterator[tuple[str, str]]:
     """Yield (admin PostgreSQL URL, Redis URL)."""
     embedded = EmbeddedServers(scratch / "embedded")
     pg = os.environ.get("GEMMAQ_TEST_DATABASE_URL") or DEFAULT_PG

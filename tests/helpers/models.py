@@ -1,0 +1,27 @@
+"""Real weights loaded in the test process itself (no worker), for the tests that drive a decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.settings import Settings
+
+
+def gemma_270m_float32() -> tuple[Any, Any]:
+    """Gemma 3 270M's converted weights in float32 (so batched and alone agree exactly) and its
+    tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.variants import load_variants
+    from workers.runtime.loading import LOCAL, weights_dir
+
+    registry = load_variants(None)
+    variant = registry.get("gemma-3-270m")
+    assert variant is not None
+    path = weights_dir(variant, registry, Settings().model_cache)
+    tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", **LOCAL
+    )
+    return model.eval(), tokenizer
