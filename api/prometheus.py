@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.fleet import live_workers, queue_depths
 from core import keys, metrics
+from core.schemas import ACTIVE_STATUSES
 from core.settings import Settings
 from db.repo import metrics as metrics_repo
 from db.repo.metrics import Pending
@@ -139,7 +140,7 @@ def _queues(names: list[str], depths: dict[str, int], pending: list[Pending]) ->
     )
     counts = {(p.variant, p.status): (p.count, p.oldest_s) for p in pending}
     for name in names:
-        for status in ("queued", "running"):
+        for status in ACTIVE_STATUSES:
             count, age = counts.get((name, status), (0, 0.0))
             jobs.add_metric([name, status], count)
             if status == "queued":

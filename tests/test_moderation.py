@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from core.schemas import BATCH_ENDED
 from tests.helpers.stack import Stack
 
 pytestmark = pytest.mark.stack
@@ -177,7 +178,7 @@ def test_a_batch_line_in_a_category_is_a_line_error(stack: Stack, filtered_key: 
     )
     batch = oai.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
     deadline = time.monotonic() + 120
-    while (batch := oai.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+    while (batch := oai.batches.retrieve(batch.id)).status not in BATCH_ENDED:
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert batch.status == "completed"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from typing import Any
 
 import openai
 from openai.types import Batch
 
+from core.schemas import BATCH_ENDED
 from tests.helpers.stack import Stack
 
 ENDPOINT = "/v1/chat/completions"
@@ -39,7 +41,9 @@ def run_batch(oai: openai.OpenAI, lines: list[dict[str, Any]], endpoint: Any = E
     return oai.batches.create(input_file_id=file.id, endpoint=endpoint, completion_window="24h")
 
 
-def wait_batch(oai: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 180) -> Batch:
+def wait_batch(
+    oai: openai.OpenAI, batch_id: str, until: Collection[str] = BATCH_ENDED, timeout: float = 180
+) -> Batch:
     deadline = time.monotonic() + timeout
     while True:
         batch = oai.batches.retrieve(batch_id)
