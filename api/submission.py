@@ -60,7 +60,7 @@ from db.endings import Ended, JobEnd, end_jobs
 from db.ids import new_id
 from db.models import User
 from db.repo import jobs as jobs_repo
-from db.session import autocommit_engine
+from db.session import sync_engine
 
 log = structlog.get_logger(__name__)
 
@@ -305,8 +305,8 @@ class Submitter:
 
     def _end(self, end: JobEnd) -> Ended | None:
         """`end_jobs` (db/endings.py), the one path every job's end takes, on a pool thread."""
-        with autocommit_engine(self.settings.db_url).connect() as connection:
-            return end_jobs(connection, self.sync_redis, self.settings, [end])[0]
+        # pool_pre_ping: a connection left stale by a restarted PostgreSQL is replaced, not used.
+        return end_jobs(sync_engine(self.settings.db_url), self.sync_redis, self.settings, [end])[0]
 
     async def stop_running(self, job_id: str) -> None:
         """Ask the worker running the job to stop it at its next decoding step."""

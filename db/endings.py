@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import redis
 import structlog
-from sqlalchemy import Connection, Table, select, text
+from sqlalchemy import Connection, Engine, Table, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -259,11 +259,12 @@ def settle(client: redis.Redis, settings: Settings, ended: Sequence[Ended]) -> l
 
 
 def end_jobs(
-    connection: Connection, client: redis.Redis, settings: Settings, ends: Sequence[JobEnd]
+    engine: Engine, client: redis.Redis, settings: Settings, ends: Sequence[JobEnd]
 ) -> list[Ended | None]:
     """End these jobs (see the module's docstring); for each, its `Ended`, or None when it had
-    moved on (this call changed nothing for it). `connection` autocommits: the statement is its
-    own transaction."""
-    ended = write_ends(connection, ends)
+    moved on (this call changed nothing for it). The statement is committed before anything is
+    published: on an autocommit engine (the workers'), in one round trip."""
+    with engine.begin() as connection:
+        ended = write_ends(connection, ends)
     settle(client, settings, [e for e in ended if e is not None])
     return ended

@@ -15,7 +15,9 @@ from typing import Final
 
 import httpx
 import pytest
+from celery import Celery
 
+from core.broker import make_celery
 from gemmaq.servers import RedisProcess
 from tests.helpers.stack import Stack, session_stack
 
@@ -81,3 +83,14 @@ def embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def broker(stack: Stack) -> Iterator[Celery]:
+    """A Celery app on the stack's broker, to send job messages as the API would; closed after,
+    so no connection of its pool is left to the garbage collector."""
+    app = make_celery(stack.settings())
+    try:
+        yield app
+    finally:
+        app.close()

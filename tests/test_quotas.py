@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from celery import Celery
 
-from core.broker import enqueue_job, make_celery
+from core.broker import enqueue_job
 from gemmaq.embedded import free_port
 from tests.helpers.stack import Stack, wait_healthy, wait_job
 
@@ -29,7 +30,8 @@ def slots_held(stack: Stack, client: httpx.Client) -> int:
     """The concurrency count as Redis holds it."""
     name = client.get("/v1/usage").json()["user"]
     (uid,) = stack.sql("SELECT id FROM users WHERE name = %s", name)[0]
-    return int(redis.Redis.from_url(stack.redis_url).hlen(f"{stack.namespace}:quota:{uid}:active"))
+    with redis.Redis.from_url(stack.redis_url) as r:
+        return int(r.hlen(f"{stack.namespace}:quota:{uid}:active"))
 
 
 def wait_released(stack: Stack, client: httpx.Client) -> None:
@@ -103,9 +105,8 @@ def test_every_authenticated_response_carries_ratelimit_headers(stack: Stack, cl
     assert "RateLimit-Limit" not in httpx.get(f"{stack.url}/v1/jobs").headers  # not authenticated
 
 
-def test_concurrent_jobs_cap_and_slots_released_in_every_terminal_state(stack: Stack) -> None:
+def test_concurrent_jobs_cap_and_slots_released_in_every_terminal_state(stack: Stack, broker: Celery) -> None:
     key = stack.new_key("conc", max_concurrent_jobs=2, requests_per_minute=1000)
-    broker = make_celery(stack.settings())
     with stack.client(key) as client:
         first = [client.post("/v1/jobs", json=job(f"held {i}", HELD)).json() for i in range(2)]
         third = client.post("/v1/jobs", json=job("third"))
@@ -188,9 +189,8 @@ def test_concurrent_jobs_cap_and_slots_released_in_every_terminal_state(stack: S
         assert client.post("/v1/jobs", json=job("after all")).status_code == 202
 
 
-def test_tokens_per_day_enforced_and_ledger_equals_job_usage(stack: Stack) -> None:
+def test_tokens_per_day_enforced_and_ledger_equals_job_usage(stack: Stack, broker: Celery) -> None:
     key = stack.new_key("tokens", tokens_per_day=1000, requests_per_minute=1000)
-    broker = make_celery(stack.settings())
     prompt = " ".join(["word"] * 50)  # echo: 50 input tokens, 50 output tokens
     done: list[dict[str, Any]] = []
     with stack.client(key) as client:

@@ -224,7 +224,7 @@ def test_a_job_ends_once(stack: Stack, client: httpx.Client) -> None:
         ]
         assert runs.claim_many(session=connection, job_ids=[job["id"]], worker="w") == [None]
         for end in ends:
-            assert end_jobs(connection, client_redis, settings, [end]) == [None]
+            assert end_jobs(autocommit_engine(settings.db_url), client_redis, settings, [end]) == [None]
     client_redis.close()
     after = client.get(f"/v1/jobs/{job['id']}").json()
     assert after["status"] == "succeeded" and after["result"]["text"] == job["result"]["text"]

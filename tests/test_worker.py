@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import redis
+from celery import Celery
 
 from core import keys
 from core.broker import enqueue_job, make_celery, task_message
@@ -19,12 +20,13 @@ from tests.helpers.stack import Stack, wait_job
 
 
 @pytest.mark.stack
-def test_redelivered_job_never_writes_a_second_result(stack: Stack, client: httpx.Client) -> None:
+def test_redelivered_job_never_writes_a_second_result(
+    stack: Stack, client: httpx.Client, broker: Celery
+) -> None:
     job = wait_job(
         client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "once"}}).json()["id"]
     )
     assert job["status"] == "succeeded"
-    broker = make_celery(stack.settings())
     for _ in range(3):  # the same message delivered again, as after a lost ack
         enqueue_job(broker, job_id=job["id"], variant="echo", priority=5)
     marker = client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "marker"}}).json()
@@ -97,7 +99,8 @@ def _orphan(stack: Stack, client: httpx.Client, attempts: int) -> str:
         attempts,
         seed["id"],
     )
-    enqueue_job(make_celery(stack.settings()), job_id=job_id, variant="echo", priority=5)
+    with make_celery(stack.settings()) as broker:
+        enqueue_job(broker, job_id=job_id, variant="echo", priority=5)
     return job_id
 
 
@@ -140,7 +143,9 @@ def test_job_past_its_time_limit_ends_timeout(client: httpx.Client) -> None:
 
 
 @pytest.mark.stack
-def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client: httpx.Client) -> None:
+def test_duplicate_message_of_a_running_job_leaves_it_alone(
+    stack: Stack, client: httpx.Client, broker: Celery
+) -> None:
     """A second delivery while the job runs must not touch its lease (or the reconciler would
     requeue a healthy job and throw its result away)."""
     body = {"input": {"prompt": "Write a very long story about the sea."}, "params": {"max_new_tokens": 160}}
@@ -149,13 +154,11 @@ def test_duplicate_message_of_a_running_job_leaves_it_alone(stack: Stack, client
     while client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    broker = make_celery(stack.settings())
     for _ in range(2):
         enqueue_job(broker, job_id=job_id, variant="gemma-3-270m", priority=5)
     time.sleep(1.0)
-    lease = redis.Redis.from_url(stack.redis_url, decode_responses=True).get(
-        f"{stack.namespace}:lease:{job_id}"
-    )
+    with redis.Redis.from_url(stack.redis_url, decode_responses=True) as r:
+        lease = r.get(f"{stack.namespace}:lease:{job_id}")
     assert isinstance(lease, str) and lease.startswith(f"{stack.namespace}@test/")
     job = wait_job(client, job_id)
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
@@ -178,6 +181,8 @@ def test_the_api_sends_the_message_kombu_would(embedded_redis: str) -> None:
         assert _shape(ours) == _shape(theirs)
     finally:
         client.delete(*client.keys(f"{settings.namespace}:*"))
+        client.close()
+        app.close()
 
 
 def _shape(raw: str | bytes) -> dict[str, object]:
@@ -207,8 +212,12 @@ def test_a_job_whose_workers_were_all_lost_fails_once(stack: Stack, client: http
     )
     settings = stack.settings().model_copy(update={"max_attempts": 2, "lease_s": 0})
     reconciler = Reconciler(settings)
-    assert reconciler.once()["failed"] == 1
-    assert reconciler.once()["failed"] == 0
+    try:
+        assert reconciler.once()["failed"] == 1
+        assert reconciler.once()["failed"] == 0
+    finally:
+        reconciler.redis.close()
+        reconciler.broker.close()
     failed = client.get(f"/v1/jobs/{job['id']}").json()
     assert failed["status"] == "failed" and failed["error"]["code"] == "GENERATION_ERROR"
     assert "lost on all 2 attempts" in failed["error"]["message"]
@@ -216,5 +225,6 @@ def test_a_job_whose_workers_were_all_lost_fails_once(stack: Stack, client: http
         "SELECT worker, total_ms FROM job_metrics WHERE job_id = %s AND attempt = 2", job["id"]
     )
     assert worker == "ghost" and 4000 < float(str(total_ms)) < 60_000
-    stream = redis.Redis.from_url(settings.broker_url).xrange(keys.events_key(settings, job["id"]))
-    assert stream is not None and json.loads(stream[-1][1][b"data"]) == {"status": "failed"}  # type: ignore[index]
+    with redis.Redis.from_url(settings.broker_url) as events:
+        stream = events.xrange(keys.events_key(settings, job["id"]))
+    assert stream is not None and json.loads(stream[-1][1][b"data"]) == {"status": "failed"}

@@ -173,8 +173,7 @@ class Reconciler:
         return {name for i, name in enumerate(names) if not any(lengths[i * steps : (i + 1) * steps])}
 
     def _end(self, ends: list[JobEnd]) -> list[Ended | None]:
-        with autocommit_engine(self.settings.db_url).connect() as connection:
-            return end_jobs(connection, self.redis, self.settings, ends)
+        return end_jobs(autocommit_engine(self.settings.db_url), self.redis, self.settings, ends)
 
     def _expire(self) -> int:
         """Queued jobs past their deadline end `expired` without running."""

@@ -81,8 +81,7 @@ def claim_all(pool: VariantPool, job_ids: list[str]) -> list[Claimed | None]:
 
 def end_all(pool: VariantPool, ends: list[JobEnd]) -> list[bool]:
     """End these jobs (db/endings.py): for each, whether this call ended it."""
-    with autocommit_engine(pool.settings.db_url).connect() as connection:
-        ended = end_jobs(connection, pool.redis, pool.settings, ends)
+    ended = end_jobs(autocommit_engine(pool.settings.db_url), pool.redis, pool.settings, ends)
     return [e is not None for e in ended]
 
 
@@ -95,11 +94,12 @@ def claim(ctx: WorkerContext, job_id: str) -> Claimed | None:
     if job is not None:
         return job
     pool = ctx.pool
-    with autocommit_engine(pool.settings.db_url).connect() as connection:
-        if end_jobs(connection, pool.redis, pool.settings, [JobEnd.expire(job_id)])[0] is None:
+    engine = autocommit_engine(pool.settings.db_url)
+    if end_jobs(engine, pool.redis, pool.settings, [JobEnd.expire(job_id)])[0] is None:
+        with engine.connect() as connection:
             again = ended_before(connection, job_id)
-            if again is not None:
-                settle(pool.redis, pool.settings, [again])
+        if again is not None:
+            settle(pool.redis, pool.settings, [again])
     return None
 
 

@@ -27,7 +27,8 @@ def _pg_answers(url: str) -> bool:
 
 def _redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+        with redis.Redis.from_url(url, socket_connect_timeout=2) as client:
+            return bool(client.ping())
     except redis.RedisError:
         return False
 
@@ -71,7 +72,7 @@ def _rebuild(url: str, dbname: str) -> str:
 
 
 def drop_namespace(redis_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
