@@ -42,6 +42,7 @@ from core.settings import Settings
 from db.models import Batch, BatchLineError, User
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
+from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -280,7 +281,7 @@ class BatchRunner(Background):
         lines that never became a job — each in line order."""
 
         def jobs(session: AsyncSession, after: int) -> Awaitable[list[RowMapping]]:
-            return batches_repo.jobs_page(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
+            return jobs_repo.batch_jobs_page(session=session, batch_id=batch.id, after_line=after, limit=PAGE)
 
         async for row in self._paged(jobs, lambda row: int(row["batch_line"])):
             record = _record(batch, job_out(row))

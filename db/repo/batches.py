@@ -9,14 +9,12 @@ from typing import Any
 
 from sqlalchemy import Select, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, aliased, contains_eager
 
 from core.schemas import ACTIVE_STATUSES, BATCH_WORKING
 from db.models import Batch, BatchLineError, Job, User
 from db.repo import pages
-from db.repo.jobs import _READ, _jobs
 
 MAX_PAGE = 100
 WORKING = BATCH_WORKING
@@ -157,17 +155,6 @@ def _text(value: str) -> str:
 async def job_ids(*, session: AsyncSession, batch_id: str, status: str, limit: int) -> list[str]:
     stmt = select(Job.id).where(Job.batch_id == batch_id, Job.status == status).limit(limit)
     return list((await session.execute(stmt)).scalars())
-
-
-async def jobs_page(*, session: AsyncSession, batch_id: str, after_line: int, limit: int) -> list[RowMapping]:
-    """The batch's jobs as the API shows them, with their line, in line order after `after_line`."""
-    stmt = (
-        _READ.add_columns(_jobs.c.batch_line)
-        .where(_jobs.c.batch_id == batch_id, _jobs.c.batch_line > after_line)
-        .order_by(_jobs.c.batch_line)
-        .limit(limit)
-    )
-    return list((await session.execute(stmt)).mappings())
 
 
 async def line_errors(

@@ -182,6 +182,19 @@ async def list_jobs(
     return Page(jobs=jobs, next_cursor=_encode_cursor(jobs[-1]) if more and jobs else None)
 
 
+async def batch_jobs_page(
+    *, session: AsyncSession, batch_id: str, after_line: int, limit: int
+) -> list[RowMapping]:
+    """A batch's jobs as the API shows them, with their line, in line order after `after_line`."""
+    stmt = (
+        _READ.add_columns(_jobs.c.batch_line)
+        .where(_jobs.c.batch_id == batch_id, _jobs.c.batch_line > after_line)
+        .order_by(_jobs.c.batch_line)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).mappings())
+
+
 async def withdraw(*, session: AsyncSession, job_id: str) -> bool:
     """Delete a job whose message could not be sent — only while it is still queued."""
     stmt = delete(Job).where(Job.id == job_id, Job.status == "queued").returning(Job.id)
