@@ -82,6 +82,7 @@ def run_transformers_cb(model: Any, tokenizer: Any, texts: list[str], limits: li
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    model.set_attn_implementation("sdpa")  # the manager refuses gemmaq's (set by run_own's decoder)
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max(limits), eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
     )

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     # Memory a worker fills with warm variants (MiB); None → 90% of the GPU's memory, or half
     # the host's RAM on CPU. Least recently used variants are evicted to load others.
     worker_memory_mb: int | None = Field(default=None, ge=1)
+    # Every continuous variant's paged KV cache, in MiB (None: each variant's own kv_cache_mb).
+    kv_cache_mb: int | None = Field(default=None, ge=1)
     # Torch threads of a worker's engine process (workers.engine), set once at its start;
     # None: one per core.
     engine_threads: int | None = Field(default=None, ge=1)
@@ -113,7 +115,13 @@ class Settings(BaseSettings):
     log_json: bool = True
 
     @field_validator(
-        "database_url", "redis_url", "variants_file", "moderation_policy", "worker_memory_mb", mode="before"
+        "database_url",
+        "redis_url",
+        "variants_file",
+        "moderation_policy",
+        "worker_memory_mb",
+        "kv_cache_mb",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -58,6 +58,15 @@ class Variant(BaseModel):
     max_input_tokens: int = Field(4096, ge=1)
     timeout_s: int = Field(600, ge=1)
     memory_mb: int = 0
+    # Continuous engines: the paged KV cache, allocated once when the variant loads and counted in
+    # the worker's memory budget beside its weights (MiB, on the CPU and on a CUDA device; None:
+    # what every row of a full batch needs at max_input_tokens + max_new_tokens; the
+    # GEMMAQ_KV_CACHE_MB setting overrides both); its block size in tokens; and the prompt tokens
+    # one step prefills beside the decoding rows (None: 128 on the CPU, 2048 on CUDA).
+    kv_cache_mb: int | None = Field(None, ge=1)
+    kv_cache_mb_cuda: int | None = Field(None, ge=1)
+    kv_block_tokens: int = Field(32, ge=1, le=1024)
+    prefill_chunk_tokens: int | None = Field(None, ge=16)
     # Speech: whether it translates (into English), whether it hears English only, and the
     # longest audio one job may carry (None: only the deployment's per-clip limit).
     translate: bool = False
@@ -74,6 +83,17 @@ class Variant(BaseModel):
     @property
     def queue(self) -> str:
         return f"variant.{self.name}"
+
+    def kv_mb(self, device: str) -> int | None:
+        """The KV cache this variant allocates on `device` (None: sized for a full batch)."""
+        if device.startswith("cuda") and self.kv_cache_mb_cuda is not None:
+            return self.kv_cache_mb_cuda
+        return self.kv_cache_mb
+
+    def prefill_chunk(self, device: str) -> int:
+        if self.prefill_chunk_tokens is not None:
+            return self.prefill_chunk_tokens
+        return 2048 if device.startswith("cuda") else 128
 
     def batch_size(self, device: str) -> int:
         """Rows one batch holds on `device` ("cpu", "cuda:0", …)."""
@@ -94,6 +114,12 @@ class VariantRegistry:
 
     def get(self, name: str) -> Variant | None:
         return self._variants.get(name)
+
+    def with_fields(self, **fields: Any) -> VariantRegistry:
+        """The same variants with `fields` set on each (a deployment's overrides)."""
+        if not fields:
+            return self
+        return VariantRegistry({n: v.model_copy(update=fields) for n, v in self._variants.items()})
 
     def names(self) -> list[str]:
         return list(self._variants)

@@ -47,7 +47,10 @@ def ids(decoder: Decoder, r: Request) -> list[int]:
 
 def alone(decoder: Decoder, r: Request) -> str:
     stream = ContinuousDecoder(decoder, max_rows=1)
-    return run(stream, [r])[r.job_id].text
+    outcome = run(stream, [r])[r.job_id]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome.text
 
 
 def never(job_ids: Sequence[str]) -> list[float | None]:

@@ -112,6 +112,8 @@ class EngineServer:
         settings = start.settings
         self.faults = settings if settings.faults else None
         registry = load_variants(settings.variants_file)
+        if settings.kv_cache_mb is not None:
+            registry = registry.with_fields(kv_cache_mb=settings.kv_cache_mb, kv_cache_mb_cuda=settings.kv_cache_mb)
         budget = settings.worker_memory_mb
         self.cache = VariantCache(
             registry,

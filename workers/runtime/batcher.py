@@ -2,7 +2,8 @@
 
 The variant's `batching` (core/variants.toml) says how. `continuous`: a request joins the
 running batch at the next step when a slot is free, a finished one leaves at once (the engine
-is a `ContinuousEngine`). `static`: a batch flushes when it holds `max_batch_size` requests, or
+is a `ContinuousEngine`; a request it cannot decode step by step, one with media on a
+multimodal engine, runs in a static batch between two steps). `static`: a batch flushes when it holds `max_batch_size` requests, or
 `max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
 Either way an idle batcher waits like that for a burst before it starts; requests that find free
 slots in a running batch wait for each other the same way (`max_wait_ms`, or until they fill the
@@ -193,10 +194,14 @@ class Batcher:
                 while waiting:
                     waiting.popleft()[1].set_exception(ShuttingDown())
             joiners: list[Joiner] = []
+            static: list[Item] = []  # requests this engine decodes in a static batch (media)
             gathering = self._gathering(stream, waiting)
             while waiting and len(joiners) < stream.free and not gathering:
                 request, future = waiting.popleft()
                 if future.cancelled():
+                    continue
+                if not engine.continuous(request):
+                    static.append((request, future))
                     continue
                 try:
                     joiners.append((future, request, engine.encode(request)))
@@ -205,6 +210,8 @@ class Batcher:
             joined = self._join(stream, joiners)
             self._publish(stream)  # before the results: a job's last delta precedes its end
             self._deliver(joined)
+            for start in range(0, len(static), self.max_batch_size):  # between two steps
+                self._run(static[start : start + self.max_batch_size])
             if stream.rows:
                 stepped = self._step(stream)
                 self._publish(stream)

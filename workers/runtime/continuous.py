@@ -1,48 +1,54 @@
-"""Continuous batching for decoder-only text models: rows join and leave between decoding steps.
+"""Continuous batching for decoder-only text models over a paged KV cache: rows join and leave
+between steps, long prompts are prefilled in chunks between the other rows' tokens.
 
-A static batch runs until its longest member is done, so with mixed `max_new_tokens` most rows
-sit finished while the batch goes on. Here a finished row leaves at once and a waiting request
-takes its slot at the next step:
-
-- `join` prefills the newcomers on their own (left-padded; a request sent again after its
-  engine died is prefilled with the tokens it had generated, and goes on from them) and
-  splices their key/value cache into the running one, both left-padded to one length; a 2-D
-  attention mask marks the padding and each row carries its own position ids, so RoPE and the
-  masks see every row as if alone.
-- `step` feeds every row its last token, picks each row's next token (greedy, or sampled with
-  the row's own seeded generator), and returns the rows that are done (eos, `max_new_tokens`,
-  a stop string or a cancel, checked with one MGET per step).
-- leaving rows are cut out of the cache, and columns that have become padding for every row
-  are trimmed, so the cache never outgrows its longest live row by much.
-- a row with a grammar (structured outputs: workers.runtime.constrain) has the tokens its
-  grammar forbids masked before its token is picked, and ends when the grammar is complete.
+- `join` takes newcomers into the batch (a request sent again after its engine died brings the
+  tokens it had generated, and goes on from them); it computes nothing.
+- `step` runs one forward over every row's next tokens, packed without padding
+  (workers.runtime.kv): each decoding row brings its last token, and rows still prefilling bring
+  the next chunk of their prompt, `chunk` tokens a step in all, so that a long prompt costs the
+  running rows a little each step rather than a long stall. A row whose prefill is complete, and
+  every decoding row, picks its next token (greedy, or sampled with the row's own seeded
+  generator; a row with a grammar has what it forbids masked first). Rows that are done (eos,
+  `max_new_tokens`, a stop string, a complete grammar, a cancel: one MGET a step) leave at once
+  and their blocks go back to the pool.
+- memory: a row is let in when the blocks for its whole sequence are free; when a decoding row
+  needs a block and none is, the newest row is preempted (its blocks freed; its tokens, grammar
+  matcher, generator and published text kept) and prefilled again from its tokens when blocks
+  free up. A prompt the pool can never hold is refused, naming the limit.
+- a step that raises is run again in halves until the rows that raise are found: they fail, the
+  others go on (their cache is rewritten where the failed step had half written it). An error
+  the device cannot recover from (CUDA, other than out of memory) is raised to the batcher.
 - each row's new text is put in `deltas` (job id, text) at most every `DELTA_EVERY_S` and when
   it ends, for the batcher to publish: held back while a stop string may be forming, so the
   deltas of a job, joined, are its result's text.
-
-The cache is a `DynamicCache` of full layers: sliding-window layers get their window from the
-mask (in cache positions, as `generate` does with left padding).
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers import DynamicCache
 
-from workers.runtime.base import CancelCheck, Engine, Request, Result
+from workers.runtime import kv
+from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result
 from workers.runtime.constrain import mask_rows
 from workers.runtime.generation import Decoder, peak_memory
 from workers.runtime.sampling import sample_row
 
 STEP_HISTORY = 256  # step times kept to measure a cancel's lag in steps
 DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while it runs
+# Defaults for a decoder built without an engine's settings (tests, benches).
+DEFAULT_KV_MB = 256
+DEFAULT_BLOCK = 32
+DEFAULT_CHUNK = {"cpu": 128, "cuda": 2048}
+
+Outcome = tuple[object, Result | Exception]
 
 
 @runtime_checkable
@@ -50,6 +56,10 @@ class ContinuousEngine(Engine, Protocol):
     """An engine the batcher runs step by step (see workers.runtime.batcher)."""
 
     def encode(self, request: Request) -> list[int]: ...
+
+    def continuous(self, request: Request) -> bool:
+        """Whether `request` joins the continuous batch (else: a static batch between steps)."""
+        ...
 
     def stream(self) -> ContinuousDecoder: ...
 
@@ -59,32 +69,78 @@ class Row:
     key: object  # the caller's handle, returned with the row's result
     request: Request
     prompt: list[int]
-    joined: float  # monotonic: prefill started
+    order: int  # join order: rows are let in, and preempted (newest first), by it
+    joined: float  # monotonic: joined the batch
     joined_at: float  # wall clock of the same moment, for the cancel lag
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # generated so far
+    tables: kv.Tables | None = None  # its blocks; None while it waits for them
+    computed: int = 0  # tokens of prompt + tokens in the cache
     first_token_at: float | None = None
     peak_rows: int = 0
+    preempted: int = 0
     reason: str | None = None  # set when the row is done
+    error: Exception | None = None  # its step failed
     cancel_lag: int | None = None
     sent: str = ""  # its text published so far (a prefix of its result's text)
     sent_at: float = 0.0  # monotonic
 
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.tokens)
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[position] if position < n else self.tokens[position - n]
+
+
+def fatal(exc: BaseException) -> bool:
+    """An error after which the device cannot be trusted: the engine restarts (workers.engine).
+    Out of memory is not one: the step is retried in parts."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    return (accelerator is not None and isinstance(exc, accelerator)) or "CUDA error" in str(exc)
+
 
 class ContinuousDecoder:
-    def __init__(self, decoder: Decoder, *, max_rows: int) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        max_rows: int,
+        pool: kv.KVPool | None = None,
+        kv_budget_mb: int | None = None,
+        chunk: int | None = None,
+        block: int = DEFAULT_BLOCK,
+    ) -> None:
         self.decoder = decoder
         self.model = decoder.model
         self.device = decoder.device
         self.max_rows = max_rows
-        self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.body, self.head, self.text_config = language_model(decoder.model)
+        self.layer_types = sorted(set(getattr(self.text_config, "layer_types", None) or ["full_attention"]))
+        if pool is None:
+            pool = kv.make_pool(
+                decoder.model,
+                kv.KVConfig(
+                    budget_mb=kv_budget_mb or DEFAULT_KV_MB,
+                    block=block,
+                    chunk=chunk or DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cpu"]),
+                ),
+                max_rows=max_rows,
+                device=self.device,
+            )
+        pool.reset()
+        self.pool = pool
+        self.chunk = pool.chunk
+        self.rows: list[Row] = []  # every row in hand, in join order; those with tables are let in
+        self._order = itertools.count()
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
         self.deltas: list[tuple[str, str]] = []  # (job id, new text), taken by the batcher
         # job id → the tokens a running row had generated at its last delta, taken with them
         self.progress: dict[str, list[int]] = {}
+        self.preemptions = 0
 
     @property
     def free(self) -> int:
@@ -92,47 +148,32 @@ class ContinuousDecoder:
 
     # ---- joining ---------------------------------------------------------------------------
 
-    def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[tuple[object, Result]]:
-        """Prefill (key, request, prompt ids) newcomers and add them to the running batch.
-        Returns the rows that ended on their first token (a limit of one token, or eos)."""
-        if not entries:
-            return []
-        now = time.monotonic()
-        resumed = [self._resumed(request) for _, request, _ in entries]
-        full = [ids + done for (_, _, ids), done in zip(entries, resumed, strict=True)]
-        width = max(len(ids) for ids in full)
-        input_ids = torch.full((len(entries), width), self.decoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(entries), width), dtype=torch.long)
-        for i, ids in enumerate(full):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                cache_position=torch.arange(width, device=self.device),
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1, :]
-        rows = [
-            Row(
-                key=key,
-                request=request,
-                prompt=ids,
-                joined=now,
-                joined_at=time.time(),
-                generator=_generator(request, self.device),
-                tokens=list(done),
+    def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[Outcome]:
+        """Take (key, request, prompt ids) newcomers into the batch; their prefill runs in the
+        steps that follow. Returns the ones refused (a sequence the cache can never hold)."""
+        now, wall = time.monotonic(), time.time()
+        refused: list[Outcome] = []
+        for key, request, ids in entries:
+            done = self._resumed(request)
+            if len(ids) + len(done) + 1 > self.pool.capacity_tokens:
+                refused.append((key, RequestError(
+                    f"input is {len(ids) + len(done)} tokens; this engine's KV cache holds at most "
+                    f"{self.pool.capacity_tokens - 1} tokens for one request"
+                )))  # fmt: skip
+                continue
+            self.rows.append(
+                Row(
+                    key=key,
+                    request=request,
+                    prompt=list(ids),
+                    order=next(self._order),
+                    joined=now,
+                    joined_at=wall,
+                    generator=_generator(request, self.device),
+                    tokens=list(done),
+                )
             )
-            for (key, request, ids), done in zip(entries, resumed, strict=True)
-        ]
-        self._splice(cache, mask, positions[:, -1] + 1, rows)
-        return self._advance(logits, range(len(self.rows) - len(rows), len(self.rows)))
+        return refused
 
     def _resumed(self, request: Request) -> list[int]:
         """The tokens a re-sent request had generated (its limit and eos left out); its grammar,
@@ -143,46 +184,136 @@ class ContinuousDecoder:
             request.constraint.matcher.consume_tokens(done[:end])
         return done[:end]
 
-    def _splice(
-        self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, rows: list[Row]
-    ) -> None:
-        if self.cache is None or not self.rows:
-            self.cache, self.mask, self.positions, self.rows = cache, mask, positions, rows
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
-            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
-        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, dim=1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.rows = self.rows + rows
-
     # ---- decoding --------------------------------------------------------------------------
 
-    def step(self, cancelled: CancelCheck) -> list[tuple[object, Result]]:
-        """One decoding step for every row; returns the rows that are done."""
-        assert self.cache is not None and self.rows
+    def step(self, cancelled: CancelCheck) -> list[Outcome]:
+        """One forward over every row's next tokens; returns the rows that are done."""
         done = self._cancels(cancelled)
-        if self.rows:
-            last = torch.tensor([r.tokens[-1] for r in self.rows], dtype=torch.long, device=self.device)
-            ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
-            self.mask = torch.cat([self.mask, ones], dim=1)
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=last.unsqueeze(1),
-                    attention_mask=self.mask,
-                    position_ids=self.positions.unsqueeze(1),
-                    cache=self.cache,
-                    cache_position=torch.tensor([self.mask.shape[1] - 1], device=self.device),
-                    use_cache=True,
-                ).logits[:, -1, :]
-            self.positions = self.positions + 1
-            open_rows = [i for i, r in enumerate(self.rows) if r.reason is None]
-            done += self._advance(logits, open_rows)
+        spans = self._schedule()
+        if spans:
+            outcomes = self._run(spans)
+            picking: list[tuple[Row, torch.Tensor]] = []
+            for row, count in spans:
+                outcome = outcomes[id(row)]
+                if isinstance(outcome, Exception):
+                    row.reason, row.error = "error", outcome
+                    continue
+                row.computed += count
+                assert row.tables is not None
+                kv.slide(self.pool, row.tables, row.computed)
+                if outcome is not None:
+                    picking.append((row, outcome))
+            done += self._advance(picking)
         self._step_times.append(time.time())
-        return done
+        return done + self._collect()
 
-    def _cancels(self, cancelled: CancelCheck) -> list[tuple[object, Result]]:
+    def _schedule(self) -> list[tuple[Row, int]]:
+        """This step's (row, tokens) in join order: every decoding row's last token, then prefill
+        chunks up to `chunk` tokens in all, letting in waiting rows whose blocks fit. Preempts
+        the newest rows when a decoding row needs a block that no one has free."""
+        budget = self.chunk
+        spans: list[tuple[Row, int]] = []
+        closed = False  # a row waits for blocks: the rows behind it wait too (first come, first in)
+        for row in sorted(self.rows, key=lambda r: r.order):
+            if row.reason is not None:
+                continue
+            if row.tables is None and (closed or not self._let_in(row)):
+                closed = True
+                continue
+            assert row.tables is not None
+            pending = row.length - row.computed
+            count = 1 if pending == 1 else min(pending, budget)
+            if count == 0:
+                continue
+            while True:
+                try:
+                    kv.ensure(self.pool, row.tables, row.computed + count, row.computed)
+                    break
+                except kv.OutOfBlocks:
+                    victim = max((r for r in self.rows if r.tables is not None), key=lambda r: r.order)
+                    if victim is row and sum(1 for r in self.rows if r.tables is not None) == 1:
+                        row.reason = "length"  # alone, and the pool holds no more of it
+                        break
+                    self._preempt(victim)
+                    closed = True  # a row preempted now is not let in again in the same step
+                    if victim is row:
+                        break
+            if row.reason is not None or row.tables is None:
+                continue
+            if pending > 1:
+                budget -= count
+            spans.append((row, count))
+        return spans
+
+    def _let_in(self, row: Row) -> bool:
+        """Give `row` the blocks of its whole sequence, if they are free (one spare for each row
+        already in, so that decoding rows rarely preempt a row just let in)."""
+        need = self.pool.blocks_for(row.length + 1)
+        spare = sum(1 for r in self.rows if r.tables is not None)
+        if need + spare > self.pool.free():
+            return False
+        row.tables, row.computed = kv.Tables(), 0
+        row.tables.full = self.pool.take(kv.FULL, self.pool.blocks_for(row.length))
+        return True
+
+    def _preempt(self, row: Row) -> None:
+        assert row.tables is not None
+        row.tables.release(self.pool)
+        row.tables, row.computed = None, 0
+        row.preempted += 1
+        self.preemptions += 1
+
+    def _run(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | None | Exception]:
+        """The step's forward; where it raises, its halves, until the rows that raise are found.
+        Maps each row (by id) to its logits (None: mid-prefill) or the error of its part."""
+        try:
+            return self._forward(spans)
+        except Exception as exc:
+            if fatal(exc):
+                raise
+            if len(spans) == 1:
+                return {id(spans[0][0]): exc}
+            half = len(spans) // 2
+            return {**self._run(spans[:half]), **self._run(spans[half:])}
+
+    def _forward(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | None]:
+        ids: list[int] = []
+        positions: list[int] = []
+        parts: list[kv.Span] = []
+        ends: list[int] = []  # index of the last token of each span that completes its row
+        for row, count in spans:
+            assert row.tables is not None
+            start = row.computed
+            ids.extend(row.token_at(p) for p in range(start, start + count))
+            positions.extend(range(start, start + count))
+            parts.append(kv.Span(row.tables, start, count))
+            if start + count == row.length:
+                ends.append(len(ids) - 1)
+        plan = kv.StepPlan(self.pool, parts)
+        with torch.inference_mode():
+            hidden = self.body(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
+                attention_mask=dict.fromkeys(self.layer_types, plan),
+                use_cache=False,
+            ).last_hidden_state[0]
+            logits = self.head(hidden[torch.tensor(ends, dtype=torch.long, device=self.device)])
+            softcap = getattr(self.text_config, "final_logit_softcapping", None)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+        out: dict[int, torch.Tensor | None] = {}
+        n = 0
+        for row, count in spans:
+            if row.computed + count == row.length:
+                out[id(row)] = logits[n]
+                n += 1
+            else:
+                out[id(row)] = None
+        return out
+
+    def _cancels(self, cancelled: CancelCheck) -> list[Outcome]:
+        if not self.rows:
+            return []
         flags = cancelled([r.request.job_id for r in self.rows])
         for row, requested in zip(self.rows, flags, strict=True):
             if requested is not None and row.reason is None:
@@ -191,18 +322,19 @@ class ContinuousDecoder:
                 row.cancel_lag = 1 + sum(1 for t in self._step_times if t >= since)
         return self._collect()
 
-    def _advance(self, logits: torch.Tensor, indices: Sequence[int]) -> list[tuple[object, Result]]:
-        """Pick each listed row's next token from its logits (in the same order)."""
+    def _advance(self, picking: list[tuple[Row, torch.Tensor]]) -> list[Outcome]:
+        """Pick each row's next token from its logits."""
+        if not picking:
+            return []
         now = time.monotonic()
-        scores = logits.float()
-        constrained = [(n, c) for n, i in enumerate(indices) if (c := self.rows[i].request.constraint)]
-        if constrained:  # what their grammars forbid is -inf
+        scores = torch.stack([logits for _, logits in picking]).float()
+        constrained = [(n, c) for n, (row, _) in enumerate(picking) if (c := row.request.constraint)]
+        if constrained:  # what their grammars forbid is pushed down
             with torch.inference_mode():
                 mask_rows(scores, constrained)
         greedy = scores.argmax(dim=-1).tolist()
-        size = len(self.rows)
-        for n, i in enumerate(indices):
-            row = self.rows[i]
+        size = sum(1 for r in self.rows if r.tables is not None)
+        for n, (row, _) in enumerate(picking):
             params = row.request.params
             token = greedy[n]
             if row.generator is not None:
@@ -226,7 +358,7 @@ class ContinuousDecoder:
                     row.reason = "stop"
             if row.reason is None and now - row.sent_at >= DELTA_EVERY_S:
                 self._send(row, self._settled_text(row), now)
-        return self._collect()
+        return []
 
     def _settled_text(self, row: Row) -> str:
         """The row's text so far that its result will surely start with."""
@@ -245,30 +377,23 @@ class ContinuousDecoder:
                 self.progress[row.request.job_id] = list(row.tokens)
         row.sent_at = now
 
-    def _collect(self) -> list[tuple[object, Result]]:
-        """Take the done rows out of the batch (and their cache), as results."""
-        keep = [i for i, r in enumerate(self.rows) if r.reason is None]
-        if len(keep) == len(self.rows):
+    def _collect(self) -> list[Outcome]:
+        """Take the done rows out of the batch, their blocks back to the pool."""
+        if all(r.reason is None for r in self.rows):
             return []
         end = time.monotonic()
         peak = peak_memory(self.device)
-        finished = [(r.key, self._result(r, end, peak)) for r in self.rows if r.reason is not None]
-        if not keep:
-            self.abandon()
-            if self.device.type == "cuda":  # peak memory is reported per busy spell
-                torch.cuda.reset_peak_memory_stats(self.device)
-            return finished
-        assert self.cache is not None
-        # Everything new is built before anything is replaced: a failure leaves the batch whole.
-        index = torch.tensor(keep, device=self.device)
-        mask, positions = self.mask[index], self.positions[index]
-        live = mask.any(dim=0).nonzero()
-        start = int(live[0]) if live.numel() else 0  # columns left of this are padding in every row
-        layers = [(lay.keys[index, :, start:], lay.values[index, :, start:]) for lay in self.cache.layers]
-        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
-            layer.keys, layer.values = keys, values
-        self.mask, self.positions = mask[:, start:], positions
-        self.rows = [self.rows[i] for i in keep]
+        finished: list[Outcome] = []
+        for row in self.rows:
+            if row.reason is None:
+                continue
+            if row.tables is not None:
+                row.tables.release(self.pool)
+                row.tables = None
+            finished.append((row.key, row.error or self._result(row, end, peak)))
+        self.rows = [r for r in self.rows if r.reason is None]
+        if not self.rows and self.device.type == "cuda":  # peak memory is reported per busy spell
+            torch.cuda.reset_peak_memory_stats(self.device)
         return finished
 
     def _result(self, row: Row, end: float, peak: int) -> Result:
@@ -281,7 +406,7 @@ class ContinuousDecoder:
         return Result(
             text=text,
             finish_reason=reason,
-            input_tokens=len(row.prompt),
+            input_tokens=len(row.prompt),  # once, however often it was prefilled
             output_tokens=n_out,
             time_to_first_token_ms=(row.first_token_at - started) * 1000
             if row.first_token_at and started
@@ -302,18 +427,16 @@ class ContinuousDecoder:
     def abandon(self) -> list[object]:
         """Drop every row (after an error); returns their keys."""
         keys = [r.key for r in self.rows]
-        self.rows, self.cache = [], None
-        self.mask, self.positions = self.mask[:0, :0], self.positions[:0]
+        self.rows = []
+        self.pool.reset()
         return keys
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def language_model(model: Any) -> tuple[Any, Any, Any]:
+    """The decoder stack, the output head and the text config of a causal LM, or of the language
+    model inside a multimodal checkpoint; its attention goes through the paged cache."""
+    config = kv.use_paged_attention(model)
+    return model.get_decoder(), model.get_output_embeddings(), config
 
 
 def _generator(request: Request, device: torch.device) -> torch.Generator | None:

@@ -24,6 +24,7 @@ from filelock import FileLock
 from core.variants import Variant, VariantRegistry, hf_snapshot, weights_problem
 from workers.runtime.base import Engine
 from workers.runtime.echo import EchoEngine
+from workers.runtime.kv import KVConfig
 from workers.runtime.text import GEMMA_CHAT_TEMPLATE, TextEngine
 
 log = structlog.get_logger(__name__)
@@ -205,6 +206,19 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         device=device,
         max_batch_size=variant.batch_size(device),
         max_input_tokens=variant.max_input_tokens,
+        kv=kv_config(variant, device),
+    )
+
+
+def kv_config(variant: Variant, device: str) -> KVConfig | None:
+    """The paged KV cache of a variant that decodes continuously (None: it batches statically)."""
+    if variant.batching != "continuous":
+        return None
+    return KVConfig(
+        budget_mb=variant.kv_mb(device),
+        block=variant.kv_block_tokens,
+        chunk=variant.prefill_chunk(device),
+        max_tokens=variant.max_input_tokens + variant.max_new_tokens,
     )
 
 
@@ -225,7 +239,9 @@ def _with_processor(variant: Variant, path: Path, device: str, kwargs: dict[str,
         from workers.runtime.multimodal import ProcessorEngine
 
         classes = (AutoModelForImageTextToText, AutoProcessor)
-        make = functools.partial(ProcessorEngine, max_input_tokens=variant.max_input_tokens)
+        make = functools.partial(
+            ProcessorEngine, max_input_tokens=variant.max_input_tokens, kv=kv_config(variant, device)
+        )
     model_class, processor_class = classes
     return make(
         name=variant.name,

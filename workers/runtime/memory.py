@@ -47,11 +47,12 @@ def allocated(device: str) -> int | None:
 
 def resident_bytes(engine: Any, device: str, before: int | None) -> int:
     """What a freshly loaded engine occupies: the growth of CUDA allocations across its load
-    (nothing else runs on the device meanwhile), else the bytes of its modules' tensors."""
+    (nothing else runs on the device meanwhile; its KV pool is allocated then too), else the
+    bytes of its modules' tensors and of its KV pool."""
     after = allocated(device)
     if before is not None and after is not None and after > before:
         return after - before
-    return module_bytes(engine)
+    return module_bytes(engine) + int(getattr(engine, "kv_bytes", 0))
 
 
 def module_bytes(root: Any, depth: int = 4) -> int:

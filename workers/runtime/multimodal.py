@@ -3,6 +3,13 @@
 Each job's conversation, its images and audio clips decoded in place, goes through
 `processor.apply_chat_template`; jobs with the same kinds of media share one padded
 `generate` (a processor takes a batch only when every conversation has the same shape).
+
+A variant that batches continuously (Gemma 3 4B-27B) decodes its text-only jobs in the
+continuous batch like any text model: its language model over the paged KV cache. Jobs with
+media stay in static batches, run between the continuous batch's steps: an image's tokens attend
+to each other both ways (the causal mask of the paged path does not say so yet), and the vision
+tower's prefill has not joined the packed step. Gemma 3n batches statically altogether: its
+language model shares key/value states across layers, which the pool does not model.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ class ProcessorEngine(DecodingEngine):
             processor.chat_template = self.tokenizer.chat_template  # the tokenizer's, or Gemma's
         self.tools_in_template = template_takes_tools(processor.chat_template)
 
+    def continuous(self, request: Request) -> bool:
+        return self.pool is not None and not request.images and not request.audio_clips
+
     def warmup(self) -> None:
         from core.schemas import GenerationParams
 
@@ -73,6 +83,8 @@ class ProcessorEngine(DecodingEngine):
             job_id="warmup", messages=None, prompt="Hello", params=GenerationParams(max_new_tokens=2)
         )
         self.generate([warm], lambda ids: [None] * len(ids))
+        if self.pool is not None:
+            self.warm_stream()
 
     def _inputs(self, batch: Sequence[Request]) -> dict[str, torch.Tensor]:
         if batch[0].prompt is not None:

@@ -1,20 +1,22 @@
 """Text generation on a Hugging Face causal LM: a job's prompt built from its messages (the chat
 template, the tools offered), then decoded step by step by a continuous decoder
-(workers.runtime.continuous) in the worker's engine process — requests join the running batch
-and leave it between decoding steps (workers.runtime.batcher)."""
+(workers.runtime.continuous) over the engine's paged KV cache (workers.runtime.kv), in the
+worker's engine process — requests join the running batch and leave it between decoding steps
+(workers.runtime.batcher)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypedDict, Unpack
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 
 from core import structured
 from core.tool_calls import tool_prompt
+from workers.runtime import kv
 from workers.runtime.base import Request, RequestError
 from workers.runtime.constrain import Grammars
-from workers.runtime.continuous import ContinuousDecoder
+from workers.runtime.continuous import DEFAULT_CHUNK, ContinuousDecoder
 from workers.runtime.generation import Decoder
 
 # Gemma's turn format, for tokenizers that ship without a template (the 270M GGUF's).
@@ -81,19 +83,23 @@ def text_only(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
-class EngineArgs(TypedDict):
-    """What a `DecodingEngine` is built with, besides its tokenizer (or the processor that has it)."""
+class EngineArgs(TypedDict, total=False):
+    """What a `DecodingEngine` is built with, besides its tokenizer (or the processor that has it).
+    `kv`: its paged KV cache, for the requests it decodes continuously (None: it decodes none)."""
 
-    name: str
-    model: Any
-    device: str
-    max_batch_size: int
-    max_input_tokens: int
+    name: Required[str]
+    model: Required[Any]
+    device: Required[str]
+    max_batch_size: Required[int]
+    max_input_tokens: Required[int]
+    kv: kv.KVConfig | None
 
 
 class DecodingEngine:
     """What the text and multimodal engines share: a Hugging Face model that a `Decoder` runs, its
-    tokenizer (with Gemma's chat template where it ships none), and the engine's limits."""
+    tokenizer (with Gemma's chat template where it ships none), a job's prompt ids and grammar,
+    the engine's limits, and, when it decodes continuously, its KV pool: allocated once, here,
+    so that the memory it takes is measured with the weights."""
 
     def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
         self.name = args["name"]
@@ -103,19 +109,20 @@ class DecodingEngine:
         if not tokenizer.chat_template:
             tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model=args["model"], tokenizer=tokenizer, device=torch.device(self.device))
+        model = args["model"]
+        self.decoder = Decoder(model=model, tokenizer=tokenizer, device=torch.device(self.device))
+        vocab = int(getattr(kv.text_config(model), "vocab_size", 0) or len(tokenizer))
+        self.grammars = Grammars(tokenizer, vocab, self.decoder.eos_ids)
+        config = args.get("kv")
+        self.pool = (
+            kv.make_pool(model, config, max_rows=self.max_batch_size, device=torch.device(self.device))
+            if config is not None
+            else None
+        )
+        self.kv_bytes = self.pool.bytes if self.pool is not None else 0
 
     def too_long(self, tokens: int) -> RequestError:
         return RequestError(f"input is {tokens} tokens; {self.name} takes at most {self.max_input_tokens}")
-
-
-class TextEngine(DecodingEngine):
-    """A causal LM, run step by step by the continuous decoder (its variants' batching)."""
-
-    def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
-        super().__init__(tokenizer=tokenizer, **args)
-        vocab = int(getattr(args["model"].config, "vocab_size", 0) or len(tokenizer))
-        self.grammars = Grammars(tokenizer, vocab, self.decoder.eos_ids)
 
     def encode(self, request: Request) -> list[int]:
         """The request's prompt ids; a request whose reply is held to a grammar gets its matcher."""
@@ -160,11 +167,16 @@ class TextEngine(DecodingEngine):
             raise self.too_long(len(ids))
         return ids
 
+    def continuous(self, request: Request) -> bool:
+        """Whether `request` decodes in the continuous batch (else in a static one)."""
+        return self.pool is not None
+
     def stream(self) -> ContinuousDecoder:
         """A running batch that requests join and leave between steps (continuous batching)."""
-        return ContinuousDecoder(self.decoder, max_rows=self.max_batch_size)
+        assert self.pool is not None, f"{self.name} has no KV cache: it decodes in static batches"
+        return ContinuousDecoder(self.decoder, max_rows=self.max_batch_size, pool=self.pool)
 
-    def warmup(self) -> None:
+    def warm_stream(self) -> None:
         """One short generation through the running-batch path, so the first real request does not
         pay for lazy initialisation."""
         from core.schemas import GenerationParams
@@ -176,3 +188,16 @@ class TextEngine(DecodingEngine):
         stream.join([(None, warm, self.encode(warm))])
         while stream.rows:
             stream.step(lambda ids: [None] * len(ids))
+
+
+class TextEngine(DecodingEngine):
+    """A causal LM, run step by step by the continuous decoder (its variants' batching)."""
+
+    def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
+        if args.get("kv") is None:  # built without a variant's settings (tests, tools)
+            device = torch.device(args["device"]).type
+            args["kv"] = kv.KVConfig(budget_mb=None, chunk=DEFAULT_CHUNK.get(device, DEFAULT_CHUNK["cpu"]))
+        super().__init__(tokenizer=tokenizer, **args)
+
+    def warmup(self) -> None:
+        self.warm_stream()
