@@ -89,17 +89,10 @@ class KVPool:
         self.chunk = chunk
         self.dtype = dtype
         self.device = device
-        item = torch.tensor([], dtype=dtype).element_size()
-        per_token = 2 * geometry.kv_heads * geometry.head_dim * item  # one layer's key and value
-        sliding = 0
-        if geometry.layers(SLIDING):
-            # Enough for every row at once, so sliding blocks never run short: each row holds its
-            # window behind its next query (a block more where it straddles), and a step's new
-            # tokens — one a decoding row, `chunk` in all for the prefilling ones — a block more.
-            sliding = max_rows * (self.blocks_for(geometry.window or 0) + 3) + self.blocks_for(chunk) + 1
-        sliding_bytes = sliding * block * per_token * geometry.layers(SLIDING)
-        full_block_bytes = block * per_token * geometry.layers(FULL)
-        full = (budget_bytes - sliding_bytes) // full_block_bytes if full_block_bytes else 0
+        sliding = sliding_blocks(geometry, block=block, max_rows=max_rows, chunk=chunk)
+        sliding_bytes = sliding * block_bytes(geometry, SLIDING, block, dtype)
+        full_block = block_bytes(geometry, FULL, block, dtype)
+        full = (budget_bytes - sliding_bytes) // full_block if full_block else 0
         if geometry.layers(FULL) and full < 2:
             raise ValueError(
                 f"a KV budget of {budget_bytes / 2**20:.0f} MiB does not hold {max_rows} rows' sliding windows "
@@ -144,6 +137,31 @@ class KVPool:
         return -(-tokens // self.block)
 
 
+def block_bytes(geometry: Geometry, group: int, block: int, dtype: torch.dtype) -> int:
+    """Bytes of one block of `group`: keys and values of `block` tokens in each of its layers."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    return 2 * block * geometry.kv_heads * geometry.head_dim * item * geometry.layers(group)
+
+
+def sliding_blocks(geometry: Geometry, *, block: int, max_rows: int, chunk: int) -> int:
+    """Enough sliding blocks for every row at once, so that they never run short: each row holds
+    its window behind its next query (a block more where it straddles), and a step's new tokens
+    (one a decoding row, `chunk` in all for the prefilling ones) a block more each."""
+    if not geometry.layers(SLIDING):
+        return 0
+    return max_rows * (-(-(geometry.window or 0) // block) + 3) + -(-chunk // block) + 1
+
+
+def budget_bytes(
+    geometry: Geometry, *, full_blocks: int, block: int, max_rows: int, chunk: int, dtype: torch.dtype
+) -> int:
+    """The budget of a pool with `full_blocks` blocks of full attention (block 0 included)."""
+    sliding = sliding_blocks(geometry, block=block, max_rows=max_rows, chunk=chunk)
+    return full_blocks * block_bytes(geometry, FULL, block, dtype) + sliding * block_bytes(
+        geometry, SLIDING, block, dtype
+    )
+
+
 @dataclass(frozen=True)
 class KVConfig:
     """How a variant's pool is sized and used (core/variants.toml, GEMMAQ_KV_CACHE_MB)."""
@@ -161,14 +179,10 @@ def make_pool(model: Any, config: KVConfig, *, max_rows: int, device: torch.devi
     if not dtype.is_floating_point:
         dtype = torch.bfloat16
     budget = config.budget_mb * 2**20 if config.budget_mb else 0
-    if not budget:
-        item = torch.tensor([], dtype=dtype).element_size()
-        per_token = 2 * geometry.kv_heads * geometry.head_dim * item
-        full_tokens = max_rows * (-(-(config.max_tokens + 1) // config.block) + 1) * config.block + config.block
-        budget = full_tokens * per_token * geometry.layers(FULL)
-        window = geometry.window or 0
-        sliding = max_rows * (-(-window // config.block) + 3) + -(-config.chunk // config.block) + 1
-        budget += sliding * config.block * per_token * geometry.layers(SLIDING)
+    if not budget:  # each row's blocks at max_tokens (and one more), besides the sliding windows
+        full = max_rows * (-(-(config.max_tokens + 1) // config.block) + 1) + 1
+        budget = budget_bytes(geometry, full_blocks=full, block=config.block, max_rows=max_rows, chunk=config.chunk,
+                              dtype=dtype)  # fmt: skip
     return KVPool(
         geometry, budget_bytes=budget, block=config.block, max_rows=max_rows, chunk=config.chunk, dtype=dtype,
         device=device,
