@@ -104,7 +104,7 @@ class DoneListener(Background):
                     self._wake_all()  # whatever was published while nobody listened
         finally:
             with contextlib.suppress(RedisError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     def _wake(self, job_id: str) -> None:
         for event in self._waiters.get(job_id, ()):

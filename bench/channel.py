@@ -3,7 +3,7 @@
     .venv/bin/python bench/channel.py [--rounds 2000] [--media-mb 4]
 
 Each candidate runs an echo peer in a child process, and the parent sends it messages like the
-ones the worker's shell and engine exchange (workers/engine/messages.py):
+ones the worker's shell and engine exchange (workers/shared/messages.py):
 - small: a `Submit` of a short text request (a job id, a prompt, its params), echoed back:
   round trips per second and the median round trip;
 - media: a request carrying a decoded clip of `--media-mb` MiB of float32 audio, echoed back:
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.schemas import GenerationParams  # noqa: E402
-from workers.engine.messages import Submit  # noqa: E402
-from workers.runtime.base import Request  # noqa: E402
+from workers.shared.base import Request  # noqa: E402
+from workers.shared.messages import Submit  # noqa: E402
 
 
 def small_message(i: int) -> Submit:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/gpu.py [--batches 1,2,4,8,16,32,64] [--new-tokens 64] [--device cuda:0]
 
 For gemma-3-270m in bf16, int8 and nf4 (bitsandbytes), loaded by the worker's own loader
-(workers/runtime/loading.py): at each batch size, that many prompts decoded greedily to
+(workers/engine/loading.py): at each batch size, that many prompts decoded greedily to
 `--new-tokens` by the worker's continuous decoder (all rows joining at once), and by bare batched
 `generate` for reference. Prints tokens/s for both and the peak memory `torch.cuda` saw.
 Needs a CUDA device (the `device` tool lends one); exits with a message without it.
@@ -31,7 +31,7 @@ def never_cancelled(job_ids: Sequence[str]) -> list[float | None]:
 
 def engine_rate(engine: Any, batch: int, new_tokens: int) -> float:
     from core.schemas import GenerationParams
-    from workers.runtime.base import Request
+    from workers.shared.base import Request
 
     stream = engine.stream()
     stream.max_rows = batch
@@ -71,7 +71,7 @@ def main() -> None:
         raise SystemExit("no CUDA device here: run this where a GPU is lent (see bench/README.md)")
     from core.settings import Settings
     from core.variants import load_variants
-    from workers.runtime.loading import load_engine
+    from workers.engine.loading import load_engine
 
     settings, registry = Settings(), load_variants(None)
     base = registry.get("gemma-3-270m")

@@ -49,21 +49,25 @@ def prompt(tokenizer: Any, tokens: int, topic: int) -> str:
 
 
 def decoder_for(model: Any, tokenizer: Any) -> Any:
-    from workers.runtime.continuous import ContinuousDecoder
-    from workers.runtime.generation import Decoder
+    from workers.engine.continuous import ContinuousDecoder
+    from workers.engine.generation import Decoder
 
     return ContinuousDecoder(Decoder(model=model, tokenizer=tokenizer, device=model.device), max_rows=BATCH)
 
 
 def request(i: int, text: str, new_tokens: int) -> Any:
     from core.schemas import GenerationParams
-    from workers.runtime.base import Request
+    from workers.shared.base import Request
 
-    return Request(job_id=f"r{i}", messages=None, prompt=text, params=GenerationParams(max_new_tokens=new_tokens))
+    return Request(
+        job_id=f"r{i}", messages=None, prompt=text, params=GenerationParams(max_new_tokens=new_tokens)
+    )
 
 
 def join(stream: Any, tokenizer: Any, texts: Sequence[str], first: int = 0, new_tokens: int = 10_000) -> None:
-    entries = [(first + i, request(first + i, t, new_tokens), tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
+    entries = [
+        (first + i, request(first + i, t, new_tokens), tokenizer(t)["input_ids"]) for i, t in enumerate(texts)
+    ]
     assert not stream.join(entries)
 
 
@@ -135,7 +139,10 @@ def main() -> None:
     model, tokenizer = load_model()
     short = [prompt(tokenizer, args.short, i) for i in range(14)]
     long = [prompt(tokenizer, args.long, 100 + i) for i in range(8)]
-    print(f"prompts: short {len(tokenizer(short[0])['input_ids'])} tokens, long {len(tokenizer(long[0])['input_ids'])}")
+    print(
+        f"prompts: short {len(tokenizer(short[0])['input_ids'])} tokens, "
+        f"long {len(tokenizer(long[0])['input_ids'])}"
+    )
     first_tokens(model, tokenizer, short[:2])  # warm-up
 
     s8 = step_time(model, tokenizer, short[:8])
@@ -147,20 +154,25 @@ def main() -> None:
 
     together = first_tokens(model, tokenizer, [*short[:7], long[0]])
     alone = sum(first_tokens(model, tokenizer, [t]) for t in [*short[:7], long[0]])
-    print(f"join of 7 short + 1 long: {together:.2f} s to every first token; the 8 prefills alone {alone:.2f} s")
+    print(
+        f"join of 7 short + 1 long: {together:.2f} s to every first token; the 8 prefills alone {alone:.2f} s"
+    )
 
     quiet, gap, steps = stall(model, tokenizer, short[:7], long[1])
     print(f"7 running rows, median step {quiet * 1000:.1f} ms; while a {args.long}-token prompt joined "
           f"({steps} steps) their longest gap was {gap * 1000:.1f} ms")  # fmt: skip
 
     texts = [*short, long[2], long[3]]
-    texts = [texts[i] for i in (0, 1, 2, 14, 3, 4, 5, 6, 7, 8, 9, 15, 10, 11, 12, 13)]  # the long ones among them
+    texts = [
+        texts[i] for i in (0, 1, 2, 14, 3, 4, 5, 6, 7, 8, 9, 15, 10, 11, 12, 13)
+    ]  # the long ones among them
     limits = [args.new_tokens] * len(texts)
     own = run_own(model, tokenizer, texts, limits)
     hf = run_transformers_cb(model, tokenizer, texts, limits)
     own_rate, hf_rate = own["tokens"] / own["seconds"], hf["tokens"] / hf["seconds"]
     print(f"14 short + 2 long, {args.new_tokens} new tokens each: gemmaq {own['tokens']} tokens in "
-          f"{own['seconds']:.2f} s = {own_rate:.1f} tok/s; transformers CB {hf['tokens']} in {hf['seconds']:.2f} s "
+          f"{own['seconds']:.2f} s = {own_rate:.1f} tok/s; transformers CB {hf['tokens']} in "
+          f"{hf['seconds']:.2f} s "
           f"= {hf_rate:.1f} tok/s")  # fmt: skip
     print(
         f"longctx: vs_transformers_cb={own_rate / hf_rate:.2f} join_waste={together / alone:.2f} "

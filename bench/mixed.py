@@ -8,7 +8,7 @@ Every job asks for its own `max_new_tokens`, drawn from min..max (seeded), greed
 - static batching: in this process, `generate` on batches of the worker's `max_batch_size` in
   submission order; a batch decodes until its longest member is done (each row counts only
   the tokens it asked for) — how the worker batched before, and how a static batcher does.
-- gemmaq's continuous decoder alone (workers/runtime/continuous.py), in this process: up to
+- gemmaq's continuous decoder alone (workers/engine/continuous.py), in this process: up to
   `max_batch_size` rows, a finished row's slot refilled at the next step.
 - transformers' continuous-batching manager (`init_continuous_batching`, paged attention), in
   this process, with the same cap on requests per batch.
@@ -58,9 +58,9 @@ def never_cancelled(job_ids: Sequence[str]) -> list[float | None]:
 
 def run_own(model: Any, tokenizer: Any, texts: list[str], limits: list[int]) -> dict[str, Any]:
     from core.schemas import GenerationParams
-    from workers.runtime.base import Request
-    from workers.runtime.continuous import ContinuousDecoder
-    from workers.runtime.generation import Decoder
+    from workers.engine.continuous import ContinuousDecoder, results_of
+    from workers.engine.generation import Decoder
+    from workers.shared.base import Request
 
     plain = Decoder(model=model, tokenizer=tokenizer, device=model.device)
     decoder = ContinuousDecoder(plain, max_rows=BATCH)
@@ -74,7 +74,7 @@ def run_own(model: Any, tokenizer: Any, texts: list[str], limits: list[int]) -> 
         done = decoder.join([(i, r, tokenizer(r.prompt)["input_ids"]) for i, r in joining])
         if decoder.rows:
             done = [*done, *decoder.step(never_cancelled)]
-        tokens += sum(result.output_tokens for _, result in done)
+        tokens += sum(result.output_tokens for _, result in results_of(done))
     return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
 

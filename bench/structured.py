@@ -107,7 +107,7 @@ def libraries(tokenizer_path: Path) -> None:
         from llguidance import LLMatcher
 
         from core import structured
-        from workers.runtime.constrain import Constraint
+        from workers.engine.constrain import Constraint
 
         started = time.perf_counter()
         lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
@@ -168,7 +168,7 @@ def main() -> None:
     if args.libraries:
         from core.settings import Settings
         from core.variants import load_variants
-        from workers.runtime.loading import weights_dir
+        from workers.engine.loading import weights_dir
 
         registry = load_variants(None)
         variant = registry.get("gemma-3-270m")

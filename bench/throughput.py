@@ -79,7 +79,7 @@ def load_model(dtype: Any = None) -> tuple[Any, Any]:
 
     from core.settings import Settings
     from core.variants import load_variants
-    from workers.runtime.loading import DTYPES, LOCAL, weights_dir
+    from workers.engine.loading import DTYPES, LOCAL, weights_dir
 
     settings = Settings()
     registry = load_variants(None)

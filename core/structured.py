@@ -6,7 +6,7 @@ llguidance grammar (`grammar_of`). The API checks it at submission (`check`): a 
 grammar compiler does not implement, a schema too large or too deep, or one that takes too long
 to compile is a 422 there, never a failed job. The engine compiles the same grammar against its
 variant's tokenizer, once per grammar (cached by hash), and masks each constrained row's logits
-at every step (workers.runtime.constrain).
+at every step (workers.engine.constrain).
 
 llguidance, chosen over xgrammar and outlines-core (README "Structured outputs" has the
 figures): it needs no torch (the API checks schemas without loading one), it refuses keywords it

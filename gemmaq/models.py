@@ -119,7 +119,7 @@ def prepare(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings()
     from core.variants import load_variants
-    from workers.runtime.loading import weights_dir
+    from workers.engine.loading import weights_dir
 
     registry = load_variants(settings.variants_file)
     if variants == "local":

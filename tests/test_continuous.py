@@ -13,9 +13,9 @@ import torch
 
 from core.schemas import GenerationParams
 from tests.helpers.models import gemma_270m_float32
-from workers.runtime.base import Request, Result
-from workers.runtime.continuous import ContinuousDecoder
-from workers.runtime.generation import Decoder
+from workers.engine.continuous import ContinuousDecoder, Outcome, results_of
+from workers.engine.generation import Decoder
+from workers.shared.base import Request, Result
 
 # The real 270M weights decoding in this process: minutes on a CPU, not a unit test's seconds.
 pytestmark = pytest.mark.stack
@@ -47,10 +47,7 @@ def ids(decoder: Decoder, r: Request) -> list[int]:
 
 def alone(decoder: Decoder, r: Request) -> str:
     stream = ContinuousDecoder(decoder, max_rows=1)
-    outcome = run(stream, [r])[r.job_id]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome.text
+    return run(stream, [r])[r.job_id].text
 
 
 def never(job_ids: Sequence[str]) -> list[float | None]:
@@ -65,9 +62,9 @@ def run(
     while pending or stream.rows:
         if pending and stream.free and steps % join_every == 0:
             joining, pending = pending[: stream.free], pending[stream.free :]
-            results.update(stream.join([(r.job_id, r, ids(stream.decoder, r)) for r in joining]))
+            results.update(results_of(stream.join([(r.job_id, r, ids(stream.decoder, r)) for r in joining])))
         if stream.rows:
-            results.update(stream.step(never))
+            results.update(results_of(stream.step(never)))
         steps += 1
     return results
 
@@ -102,11 +99,11 @@ def test_stop_strings_and_a_cancel_end_only_their_own_row(decoder: Decoder) -> N
     mate = request(0, max_new_tokens=20)
     flags: dict[str, float] = {}
     stream = ContinuousDecoder(decoder, max_rows=4)
-    results = dict(stream.join([(r.job_id, r, ids(decoder, r)) for r in (stop, victim, mate)]))
+    results = dict(results_of(stream.join([(r.job_id, r, ids(decoder, r)) for r in (stop, victim, mate)])))
     for step in range(60):
         if step == 5:
             flags[victim.job_id] = 0.0  # requested before every step that follows
-        results.update(stream.step(lambda job_ids: [flags.get(j) for j in job_ids]))
+        results.update(results_of(stream.step(lambda job_ids: [flags.get(j) for j in job_ids])))
         if not stream.rows:
             break
     assert results[stop.job_id].finish_reason == "stop"
@@ -130,14 +127,14 @@ def test_requests_that_reach_freed_slots_a_moment_apart_join_as_one(decoder: Dec
     """Rows end; the jobs that take their slots reach the engine a few milliseconds apart. They
     join the running batch together (one prefill), not one by one; a request on its own still
     joins once `max_wait_ms` has passed."""
-    from workers.runtime.batcher import Batcher
-    from workers.runtime.device import LockedRunner
-    from workers.runtime.text import TextEngine
+    from workers.engine.batcher import Batcher
+    from workers.engine.device import LockedRunner
+    from workers.engine.text import TextEngine
 
     joins: list[int] = []
 
     class Counted(ContinuousDecoder):
-        def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[tuple[object, Result]]:
+        def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[Outcome]:
             joins.append(len(entries))
             return super().join(entries)
 

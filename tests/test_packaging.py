@@ -123,3 +123,35 @@ def test_the_api_and_the_cli_import_nothing_of_the_worker_extra() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_no_module_of_the_shells_folders_imports_torch() -> None:
+    """A path says which process runs a file: the worker shell's modules (workers/*.py,
+    workers/shell/, and workers/shared/ that the engine imports too) never load torch or
+    transformers, however deep; only workers/engine/ does."""
+    workers = ROOT / "workers"
+    shell = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in [
+            *workers.glob("*.py"),
+            *(workers / "shell").glob("*.py"),
+            *(workers / "shared").glob("*.py"),
+        ]
+        if path.name != "__init__.py"
+    )
+    assert {
+        "workers.tasks",
+        "workers.shell.pool",
+        "workers.shell.engine_client",
+        "workers.shared.base",
+    } <= set(shell)
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {shell!r}: importlib.import_module(name)\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -14,10 +14,10 @@ import torch
 
 from core.schemas import GenerationParams
 from tests.helpers.models import gemma_270m_float32
-from workers.runtime import kv
-from workers.runtime.base import Request, RequestError, Result
-from workers.runtime.continuous import ContinuousDecoder
-from workers.runtime.text import TextEngine
+from workers.engine import kv
+from workers.engine.continuous import ContinuousDecoder
+from workers.engine.text import TextEngine
+from workers.shared.base import Request, RequestError, Result
 
 pytestmark = pytest.mark.stack  # real weights decoding in this process: minutes on a CPU
 
@@ -76,8 +76,8 @@ def pool_for(engine: TextEngine, *, full_blocks: int, max_rows: int, block: int 
 def test_twelve_long_jobs_share_a_cache_that_holds_three(engine: TextEngine) -> None:
     """A budget that holds about 3 rows of 1,500 tokens; 12 such jobs sent at once through the
     batcher. All succeed with the text each gets alone, and the pool never lends more than it has."""
-    from workers.runtime.batcher import Batcher
-    from workers.runtime.device import LockedRunner
+    from workers.engine.batcher import Batcher
+    from workers.engine.device import LockedRunner
 
     block = 32
     per_row = -(-1510 // block) + 1  # blocks of one row at its longest
@@ -129,7 +129,7 @@ def test_a_row_whose_step_fails_fails_alone(engine: TextEngine) -> None:
     that job fails, the others finish with their own text."""
 
     class Faulty(ContinuousDecoder):
-        def _forward(self, spans: list[tuple[Any, int]]) -> dict[int, torch.Tensor | None]:
+        def _forward(self, spans: list[tuple[Any, int]]) -> dict[int, torch.Tensor | Exception | None]:
             if any(row.request.job_id == "poison" for row, _ in spans):
                 raise RuntimeError("injected: this row's step fails")
             return super()._forward(spans)
@@ -137,7 +137,9 @@ def test_a_row_whose_step_fails_fails_alone(engine: TextEngine) -> None:
     prompts = ["Once upon a time", "def fibonacci(n):", "1, 2, 3,", "The capital city of France is"]
     requests = [request(f"ok{i}", p, max_new_tokens=12) for i, p in enumerate(prompts)]
     poison = request("poison", "A poisoned prompt", max_new_tokens=12)
-    outcomes = drive(Faulty(engine.decoder, max_rows=5), engine, [requests[0], requests[1], poison, *requests[2:]])
+    outcomes = drive(
+        Faulty(engine.decoder, max_rows=5), engine, [requests[0], requests[1], poison, *requests[2:]]
+    )
     assert isinstance(outcomes["poison"], RuntimeError)
     assert [outcomes[r.job_id].text for r in requests] == [alone(engine, r) for r in requests]
 
@@ -147,12 +149,20 @@ def test_a_preempted_row_goes_on_as_if_it_had_not_been(engine: TextEngine) -> No
     with a seed, is preempted and prefilled again later. Its text is what it is alone, and its
     stream of deltas shows no text twice."""
     block = 16
-    seeded = dict(max_new_tokens=40, temperature=0.8, seed=7, response_format={"type": "json_object"})
-    mates = [request(f"m{i}", p, max_new_tokens=40) for i, p in enumerate(["Once upon a time", "def add(a, b):"])]
+    seeded: dict[str, Any] = {
+        "max_new_tokens": 40, "temperature": 0.8, "seed": 7, "response_format": {"type": "json_object"}
+    }  # fmt: skip
+    mates = [
+        request(f"m{i}", p, max_new_tokens=40) for i, p in enumerate(["Once upon a time", "def add(a, b):"])
+    ]
     target = request("json", "Describe a cat as JSON with keys name and age:", **seeded)
-    stream = ContinuousDecoder(engine.decoder, max_rows=3, pool=pool_for(engine, full_blocks=8, max_rows=3, block=block))
+    stream = ContinuousDecoder(
+        engine.decoder, max_rows=3, pool=pool_for(engine, full_blocks=8, max_rows=3, block=block)
+    )
     deltas: list[tuple[str, str]] = []
-    outcomes: dict[object, Any] = dict(stream.join([(r.job_id, r, engine.encode(r)) for r in [*mates, target]]))
+    outcomes: dict[object, Any] = dict(
+        stream.join([(r.job_id, r, engine.encode(r)) for r in [*mates, target]])
+    )
     row = stream.rows[-1]
     while stream.rows:
         outcomes.update(stream.step(never))
@@ -177,9 +187,9 @@ def test_a_text_job_on_a_gemma_3_multimodal_variant_joins_the_continuous_batch()
 
     from core.settings import Settings
     from core.variants import load_variants
-    from workers.runtime.batcher import Batcher
-    from workers.runtime.device import LockedRunner
-    from workers.runtime.loading import load_engine
+    from workers.engine.batcher import Batcher
+    from workers.engine.device import LockedRunner
+    from workers.engine.loading import load_engine
 
     registry = load_variants(None)
     variant = registry.get("tiny-gemma-3-vision")

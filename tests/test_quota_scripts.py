@@ -265,7 +265,7 @@ def test_ending_a_batch_of_jobs_settles_each_once(settings: Settings, sync_redis
     ended = [
         Ended(job, USER, "echo", DAY, "succeeded", None, tokens, fresh=False) for job, tokens in used.items()
     ]
-    done = sync_redis.pubsub()  # type: ignore[no-untyped-call]
+    done = sync_redis.pubsub()
     done.subscribe(*(job_done_channel(settings, e.job_id) for e in ended))
 
     async def scenario(q: AsyncQuotas) -> None:

@@ -14,8 +14,9 @@ import pytest
 from core import structured
 from core.schemas import GenerationParams, Tool
 from tests.helpers.models import gemma_270m_float32
-from workers.runtime.base import Request, Result
-from workers.runtime.text import TextEngine
+from workers.engine.continuous import results_of
+from workers.engine.text import TextEngine
+from workers.shared.base import Request, Result
 
 PERSON = {
     "type": "object",
@@ -80,7 +81,7 @@ def run(
         done = stream.join([(r.job_id, r, engine.encode(r)) for r in joining])
         if stream.rows:
             done += stream.step(lambda ids: [None] * len(ids))
-        results.update({str(key): result for key, result in done})
+        results.update({str(key): result for key, result in results_of(done)})
         step += 1
     return results
 

@@ -17,9 +17,9 @@ import torch
 
 from core.schemas import GenerationParams
 from core.variants import Variant, parse_variants
-from workers.runtime.base import CancelCheck, Request, RequestError, Result, ShuttingDown
-from workers.runtime.cache import VariantCache
-from workers.runtime.device import LockedRunner
+from workers.engine.cache import VariantCache
+from workers.engine.device import LockedRunner
+from workers.shared.base import CancelCheck, Request, RequestError, Result, ShuttingDown
 
 pytestmark = pytest.mark.unit
 

@@ -26,9 +26,9 @@ from core.broker import RUN_JOB_TASK, make_celery
 from core.settings import Settings
 from core.variants import Variant, load_variants
 from workers import tasks
-from workers.engine.client import EngineStartFailed
 from workers.reconciler import Duties
-from workers.runtime.pool import VariantPool
+from workers.shell.engine_client import EngineStartFailed
+from workers.shell.pool import VariantPool
 
 log = structlog.get_logger(__name__)
 

@@ -30,9 +30,9 @@ from db.repo import runs
 from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.grouped import Grouped
-from workers.runtime.base import EngineFailure, Request, RequestError, Result, ShuttingDown
-from workers.runtime.media_decoding import file_ids, load_media
-from workers.runtime.pool import VariantPool
+from workers.shared.base import EngineFailure, Request, RequestError, Result, ShuttingDown
+from workers.shell.media_decoding import file_ids, load_media
+from workers.shell.pool import VariantPool
 
 log = structlog.get_logger(__name__)
 

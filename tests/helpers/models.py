@@ -14,7 +14,7 @@ def gemma_270m_float32() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.variants import load_variants
-    from workers.runtime.loading import LOCAL, weights_dir
+    from workers.engine.loading import LOCAL, weights_dir
 
     registry = load_variants(None)
     variant = registry.get("gemma-3-270m")

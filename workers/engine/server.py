@@ -1,6 +1,6 @@
 """The engine process: the device, the warm variants and their batchers, and nothing else.
 
-Started by the worker's shell (workers.engine.client) as `python -m workers.engine`, with one
+Started by the worker's shell (workers.shell.engine_client) as `python -m workers.engine`, with one
 end of a socket pair. No Celery, PostgreSQL or Redis runs here: requests arrive decoded, cancel
 flags arrive as messages, deltas and results go back the same way. The torch thread count is
 set once, at start, and the threads are this process's own.
@@ -28,7 +28,9 @@ from core import faults
 from core.logging import configure_logging
 from core.settings import Settings
 from core.variants import load_variants
-from workers.engine.messages import (
+from workers.engine.device import DeviceThread
+from workers.shared.base import Result
+from workers.shared.messages import (
     Cancel,
     Deltas,
     Done,
@@ -41,8 +43,6 @@ from workers.engine.messages import (
     Stop,
     Submit,
 )
-from workers.runtime.base import Result
-from workers.runtime.device import DeviceThread
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ class EngineServer:
         self._stop = threading.Event()
         self.cache: Any = None
         self.faults: Settings | None = None  # the settings, when faults are injected (tests)
-        # Every torch call runs on this process's main thread (see workers.runtime.device).
+        # Every torch call runs on this process's main thread (see workers.engine.device).
         self.device_thread = DeviceThread()
 
     def send(self, message: FromEngine) -> None:
@@ -91,7 +91,7 @@ class EngineServer:
     def send_states(self) -> None:
         if self.cache is None:
             return
-        from workers.runtime import memory
+        from workers.engine import memory
 
         self.send(
             States(
@@ -105,15 +105,17 @@ class EngineServer:
     # ---- the channel ---------------------------------------------------------------------
 
     def serve(self, start: Start) -> None:
-        from workers.runtime import memory
-        from workers.runtime.cache import VariantCache
-        from workers.runtime.loading import load_engine
+        from workers.engine import memory
+        from workers.engine.cache import VariantCache
+        from workers.engine.loading import load_engine
 
         settings = start.settings
         self.faults = settings if settings.faults else None
         registry = load_variants(settings.variants_file)
         if settings.kv_cache_mb is not None:
-            registry = registry.with_fields(kv_cache_mb=settings.kv_cache_mb, kv_cache_mb_cuda=settings.kv_cache_mb)
+            registry = registry.with_fields(
+                kv_cache_mb=settings.kv_cache_mb, kv_cache_mb_cuda=settings.kv_cache_mb
+            )
         budget = settings.worker_memory_mb
         self.cache = VariantCache(
             registry,

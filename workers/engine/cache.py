@@ -21,11 +21,11 @@ from typing import Any, Literal
 import structlog
 
 from core.variants import Variant, VariantRegistry, weights_problem
-from workers.runtime import memory
-from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
-from workers.runtime.batcher import Batcher, Publish
-from workers.runtime.device import DeviceRunner
-from workers.runtime.loading import WeightsUnavailable
+from workers.engine import memory
+from workers.engine.batcher import Batcher, Publish
+from workers.engine.device import DeviceRunner
+from workers.engine.loading import WeightsUnavailable
+from workers.shared.base import CancelCheck, Engine, Request, RequestError, Result, ShuttingDown
 
 log = structlog.get_logger(__name__)
 

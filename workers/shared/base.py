@@ -3,7 +3,7 @@
 An engine is loaded for one variant and runs in the engine process (workers.engine). How its
 requests are batched is the variant's `batching` (core/variants.toml), not the engine's type:
 `static` engines take a whole batch (`StaticEngine.generate`), `continuous` ones are run step
-by step (`workers.runtime.continuous.ContinuousEngine`).
+by step (`workers.engine.continuous.ContinuousEngine`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Request:
     audio_clips: int = 0
     audio_seconds: float = 0.0
     preprocess_ms: float = 0.0
-    # Set in the engine process: the request's grammar matcher (workers.runtime.constrain).
+    # Set in the engine process: the request's grammar matcher (workers.engine.constrain).
     constraint: Any = None
     # A request sent again after its engine died: the tokens it had generated, as its last
     # deltas reported them. A continuous decoder picks up from them, so the text it goes on

@@ -22,10 +22,10 @@ import torch
 from filelock import FileLock
 
 from core.variants import Variant, VariantRegistry, hf_snapshot, weights_problem
-from workers.runtime.base import Engine
-from workers.runtime.echo import EchoEngine
-from workers.runtime.kv import KVConfig
-from workers.runtime.text import GEMMA_CHAT_TEMPLATE, TextEngine
+from workers.engine.echo import EchoEngine
+from workers.engine.kv import KVConfig
+from workers.engine.text import GEMMA_CHAT_TEMPLATE, TextEngine
+from workers.shared.base import Engine
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +89,7 @@ def convert_gguf(variant: Variant, cache_root: Path) -> Path:
 
 
 def generate_tiny(variant: Variant, tokenizer_dir: Path, cache_root: Path) -> Path:
-    from workers.runtime.tiny_models import build_tiny_gemma3_vision, build_tiny_gemma3n
+    from workers.engine.tiny_models import build_tiny_gemma3_vision, build_tiny_gemma3n
 
     builders: dict[str, Callable[..., Path]] = {
         "gemma3-vision": build_tiny_gemma3_vision,
@@ -105,7 +105,7 @@ def generate_tiny(variant: Variant, tokenizer_dir: Path, cache_root: Path) -> Pa
 
 
 def convert_ct2(variant: Variant, cache_root: Path) -> Path:
-    from workers.runtime.whisper_ct2 import convert_ct2_whisper
+    from workers.engine.whisper_ct2 import convert_ct2_whisper
 
     assert variant.ct2_model is not None
     source = variant.ct2_model
@@ -229,14 +229,14 @@ def _with_processor(variant: Variant, path: Path, device: str, kwargs: dict[str,
     if variant.engine == "whisper":
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        from workers.runtime.whisper import WhisperEngine
+        from workers.engine.whisper import WhisperEngine
 
         classes = (WhisperForConditionalGeneration, WhisperProcessor)
         make = functools.partial(WhisperEngine, translate=variant.translate)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from workers.runtime.multimodal import ProcessorEngine
+        from workers.engine.multimodal import ProcessorEngine
 
         classes = (AutoModelForImageTextToText, AutoProcessor)
         make = functools.partial(

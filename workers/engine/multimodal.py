@@ -21,14 +21,14 @@ from typing import Any, Unpack
 import torch
 
 from core.tool_calls import tool_prompt
-from workers.runtime.base import CancelCheck, Request, RequestError, Result
-from workers.runtime.text import (
+from workers.engine.text import (
     DecodingEngine,
     EngineArgs,
     merge_turns,
     template_takes_tools,
     with_tool_prompt,
 )
+from workers.shared.base import CancelCheck, Request, RequestError, Result
 
 
 def instruction(request: Request) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core.settings import Settings
-from workers.runtime.base import EngineFailure, Request, RequestError, Result, ShuttingDown
+from workers.shared.base import EngineFailure, Request, RequestError, Result, ShuttingDown
 
 # ---- shell → engine -------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from db.repo import runs
 from db.session import sync_sessionmaker
-from workers.engine.client import EngineClient
-from workers.runtime.base import Request, Result
+from workers.shared.base import Request, Result
+from workers.shell.engine_client import EngineClient
 
 log = structlog.get_logger(__name__)
 
@@ -172,7 +172,7 @@ class VariantPool:
         (at once), and read from their flags every CANCEL_POLL_S (whatever was missed)."""
         polled = 0.0
         while not self._stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(cancel_channel(self.settings))
                 while not self._stop.is_set():

@@ -18,7 +18,7 @@ import soundfile
 import soxr
 from PIL import Image, ImageOps
 
-from workers.runtime.base import RequestError
+from workers.shared.base import RequestError
 
 SAMPLING_RATE = 16_000
 

@@ -34,7 +34,8 @@ from typing import Any
 import structlog
 
 from core.settings import Settings
-from workers.engine.messages import (
+from workers.shared.base import Request, RequestError, Result, ShuttingDown
+from workers.shared.messages import (
     Cancel,
     Deltas,
     Done,
@@ -47,7 +48,6 @@ from workers.engine.messages import (
     Submit,
     ToEngine,
 )
-from workers.runtime.base import Request, RequestError, Result, ShuttingDown
 
 log = structlog.get_logger(__name__)
 

@@ -95,7 +95,8 @@ class KVPool:
         full = (budget_bytes - sliding_bytes) // full_block if full_block else 0
         if geometry.layers(FULL) and full < 2:
             raise ValueError(
-                f"a KV budget of {budget_bytes / 2**20:.0f} MiB does not hold {max_rows} rows' sliding windows "
+                f"a KV budget of {budget_bytes / 2**20:.0f} MiB does not hold {max_rows} rows' "
+                f"sliding windows "
                 f"({sliding_bytes / 2**20:.0f} MiB) and a block of full attention besides"
             )
         self.blocks = [int(full), int(sliding)]  # per group, block 0 of each reserved
@@ -181,8 +182,9 @@ def make_pool(model: Any, config: KVConfig, *, max_rows: int, device: torch.devi
     budget = config.budget_mb * 2**20 if config.budget_mb else 0
     if not budget:  # each row's blocks at max_tokens (and one more), besides the sliding windows
         full = max_rows * (-(-(config.max_tokens + 1) // config.block) + 1) + 1
-        budget = budget_bytes(geometry, full_blocks=full, block=config.block, max_rows=max_rows, chunk=config.chunk,
-                              dtype=dtype)  # fmt: skip
+        budget = budget_bytes(
+            geometry, full_blocks=full, block=config.block, max_rows=max_rows, chunk=config.chunk, dtype=dtype
+        )
     return KVPool(
         geometry, budget_bytes=budget, block=config.block, max_rows=max_rows, chunk=config.chunk, dtype=dtype,
         device=device,
@@ -318,15 +320,15 @@ def _group_reads(
     for group in groups:
         width = max(len(r[2]) for r in group)
         padded = [r[2] + [0] * (width - len(r[2])) for r in group]
-        mask = None
+        padding: torch.Tensor | None = None
         if any(len(r[2]) < width for r in group):
             lengths = torch.tensor([len(r[2]) for r in group], device=device)
-            mask = (torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            padding = (torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :]
         reads.append(
             _Read(
                 tokens=torch.tensor([[r[0]] for r in group], dtype=torch.long, device=device),
                 slots=torch.tensor(padded, dtype=torch.long, device=device),
-                mask=mask,
+                mask=padding,
                 queries=1,
             )
         )
@@ -347,10 +349,10 @@ def paged_attention(
     value (1, kv heads, tokens, dim), after RoPE; `attention_mask` is the step's plan. SDPA when
     the model is called any other way."""
     if not isinstance(attention_mask, StepPlan):
-        out: tuple[torch.Tensor, None] = sdpa_attention_forward(
+        plain: tuple[torch.Tensor, None] = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
         )
-        return out
+        return plain
     plan = attention_mask
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     pool = plan.pool
@@ -374,7 +376,11 @@ def paged_attention(
         if mask is not None and queries > 1:
             mask = mask.repeat(1, 1, per_kv, 1)
         o = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        o = o.view(rows, kv_heads, per_kv, queries, dim).permute(0, 3, 1, 2, 4).reshape(rows * queries, heads, dim)
+        o = (
+            o.view(rows, kv_heads, per_kv, queries, dim)
+            .permute(0, 3, 1, 2, 4)
+            .reshape(rows * queries, heads, dim)
+        )
         out[read.tokens.reshape(-1)] = o
     return out.unsqueeze(0), None
 

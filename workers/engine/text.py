@@ -1,8 +1,8 @@
 """Text generation on a Hugging Face causal LM: a job's prompt built from its messages (the chat
 template, the tools offered), then decoded step by step by a continuous decoder
-(workers.runtime.continuous) over the engine's paged KV cache (workers.runtime.kv), in the
+(workers.engine.continuous) over the engine's paged KV cache (workers.engine.kv), in the
 worker's engine process — requests join the running batch and leave it between decoding steps
-(workers.runtime.batcher)."""
+(workers.engine.batcher)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 from core import structured
 from core.tool_calls import tool_prompt
-from workers.runtime import kv
-from workers.runtime.base import Request, RequestError
-from workers.runtime.constrain import Grammars
-from workers.runtime.continuous import DEFAULT_CHUNK, ContinuousDecoder
-from workers.runtime.generation import Decoder
+from workers.engine import kv
+from workers.engine.constrain import Grammars
+from workers.engine.continuous import DEFAULT_CHUNK, ContinuousDecoder
+from workers.engine.generation import Decoder
+from workers.shared.base import Request, RequestError
 
 # Gemma's turn format, for tokenizers that ship without a template (the 270M GGUF's).
 GEMMA_CHAT_TEMPLATE = (

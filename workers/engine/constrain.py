@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core import structured
-from workers.runtime.base import RequestError
+from workers.shared.base import RequestError
 
 CACHED_GRAMMARS = 256
 

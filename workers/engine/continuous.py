@@ -4,7 +4,7 @@ between steps, long prompts are prefilled in chunks between the other rows' toke
 - `join` takes newcomers into the batch (a request sent again after its engine died brings the
   tokens it had generated, and goes on from them); it computes nothing.
 - `step` runs one forward over every row's next tokens, packed without padding
-  (workers.runtime.kv): each decoding row brings its last token, and rows still prefilling bring
+  (workers.engine.kv): each decoding row brings its last token, and rows still prefilling bring
   the next chunk of their prompt, `chunk` tokens a step in all, so that a long prompt costs the
   running rows a little each step rather than a long stall. A row whose prefill is complete, and
   every decoding row, picks its next token (greedy, or sampled with the row's own seeded
@@ -35,11 +35,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from workers.runtime import kv
-from workers.runtime.base import CancelCheck, Engine, Request, RequestError, Result
-from workers.runtime.constrain import mask_rows
-from workers.runtime.generation import Decoder, peak_memory
-from workers.runtime.sampling import sample_row
+from workers.engine import kv
+from workers.engine.constrain import mask_rows
+from workers.engine.generation import Decoder, peak_memory
+from workers.engine.sampling import sample_row
+from workers.shared.base import CancelCheck, Engine, Request, RequestError, Result
 
 STEP_HISTORY = 256  # step times kept to measure a cancel's lag in steps
 DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while it runs
@@ -53,7 +53,7 @@ Outcome = tuple[object, Result | Exception]
 
 @runtime_checkable
 class ContinuousEngine(Engine, Protocol):
-    """An engine the batcher runs step by step (see workers.runtime.batcher)."""
+    """An engine the batcher runs step by step (see workers.engine.batcher)."""
 
     def encode(self, request: Request) -> list[int]: ...
 
@@ -263,7 +263,7 @@ class ContinuousDecoder:
         row.preempted += 1
         self.preemptions += 1
 
-    def _run(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | None | Exception]:
+    def _run(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | Exception | None]:
         """The step's forward; where it raises, its halves, until the rows that raise are found.
         Maps each row (by id) to its logits (None: mid-prefill) or the error of its part."""
         try:
@@ -276,7 +276,7 @@ class ContinuousDecoder:
             half = len(spans) // 2
             return {**self._run(spans[:half]), **self._run(spans[half:])}
 
-    def _forward(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | None]:
+    def _forward(self, spans: list[tuple[Row, int]]) -> dict[int, torch.Tensor | Exception | None]:
         ids: list[int] = []
         positions: list[int] = []
         parts: list[kv.Span] = []
@@ -301,7 +301,7 @@ class ContinuousDecoder:
             softcap = getattr(self.text_config, "final_logit_softcapping", None)
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
-        out: dict[int, torch.Tensor | None] = {}
+        out: dict[int, torch.Tensor | Exception | None] = {}
         n = 0
         for row, count in spans:
             if row.computed + count == row.length:
@@ -430,6 +430,17 @@ class ContinuousDecoder:
         self.rows = []
         self.pool.reset()
         return keys
+
+
+def results_of(outcomes: Sequence[Outcome]) -> list[tuple[object, Result]]:
+    """The (key, result) pairs of a join or a step, for callers that expect no failure (tests,
+    benches): the first failure is raised."""
+    results = []
+    for key, outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+        results.append((key, outcome))
+    return results
 
 
 def language_model(model: Any) -> tuple[Any, Any, Any]:

@@ -3,7 +3,7 @@ engines.
 
 `Decoder` holds what both need: the stop ids (eos and Gemma's end of turn), the pad id, a neutral
 generation config, and `finish_row` — a row's tokens made into its reply's text and finish
-reason. Text jobs are decoded step by step by the continuous decoder (workers.runtime.continuous),
+reason. Text jobs are decoded step by step by the continuous decoder (workers.engine.continuous),
 which uses these; `Decoder.run` is the multimodal engine's static batch: one left-padded
 `generate`, each row keeping its own sampling, limits, stop strings and cancel flag (see
 sampling.py), and coming back as its own Result.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from workers.runtime.base import CancelCheck, FinishReason, Request, Result
-from workers.runtime.sampling import RowSampler, RowStopper, needs_sampler
+from workers.engine.sampling import RowSampler, RowStopper, needs_sampler
+from workers.shared.base import CancelCheck, FinishReason, Request, Result
 
 END_OF_TURN = "<end_of_turn>"
 

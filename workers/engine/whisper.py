@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from workers.runtime.base import CancelCheck, Request, RequestError, Result
-from workers.runtime.generation import peak_memory
-from workers.runtime.media_decoding import SAMPLING_RATE
-from workers.runtime.sampling import RowSampler, RowStopper, needs_sampler
+from workers.engine.generation import peak_memory
+from workers.engine.sampling import RowSampler, RowStopper, needs_sampler
+from workers.shared.base import CancelCheck, Request, RequestError, Result
+from workers.shell.media_decoding import SAMPLING_RATE
 
 MAX_SECONDS = 30.0  # one Whisper window
 LEAD_IN_S = 0.5

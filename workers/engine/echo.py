@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from workers.runtime.base import CancelCheck, Request, Result
+from workers.shared.base import CancelCheck, Request, Result
 
 
 def request_text(request: Request) -> str:

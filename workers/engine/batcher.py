@@ -3,12 +3,12 @@
 The variant's `batching` (core/variants.toml) says how. `continuous`: a request joins the
 running batch at the next step when a slot is free, a finished one leaves at once (the engine
 is a `ContinuousEngine`; a request it cannot decode step by step, one with media on a
-multimodal engine, runs in a static batch between two steps). `static`: a batch flushes when it holds `max_batch_size` requests, or
-`max_wait_ms` after its latest arrival (at most 4 times `max_wait_ms` after the first).
-Either way an idle batcher waits like that for a burst before it starts; requests that find free
-slots in a running batch wait for each other the same way (`max_wait_ms`, or until they fill the
-slots) and join it in one prefill. Engines on one device take turns on its runner
-(workers.runtime.device: per step, or per static batch).
+multimodal engine, runs in a static batch between two steps). `static`: a batch flushes when it
+holds `max_batch_size` requests, or `max_wait_ms` after its latest arrival (at most 4 times
+`max_wait_ms` after the first). Either way an idle batcher waits like that for a burst before
+it starts; requests that find free slots in a running batch wait for each other the same way
+(`max_wait_ms`, or until they fill the slots) and join it together. Engines on one device take
+turns on its runner (workers.engine.device: per step, or per static batch).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import cast
 import structlog
 
 from core.variants import Batching
-from workers.runtime.base import (
+from workers.engine.continuous import ContinuousDecoder, ContinuousEngine
+from workers.engine.device import DeviceRunner
+from workers.shared.base import (
     CancelCheck,
     Engine,
     Request,
@@ -33,8 +35,6 @@ from workers.runtime.base import (
     ShuttingDown,
     StaticEngine,
 )
-from workers.runtime.continuous import ContinuousDecoder, ContinuousEngine
-from workers.runtime.device import DeviceRunner
 
 log = structlog.get_logger(__name__)
 
