@@ -5,8 +5,8 @@ prefill) on gemma-3-270m, in this process, in the worker's CPU dtype.
 
 Short prompts are `--short` tokens, long ones `--long`; 8 slots. In one run:
 - step times: one decoding step of 8 short rows, of 8 long rows, and of 7 short + 1 long (the
-  median of 12 steps each, every row past its prefill, the three batches stepping in turn). `step_vs_ideal` is the mixed step over what
-  a per-row cache costs: 8 short + (8 long - 8 short) / 8.
+  median of 12 steps each, every row past its prefill, the three batches stepping in turn).
+  `step_vs_ideal` is the mixed step over what a per-row cache costs: 8 short + (8 long - 8 short) / 8.
 - a join: 7 short + 1 long join an empty batch together; the wall time until all 8 have their
   first token, over the sum of the same 8 prefills each alone (`join_waste`).
 - a stall: 7 short rows decode; a long prompt joins. The longest gap between two tokens of the

@@ -21,6 +21,10 @@ Task = Literal["text", "image", "audio"]
 Quantization = Literal["none", "int8", "nf4"]
 Source = Literal["gguf-package", "hf", "cache", "generated", "ct2-package", "echo"]
 EngineKind = Literal["text", "processor", "whisper", "echo"]
+# Prompt tokens a continuous engine prefills per step beside its decoding rows, by device kind:
+# on this project's 2-core CPU, 128 keeps the running rows' longest gap near 3 steps while a
+# 2,000-token prompt joins (bench/longctx.py); a GPU prefills thousands of tokens in one step's time.
+PREFILL_CHUNK = {"cpu": 128, "cuda": 2048}
 # continuous: rows join and leave a running batch between decoding steps; static: a batch runs
 # until its longest member is done (engines that cannot decode step by step).
 Batching = Literal["continuous", "static"]
@@ -62,7 +66,7 @@ class Variant(BaseModel):
     # the worker's memory budget beside its weights (MiB, on the CPU and on a CUDA device; None:
     # what every row of a full batch needs at max_input_tokens + max_new_tokens; the
     # GEMMAQ_KV_CACHE_MB setting overrides both); its block size in tokens; and the prompt tokens
-    # one step prefills beside the decoding rows (None: 128 on the CPU, 2048 on CUDA).
+    # one step prefills beside the decoding rows (None: PREFILL_CHUNK for the device).
     kv_cache_mb: int | None = Field(None, ge=1)
     kv_cache_mb_cuda: int | None = Field(None, ge=1)
     kv_block_tokens: int = Field(32, ge=1, le=1024)
@@ -93,7 +97,7 @@ class Variant(BaseModel):
     def prefill_chunk(self, device: str) -> int:
         if self.prefill_chunk_tokens is not None:
             return self.prefill_chunk_tokens
-        return 2048 if device.startswith("cuda") else 128
+        return PREFILL_CHUNK["cuda" if device.startswith("cuda") else "cpu"]
 
     def batch_size(self, device: str) -> int:
         """Rows one batch holds on `device` ("cpu", "cuda:0", …)."""

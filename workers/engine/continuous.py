@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from core.variants import PREFILL_CHUNK
 from workers.engine import kv
 from workers.engine.constrain import mask_rows
 from workers.engine.generation import Decoder, peak_memory
@@ -46,7 +47,6 @@ DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while i
 # Defaults for a decoder built without an engine's settings (tests, benches).
 DEFAULT_KV_MB = 256
 DEFAULT_BLOCK = 32
-DEFAULT_CHUNK = {"cpu": 128, "cuda": 2048}
 
 Outcome = tuple[object, Result | Exception]
 
@@ -126,7 +126,7 @@ class ContinuousDecoder:
                 kv.KVConfig(
                     budget_mb=kv_budget_mb or DEFAULT_KV_MB,
                     block=block,
-                    chunk=chunk or DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cpu"]),
+                    chunk=chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cpu"]),
                 ),
                 max_rows=max_rows,
                 device=self.device,

@@ -13,9 +13,10 @@ import torch
 
 from core import structured
 from core.tool_calls import tool_prompt
+from core.variants import PREFILL_CHUNK
 from workers.engine import kv
 from workers.engine.constrain import Grammars
-from workers.engine.continuous import DEFAULT_CHUNK, ContinuousDecoder
+from workers.engine.continuous import ContinuousDecoder
 from workers.engine.generation import Decoder
 from workers.shared.base import Request, RequestError
 
@@ -196,7 +197,7 @@ class TextEngine(DecodingEngine):
     def __init__(self, *, tokenizer: Any, **args: Unpack[EngineArgs]) -> None:
         if args.get("kv") is None:  # built without a variant's settings (tests, tools)
             device = torch.device(args["device"]).type
-            args["kv"] = kv.KVConfig(budget_mb=None, chunk=DEFAULT_CHUNK.get(device, DEFAULT_CHUNK["cpu"]))
+            args["kv"] = kv.KVConfig(budget_mb=None, chunk=PREFILL_CHUNK.get(device, PREFILL_CHUNK["cpu"]))
         super().__init__(tokenizer=tokenizer, **args)
 
     def warmup(self) -> None:
