@@ -14,6 +14,7 @@ turns on its runner (workers.engine.device: per step, or per static batch).
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import cast
 import structlog
 
 from core.variants import Batching
-from workers.engine.continuous import ContinuousDecoder, ContinuousEngine
+from workers.engine.continuous import ContinuousDecoder, ContinuousEngine, fatal
 from workers.engine.device import DeviceRunner
 from workers.shared.base import (
     CancelCheck,
@@ -46,6 +47,15 @@ Joiner = tuple["Future[Result]", Request, list[int]]
 Publish = Callable[[Sequence[tuple[str, str]], Mapping[str, list[int]]], None]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
+DEVICE_FAILED = 70  # the engine process's exit status after an error of the device
+
+
+def device_failed(variant: str, exc: BaseException) -> None:
+    """The device cannot be trusted after this error (CUDA, other than out of memory): the engine
+    process exits at once, as on any death of it; its shell starts a new engine and sends it the
+    requests in hand, one at a time, so that a request that breaks the device fails alone."""
+    log.critical("engine.device_failed", variant=variant, error=type(exc).__name__)
+    os._exit(DEVICE_FAILED)
 
 
 class Batcher:
@@ -145,6 +155,8 @@ class Batcher:
             engine = cast(StaticEngine, self.engine)
             outcomes = self.device.run(lambda: engine.generate(requests, self.cancelled))
         except Exception as exc:
+            if fatal(exc):
+                device_failed(self.engine.name, exc)
             log.exception("batch.failed", variant=self.engine.name, batch_size=len(batch))
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)
@@ -249,16 +261,19 @@ class Batcher:
             return []
         try:
             return self.device.run(lambda: stream.join(joiners))
-        except Exception as exc:
-            # The newcomers may be half spliced in: the whole running batch fails with them.
+        except Exception as exc:  # a join computes nothing: only the newcomers fail
             log.exception("batch.join_failed", variant=self.engine.name, joining=len(joiners))
-            keys = {id(k): k for k in [*(f for f, _, _ in joiners), *stream.abandon()]}
-            return [(key, exc) for key in keys.values()]
+            return [(future, exc) for future, _, _ in joiners]
 
     def _step(self, stream: ContinuousDecoder) -> Done:
+        """A step; a row whose part of it fails is failed by the decoder alone. What reaches here
+        is an error of the device (`fatal`: the engine process exits, and its shell starts a new
+        one and sends the requests in hand again) or of the loop itself (every row fails)."""
         try:
             return self.device.run(lambda: stream.step(self.cancelled))
         except Exception as exc:
+            if fatal(exc):
+                device_failed(self.engine.name, exc)
             log.exception("batch.step_failed", variant=self.engine.name, batch_size=len(stream.rows))
             return [(key, exc) for key in stream.abandon()]
 
