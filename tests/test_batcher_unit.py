@@ -4,6 +4,7 @@ the rows in hand and the batcher goes on."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from core.schemas import GenerationParams
-from workers.engine import batcher as batcher_module
 from workers.engine.batcher import DEVICE_FAILED, Batcher
 from workers.engine.continuous import fatal
 from workers.engine.device import LockedRunner
@@ -78,9 +78,9 @@ def test_a_step_that_raises(monkeypatch: pytest.MonkeyPatch, device_error: bool)
         exits.append(status)
         gone.wait(timeout=30)
 
-    monkeypatch.setattr(batcher_module.os, "_exit", exit_)
+    monkeypatch.setattr(os, "_exit", exit_)  # the batcher's, for this test
     error = RuntimeError("CUDA error: device-side assert triggered" if device_error else "a bug")
-    batcher = Batcher(Engine(error), batching="continuous", max_batch_size=4, max_wait_ms=1,  # type: ignore[arg-type]
+    batcher = Batcher(Engine(error), batching="continuous", max_batch_size=4, max_wait_ms=1,
                       device=LockedRunner(), cancelled=lambda ids: [None] * len(ids))  # fmt: skip
     try:
         future = batcher.submit(
