@@ -208,42 +208,61 @@ class ContinuousDecoder:
         return done + self._collect()
 
     def _schedule(self) -> list[tuple[Row, int]]:
-        """This step's (row, tokens) in join order: every decoding row's last token, then prefill
-        chunks up to `chunk` tokens in all, letting in waiting rows whose blocks fit. Preempts
-        the newest rows when a decoding row needs a block that no one has free."""
-        budget = self.chunk
+        """This step's (row, tokens): every decoding row's last token, then prefill chunks, up to
+        `chunk` tokens in all, to the rows with the least prompt left first (a short prompt
+        never waits behind a long one's prefill: one tenant's long document does not decide
+        another's first token). Waiting rows are let in, first come first in, when their blocks
+        fit; the newest rows are preempted when a decoding row needs a block no one has free."""
         spans: list[tuple[Row, int]] = []
-        closed = False  # a row waits for blocks: the rows behind it wait too (first come, first in)
+        prefilling: list[Row] = []
+        closed = False  # a row waits for blocks: the rows behind it wait too
         for row in sorted(self.rows, key=lambda r: r.order):
             if row.reason is not None:
                 continue
             if row.tables is None and (closed or not self._let_in(row)):
                 closed = True
                 continue
-            assert row.tables is not None
-            pending = row.length - row.computed
-            count = 1 if pending == 1 else min(pending, budget)
-            if count == 0:
+            if row.length - row.computed > 1:
+                prefilling.append(row)
                 continue
-            while True:
-                try:
-                    kv.ensure(self.pool, row.tables, row.computed + count, row.computed)
-                    break
-                except kv.OutOfBlocks:
-                    victim = max((r for r in self.rows if r.tables is not None), key=lambda r: r.order)
-                    if victim is row and sum(1 for r in self.rows if r.tables is not None) == 1:
-                        row.reason = "length"  # alone, and the pool holds no more of it
-                        break
-                    self._preempt(victim)
-                    closed = True  # a row preempted now is not let in again in the same step
-                    if victim is row:
-                        break
-            if row.reason is not None or row.tables is None:
-                continue
-            if pending > 1:
+            fits, preempted = self._room(row, 1)
+            closed = closed or preempted  # a row preempted now is not let in again this step
+            if fits:
+                spans.append((row, 1))
+        budget = self.chunk
+        for row in sorted(prefilling, key=lambda r: (r.length - r.computed, r.order)):
+            if budget <= 0:
+                break
+            if row.tables is None or row.reason is not None:
+                continue  # preempted above
+            count = min(row.length - row.computed, budget)
+            if self._room(row, count, preempt=False)[0]:
+                spans.append((row, count))
                 budget -= count
-            spans.append((row, count))
         return spans
+
+    def _room(self, row: Row, count: int, *, preempt: bool = True) -> tuple[bool, bool]:
+        """Blocks for the row's next `count` tokens: (whether it has them, whether a row was
+        preempted for them). The newest row goes first, this one included; a row alone that the
+        pool cannot hold any longer ends at its length."""
+        assert row.tables is not None
+        preempted = False
+        while True:
+            try:
+                kv.ensure(self.pool, row.tables, row.computed + count, row.computed)
+                return True, preempted
+            except kv.OutOfBlocks:
+                if not preempt:
+                    return False, preempted
+                holding = [r for r in self.rows if r.tables is not None]
+                victim = max(holding, key=lambda r: r.order)
+                if victim is row and len(holding) == 1:
+                    row.reason = "length"  # alone, and the pool holds no more of it
+                    return False, preempted
+                self._preempt(victim)
+                preempted = True
+                if victim is row:
+                    return False, preempted
 
     def _let_in(self, row: Row) -> bool:
         """Give `row` the blocks of its whole sequence, if they are free (one spare for each row
