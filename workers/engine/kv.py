@@ -271,22 +271,21 @@ class StepPlan:
                 continue
             window = pool.geometry.window if group == SLIDING else None
             writes: list[int] = []
-            rows: list[tuple[int, int, list[int], int, int]] = []  # (first token, count, slots, first pos)
+            # (first token in the step, count, slots read, first position read, first position new)
+            rows: list[tuple[int, int, list[int], int, int]] = []
             offset = 0
             for span in spans:
                 table = span.tables.full if group == FULL else span.tables.sliding
                 first_block = 0 if group == FULL else span.tables.sliding_first
-                for p in range(span.start, span.start + span.count):
-                    writes.append(table[p // block - first_block] * block + p % block)
                 end = span.start + span.count
                 lo = 0 if window is None else max(0, span.start - window + 1)
                 lo = max(lo, first_block * block)
                 slots = [table[p // block - first_block] * block + p % block for p in range(lo, end)]
+                writes.extend(slots[len(slots) - span.count :])  # the new tokens' slots end the read
                 rows.append((offset, span.count, slots, lo, span.start))
                 offset += span.count
             reads = _group_reads(rows, window, device)
             self.groups[group] = (torch.tensor(writes, dtype=torch.long, device=device), reads)
-        self.tokens = offset if spans else 0
 
 
 def _group_reads(
