@@ -173,7 +173,8 @@ def main() -> None:
     ]  # the long ones among them
     limits = [args.new_tokens] * len(texts)
     own = run_own(model, tokenizer, texts, limits)
-    hf = run_transformers_cb(model, tokenizer, texts, limits)
+    del model
+    hf = run_transformers_cb(load_model(stock=True)[0], tokenizer, texts, limits)
     own_rate, hf_rate = own["tokens"] / own["seconds"], hf["tokens"] / hf["seconds"]
     print(f"14 short + 2 long, {args.new_tokens} new tokens each: gemmaq {own['tokens']} tokens in "
           f"{own['seconds']:.2f} s = {own_rate:.1f} tok/s; transformers CB {hf['tokens']} in "

@@ -127,11 +127,12 @@ def main() -> None:
     finally:
         cluster.stop()
     model, tokenizer = load_model()
+    stock, _ = load_model(stock=True)  # transformers' manager runs on the model as transformers loads it
     run_static(model, tokenizer, texts[:1], [4])  # warm-up
     rows = [
         (f"static batches of {BATCH} (bare generate)", run_static(model, tokenizer, texts, limits)),
         (f"gemmaq continuous decoder alone ({BATCH} slots)", run_own(model, tokenizer, texts, limits)),
-        ("transformers continuous batching manager", run_transformers_cb(model, tokenizer, texts, limits)),
+        ("transformers continuous batching manager", run_transformers_cb(stock, tokenizer, texts, limits)),
         (f"gemmaq end to end ({args.jobs} concurrent jobs)", system),
     ]
     print(f"\nmax_new_tokens {args.min_tokens}..{args.max_tokens}: {sum(limits)} tokens asked, mean "

@@ -72,9 +72,10 @@ def run_system(cluster: Cluster, texts: list[str], new_tokens: int | list[int]) 
     }
 
 
-def load_model(dtype: Any = None) -> tuple[Any, Any]:
+def load_model(dtype: Any = None, *, stock: bool = False) -> tuple[Any, Any]:
     """gemma-3-270m's converted weights and tokenizer (left padding), in the worker's CPU dtype
-    unless `dtype` says otherwise."""
+    unless `dtype` says otherwise. As the worker loads it (its linear layers prepacked for the
+    CPU), or as transformers alone does with `stock`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.settings import Settings
@@ -91,6 +92,10 @@ def load_model(dtype: Any = None) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or DTYPES[variant.dtype], attn_implementation="sdpa", **LOCAL
     )
+    if not stock:
+        from workers.engine.packing import pack_linears
+
+        pack_linears(model)
     return model.eval(), tokenizer
 
 

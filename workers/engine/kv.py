@@ -176,7 +176,7 @@ class KVConfig:
 def make_pool(model: Any, config: KVConfig, *, max_rows: int, device: torch.device) -> KVPool:
     """A model's pool: `config.budget_mb`, or what `max_rows` rows of `config.max_tokens` need."""
     geometry = Geometry.of(text_config(model))
-    dtype = model.get_output_embeddings().weight.dtype
+    dtype = model.get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:
         dtype = torch.bfloat16
     budget = config.budget_mb * 2**20 if config.budget_mb else 0

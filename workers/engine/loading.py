@@ -24,6 +24,7 @@ from filelock import FileLock
 from core.variants import Variant, VariantRegistry, hf_snapshot, weights_problem
 from workers.engine.echo import EchoEngine
 from workers.engine.kv import KVConfig
+from workers.engine.packing import pack_linears
 from workers.engine.text import GEMMA_CHAT_TEMPLATE, TextEngine
 from workers.shared.base import Engine
 
@@ -180,6 +181,8 @@ def model_kwargs(variant: Variant, device: str) -> dict[str, Any]:
 def place(model: Any, variant: Variant, device: str) -> Any:
     if variant.quantization == "none":
         model.to(device)
+        if device == "cpu":
+            pack_linears(model)
     return model.eval()
 
 

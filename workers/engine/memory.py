@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from workers.engine.packing import PackedLinear
+
 MB = 1024 * 1024
 # Default budget: this share of the device's memory (the rest holds activations and the KV
 # cache of running batches), or of the host's RAM on CPU (the rest is the process, the
@@ -70,6 +72,9 @@ def module_bytes(root: Any, depth: int = 4) -> int:
             if isinstance(obj, torch.nn.Module):
                 for t in (*obj.parameters(), *obj.buffers()):
                     tensors[t.data_ptr() or id(t)] = t.numel() * t.element_size()
+                for module in obj.modules():  # prepacked CPU weights (workers/engine/packing.py)
+                    if isinstance(module, PackedLinear):
+                        tensors[id(module.packed)] = module.packed_bytes
             elif hasattr(obj, "__dict__") and not isinstance(obj, type):
                 found.extend(vars(obj).values())
         frontier = found
