@@ -24,7 +24,8 @@ class Tied(nn.Module):
         self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.proj(self.embed(ids))))
+        out: torch.Tensor = self.head(torch.relu(self.proj(self.embed(ids))))
+        return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
