@@ -21,6 +21,7 @@ from api.media_admission import MediaTotals
 from core import quotas, structured
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
+from core.scheduling import DEFAULT_MAX_PRIORITY, shared_priority
 from core.schemas import JobCreate
 from core.settings import Settings
 from db.models import User
@@ -35,6 +36,7 @@ class Reservation:
     day: date
     tokens: int
     in_flight: int = 1  # the user's jobs admitted and not ended, this one included
+    shared: int = DEFAULT_MAX_PRIORITY  # the job's priority among all users' (core/scheduling.py)
 
 
 # Told the caller's rate-limit window after each admission, refused or not (for the RateLimit-*
@@ -54,6 +56,7 @@ def limits_of(user: User, settings: Settings) -> Limits:
         allowed_variants=quota.allowed_variants,
         max_storage_bytes=quota.max_storage_bytes,
         max_files=quota.max_files,
+        max_priority=settings.quota_max_priority if quota.max_priority is None else quota.max_priority,
     )
 
 
@@ -62,20 +65,6 @@ def check_variant(limits: Limits, variant: str) -> None:
         raise Forbidden(
             f"your quota does not allow variant {variant!r}",
             {"limit": "allowed_variants", "variant": variant, "allowed": limits.allowed_variants},
-        )
-
-
-def check_storage(limits: Limits, *, files: int, used: int, adding: int) -> None:
-    """One more file of `adding` bytes, beside the `files` holding `used` bytes the user keeps."""
-    if files + 1 > limits.max_files:
-        raise QuotaExceeded(
-            f"you keep {files} files; your quota allows {limits.max_files} (delete some, or let them expire)",
-            {"limit": "max_files", "value": limits.max_files, "files": files},
-        )
-    if used + adding > limits.max_storage_bytes:
-        raise QuotaExceeded(
-            f"your files hold {used} bytes; this one does not fit in your {limits.max_storage_bytes}",
-            {"limit": "max_storage_bytes", "value": limits.max_storage_bytes, "used_bytes": used},
         )
 
 
@@ -123,7 +112,13 @@ async def admit(
             continue
         break
     if outcome.outcome == quotas.OK:
-        return Reservation(job_id=job_id, day=day, tokens=tokens, in_flight=outcome.snapshot.active_jobs)
+        return Reservation(
+            job_id=job_id,
+            day=day,
+            tokens=tokens,
+            in_flight=outcome.snapshot.active_jobs,
+            shared=shared_priority(spec.priority, limits.max_priority),
+        )
     if outcome.outcome == quotas.SEED:  # the day's counter vanished twice in a row
         raise Unavailable("the quota counters are being rebuilt; retry shortly")
     _refuse(outcome)

@@ -15,7 +15,7 @@ from api.batch_runner import BatchRunner
 from api.errors import install_error_handlers
 from api.fleet import FleetView
 from api.holds import Holds
-from api.middleware import BodyLimit, KeyFirst, RateLimitHeaders
+from api.middleware import BodyLimit, KeyFirst, RateLimitHeaders, TextOnly
 from api.routers import (
     admin,
     audio,
@@ -45,7 +45,7 @@ from db.session import async_engine, make_async_sessionmaker
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    moderation.default_policy(settings.moderation_policy)  # a policy file that cannot be used: stop here
+    moderation.policy_for(None, settings)  # a policy file that cannot be used: stop here
     engine = async_engine(settings.db_url)
     app.state.sessionmaker = make_async_sessionmaker(engine)
     # Same pool; for reads and single-statement writes: no BEGIN, COMMIT or ROLLBACK round trips.
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)
+    app.add_middleware(TextOnly)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(
         BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.files_max_bytes + 1024 * 1024

@@ -56,16 +56,17 @@ class JobFlow:
     done: DoneListener
     holds: Holds
 
-    def hold(self, kind: Kind) -> Hold:
-        """A place for one more stream or wait of the caller (429 past their cap)."""
-        return self.holds.take(kind, self.user.id)
+    def hold(self, kind: Kind, jobs: int = 1) -> Hold:
+        """A place for one more stream or wait of the caller per job it follows (429 past their
+        cap)."""
+        return self.holds.take(kind, self.user.id, jobs)
 
     @contextlib.contextmanager
-    def submitting(self, *, stream: bool) -> Iterator[Hold]:
+    def submitting(self, *, stream: bool, jobs: int = 1) -> Iterator[Hold]:
         """A hold taken before anything is queued (so a refused request queues nothing), for the
-        block that submits: given back if the block fails, else kept for the stream or the wait
-        that follows."""
-        hold = self.hold("stream" if stream else "wait")
+        block that submits `jobs` jobs: given back if the block fails, else kept for the stream
+        or the wait that follows."""
+        hold = self.hold("stream" if stream else "wait", jobs)
         try:
             yield hold
         except BaseException:

@@ -42,6 +42,7 @@ class Hold:
     holds: Holds
     kind: Kind
     user_id: str
+    weight: int = 1  # the streams or waits it stands for (a request that follows several jobs)
     released: bool = False
 
     def release(self) -> None:
@@ -62,12 +63,13 @@ class Holds:
     _by_user: collections.Counter[tuple[Kind, str]] = field(default_factory=collections.Counter)
     _all: collections.Counter[Kind] = field(default_factory=collections.Counter)
 
-    def take(self, kind: Kind, user_id: str) -> Hold:
-        """A place for one more stream or wait of `user_id`, or 429 (503 when the process's
-        streams are at their total)."""
+    def take(self, kind: Kind, user_id: str, weight: int = 1) -> Hold:
+        """A place for `weight` more streams or waits of `user_id` (one per job a request follows:
+        each blocks on Redis on its own), or 429 (503 when the process's streams are at their
+        total)."""
         cap = self.settings.max_streams_per_user if kind == "stream" else self.settings.max_waits_per_user
         held = self._by_user[(kind, user_id)]
-        if held >= cap:
+        if held + weight > cap:
             limit = "max_streams_per_user" if kind == "stream" else "max_waits_per_user"
             raise QuotaExceeded(
                 f"you have {held} open {'streams' if kind == 'stream' else 'waiting requests'}; "
@@ -75,22 +77,22 @@ class Holds:
                 {"limit": limit, "value": cap, "retry_after_s": RETRY_AFTER_S},
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
-        if kind == "stream" and self._all[kind] >= self.settings.redis_max_connections // 2:
+        if kind == "stream" and self._all[kind] + weight > self.settings.redis_max_connections // 2:
             raise Unavailable(
                 "this API process holds as many streams as it can; retry shortly",
                 {"retry_after_s": RETRY_AFTER_S},
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
-        self._by_user[(kind, user_id)] += 1
-        self._all[kind] += 1
-        return Hold(self, kind, user_id)
+        self._by_user[(kind, user_id)] += weight
+        self._all[kind] += weight
+        return Hold(self, kind, user_id, weight)
 
     def give_back(self, hold: Hold) -> None:
         key = (hold.kind, hold.user_id)
-        self._by_user[key] -= 1
+        self._by_user[key] -= hold.weight
         if self._by_user[key] <= 0:
             del self._by_user[key]
-        self._all[hold.kind] -= 1
+        self._all[hold.kind] -= hold.weight
 
 
 class KeyWatch:

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.errors import NotFound, PayloadTooLarge, ValidationFailed
 from core.media_checks import MediaInfo, decode_base64, inspect_audio, inspect_image
+from core.quotas import Limits, check_storage
 from core.schemas import AudioPart, ImagePart, JobCreate
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
@@ -104,11 +105,18 @@ async def store_media(
     inline: list[InlineMedia],
     max_audio_seconds: float | None = None,
     retention_s: int | None = None,
+    limits: Limits | None = None,
 ) -> MediaTotals:
-    """Inside the job's transaction: store inline media as files; check referenced files are the caller's
-    (and, where the model takes one window of audio per job, that the clips fit in it)."""
+    """Inside the job's transaction: store inline media as files, within the caller's storage
+    quota (`limits`) as an upload would be; check referenced files are the caller's (and, where
+    the model takes one window of audio per job, that the clips fit in it)."""
     seconds = sum(item.info.seconds or 0.0 for item in inline)
     size = sum(len(item.data) for item in inline)
+    if inline and limits is not None:
+        files, used = await files_repo.storage_used(session=session, user_id=user_id, lock=True)
+        for n, item in enumerate(inline):
+            check_storage(limits, files=files + n, used=used, adding=len(item.data))
+            used += len(item.data)
     for item in inline:
         stored = await files_repo.create_file(
             session=session,

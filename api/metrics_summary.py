@@ -19,13 +19,15 @@ from db.repo import metrics as metrics_repo
 MB = 2**20
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 31 * 86400
+ASCII_DIGITS = frozenset("0123456789")  # str.isdigit() also takes "²", which int() refuses
 
 
 def parse_window(window: str) -> int:
     unit = window[-1:]
-    if unit.isdigit():
+    if unit in ASCII_DIGITS:
         unit, window = "s", window + "s"
-    if unit not in WINDOW_UNITS or not window[:-1].isdigit():
+    number = window[:-1]
+    if unit not in WINDOW_UNITS or not 0 < len(number) <= 9 or any(c not in ASCII_DIGITS for c in number):
         raise ValidationFailed("window: a number and a unit s, m, h or d (e.g. 15m, 24h)", {"window": window})
     seconds = int(window[:-1]) * WINDOW_UNITS[unit]
     if not 0 < seconds <= MAX_WINDOW_S:

@@ -4,11 +4,14 @@
 - `BodyLimit`: a cap on the body, enforced while it streams in (before any parsing): 413,
   whether the length is announced or the body comes chunked;
 - `RateLimitHeaders`: the RateLimit-* headers on every authenticated response (from the
-  caller's rate-limit window that authentication, then admission, `remember`)."""
+  caller's rate-limit window that authentication, then admission, `remember`);
+- `TextOnly`: 422 for a JSON body with a string that is not text (a lone UTF-16 surrogate, or
+  NUL), wherever in the body it is, before any route parses it (core/text_checks.py)."""
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -16,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, response_for
 from core.quotas import Snapshot
+from core.text_checks import suspect, text_problem
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
 MISSING_KEY = "missing API key: send `Authorization: Bearer <key>`"
@@ -148,3 +152,47 @@ class RateLimitHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class TextOnly:
+    """Reads a JSON body whole (`BodyLimit`, outside, caps it) and refuses it with 422 when a
+    string in it is not text; passes it on unchanged otherwise. A body that is not valid JSON is
+    left to the route, which answers it as before."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = dict(scope.get("headers", ())).get(b"content-type", b"").split(b";")[0].strip().lower()
+        # FastAPI reads a body without a content type as JSON too.
+        json_body = not content_type or content_type.endswith((b"/json", b"+json"))
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD") or not json_body:
+            await self.app(scope, receive, send)
+            return
+        parts, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            parts.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(parts)
+        if suspect(body):
+            try:
+                problem = text_problem(json.loads(body))
+            except (ValueError, RecursionError):
+                problem = None
+            if problem is not None:
+                where = problem if len(problem) <= 300 else problem[:300] + "…"
+                await error_response(422, "VALIDATION_ERROR", where)(scope, receive, send)
+                return
+        replayed = False
+
+        async def again() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, again, send)

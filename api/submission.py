@@ -181,7 +181,7 @@ class Submitter:
         return await jobs_repo.create_job(
             session=db, user_id=draft.user.id, spec=draft.spec, idempotency_key=draft.idempotency_key,
             request_hash=draft.request_hash, job_id=draft.job_id, charged_on=reservation.day,
-            reserved_tokens=reservation.tokens, batch=draft.batch,
+            reserved_tokens=reservation.tokens, batch=draft.batch, shared_priority=reservation.shared,
         )  # fmt: skip
 
     async def enqueue(self, draft: Draft, reservation: admission.Reservation) -> None:
@@ -194,7 +194,7 @@ class Submitter:
         try:
             await send_job(
                 self.redis, self.broker, job_id=draft.job_id, variant=spec.variant, priority=spec.priority,
-                in_flight=reservation.in_flight,
+                in_flight=reservation.in_flight, shared=reservation.shared,
             )  # fmt: skip
         except Exception as exc:
             log.error("job.enqueue_failed", error=type(exc).__name__)
@@ -219,6 +219,7 @@ class Submitter:
                         session=session, user_id=draft.user.id, spec=draft.spec, inline=inline,
                         max_audio_seconds=draft.variant.max_audio_seconds,
                         retention_s=self.settings.files_retention_s,
+                        limits=admission.limits_of(draft.user, self.settings),
                     )  # fmt: skip
                     reservation = await self.admit(draft, media, window_seen)
                     row, created = await self.insert(session, draft, reservation)
@@ -255,15 +256,12 @@ class Submitter:
             )
         return Submitted(await read_job(self.autocommit, draft.user.id, earlier["id"]), replayed=True)
 
-    def policy(self, user: User) -> moderation.Policy:
-        """The user's moderation policy: their quota's override, else the deployment's."""
-        override = user.quota.moderation_policy if user.quota is not None else None
-        return moderation.policy_for(override, self.settings.moderation_policy)
-
     async def check_content(self, user: User, spec: JobCreate) -> None:
         """Refuse an input that falls in a category of the user's policy (400 CONTENT_FILTERED),
         before anything is queued; the refusal names the category, never the text."""
-        category = self.policy(user).check(spec.input.text(), "input")
+        category = moderation.policy_for(moderation.user_override(user), self.settings).check(
+            spec.input.text(), "input"
+        )
         if category is None:
             return
         log.warning("job.filtered", stage="input", category=category, user_id=user.id)
@@ -338,10 +336,8 @@ async def _check_spec(
             f"params.timeout_s: at most {variant.timeout_s} for {variant.name}",
             {"timeout_s": spec.params.timeout_s, "limit": variant.timeout_s},
         )
-    if spec.expires_at is not None and spec.expires_at.tzinfo is None:
-        raise ValidationFailed("expires_at: give a time zone (e.g. 2026-01-01T00:00:00Z)")
-    if spec.expires_at is not None and spec.expires_at <= datetime.now(UTC):
-        raise ValidationFailed("expires_at: already past", {"expires_at": spec.expires_at.isoformat()})
+    if spec.expires_at is not None:
+        check_expiry(spec.expires_at, settings.job_expires_max_s)
     if spec.params.max_new_tokens > variant.max_new_tokens:
         raise ValidationFailed(
             f"params.max_new_tokens: at most {variant.max_new_tokens} for {variant.name}",
@@ -373,6 +369,21 @@ async def _check_spec(
     if problem is not None:
         raise Unavailable(f"variant {variant.name!r} cannot run here: {problem}", {"variant": variant.name})
     return variant
+
+
+def check_expiry(expires_at: datetime, max_ahead_s: int) -> None:
+    """A tenant's `expires_at`: with a time zone, ahead of now, and at most `max_ahead_s` ahead
+    (a far-future time would be stored but could not be read back)."""
+    if expires_at.tzinfo is None:
+        raise ValidationFailed("expires_at: give a time zone (e.g. 2026-01-01T00:00:00Z)")
+    ahead = (expires_at - datetime.now(UTC)).total_seconds()  # years 1..9999 subtract fine
+    if ahead <= 0:
+        raise ValidationFailed("expires_at: already past", {"expires_at": expires_at.isoformat()})
+    if ahead > max_ahead_s:
+        raise ValidationFailed(
+            f"expires_at: at most {max_ahead_s} s ahead",
+            {"expires_at": expires_at.isoformat(), "limit_s": max_ahead_s},
+        )
 
 
 async def _check_grammar(spec: JobCreate, variant: Variant) -> None:

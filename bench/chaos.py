@@ -135,10 +135,13 @@ def audit(cluster: Cluster, accepted: dict[int, str], timeout: float) -> dict[st
             "GROUP BY job_id HAVING count(*) > 1",
             (ids,),
         ).fetchall()
-        usage = one(
+        usage = one(  # a result's usage, or what a job that ended without one was charged
             conn,
-            "SELECT coalesce(sum((result->'usage'->>'input_tokens')::bigint"
-            " + (result->'usage'->>'output_tokens')::bigint), 0) FROM jobs WHERE result ? 'usage'",
+            "SELECT coalesce(sum(CASE WHEN j.result ? 'usage'"
+            " THEN (j.result->'usage'->>'input_tokens')::bigint"
+            " + (j.result->'usage'->>'output_tokens')::bigint"
+            " ELSE coalesce(m.input_tokens, 0) + coalesce(m.output_tokens, 0) END), 0)"
+            " FROM jobs j LEFT JOIN job_metrics m ON m.job_id = j.id AND m.attempt = j.attempts",
         )
         ledger = one(conn, "SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM usage_ledger")
         attempts = Counter(a for (a,) in conn.execute("SELECT attempts FROM jobs WHERE id = ANY(%s)", (ids,)))

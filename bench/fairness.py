@@ -1,11 +1,12 @@
 """Fairness: one user floods a variant; another user's occasional job must not wait behind it.
 
-    .venv/bin/python bench/fairness.py [--flood 400] [--probes 20] [--new-tokens 32]
+    .venv/bin/python bench/fairness.py [--flood 400] [--probes 20] [--new-tokens 32] [--flood-priority 5]
 
 On a stack of its own (one CPU worker, gemma-3-270m), in one run:
 - idle: user B submits one job a second (`--probes` of them), nothing else running;
-- loaded: user A submits `--flood` jobs at once (same variant, same priority, same length), then
-  B submits one job a second again while A's backlog drains.
+- loaded: user A submits `--flood` jobs at once (same variant and length, at `--flood-priority`;
+  B's jobs are at the default, 5), then B submits one job a second again while A's backlog
+  drains. Neither user has a `max_priority` of its own: A's priority 9 ranks as a 5 among B's.
 B's latency is submit → terminal state, as B sees it (`GET ?wait=`). Prints B's p50/p95 idle and
 loaded, A's backlog when B's last job ended, and the headline: loaded p95 / idle p95.
 """
@@ -32,8 +33,13 @@ from bench.throughput import prompts  # noqa: E402
 from core.schemas import TERMINAL_STATUSES  # noqa: E402
 
 
-def body(text: str, new_tokens: int) -> dict[str, Any]:
-    return {"variant": "gemma-3-270m", "input": {"prompt": text}, "params": {"max_new_tokens": new_tokens}}
+def body(text: str, new_tokens: int, priority: int = 5) -> dict[str, Any]:
+    return {
+        "variant": "gemma-3-270m",
+        "input": {"prompt": text},
+        "params": {"max_new_tokens": new_tokens},
+        "priority": priority,
+    }
 
 
 def probe(client: httpx.Client, count: int, new_tokens: int) -> list[float]:
@@ -67,6 +73,7 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=400)
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--flood-priority", type=int, default=5, choices=range(10), metavar="0-9")
     args = parser.parse_args()
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="gemmaq-bench-")), variants="gemma-3-270m", workers=1,
                       log_level="WARNING")  # fmt: skip
@@ -85,10 +92,12 @@ def main() -> None:
         probe(b, 2, args.new_tokens)  # warm-up
         print("B alone…", flush=True)
         idle = probe(b, args.probes, args.new_tokens)
-        print(f"A floods {args.flood} jobs…", flush=True)
+        print(f"A floods {args.flood} jobs at priority {args.flood_priority}…", flush=True)
         flood = prompts(args.flood)
         with ThreadPoolExecutor(16) as pool:
-            sent = pool.map(lambda t: a.post("/v1/jobs", json=body(t, args.new_tokens)), flood)
+            sent = pool.map(
+                lambda t: a.post("/v1/jobs", json=body(t, args.new_tokens, args.flood_priority)), flood
+            )
             codes = [r.status_code for r in sent]
         assert codes == [202] * args.flood, sorted(set(codes))
         print("B under the flood…", flush=True)

@@ -102,14 +102,16 @@ def marker_age_s(value: bytes | str | None) -> float | None:
         return float("inf")
 
 
-def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0) -> None:
+def enqueue_job(
+    app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0, shared: int | None = None
+) -> None:
     """Send the job id (nothing else) to its variant's queue, marked as sent.
 
-    The broker step comes from the job's priority and its owner's jobs in flight (see
-    core/scheduling.py; kombu's Redis transport serves step 0 first). The marker goes first,
-    so a worker's claim (which clears it) always comes after it; a send that fails takes the
-    marker back, and a marker that cannot be written only means the reconciler sends the job
-    once more (a duplicate message is skipped by the claim).
+    The broker step comes from the job's priority, its priority among all users' (`shared`) and
+    its owner's jobs in flight (see core/scheduling.py; kombu's Redis transport serves step 0
+    first). The marker goes first, so a worker's claim (which clears it) always comes after it;
+    a send that fails takes the marker back, and a marker that cannot be written only means the
+    reconciler sends the job once more (a duplicate message is skipped by the claim).
     """
     settings: Settings = app.conf.gemmaq_settings
     markers: redis.Redis = app.conf.gemmaq_markers
@@ -121,7 +123,7 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_fli
             RUN_JOB_TASK,
             args=[job_id],
             queue=variant_queue(variant),
-            priority=broker_step(priority, in_flight),
+            priority=broker_step(priority, in_flight, shared),
             retry=False,
         )
     except Exception:
@@ -131,14 +133,14 @@ def enqueue_job(app: Celery, *, job_id: str, variant: str, priority: int, in_fli
 
 
 def task_message(
-    app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0
+    app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0, shared: int | None = None
 ) -> tuple[str, str]:
     """The Redis list and the message that `enqueue_job`'s `send_task` pushes for this job: Celery's
     task protocol 2 (built by Celery) in the kombu Redis transport's envelope (JSON, the body
     base64), for a producer that sends on an asyncio Redis client (`send_job`).
     tests/test_worker.py checks it against what kombu sends."""
     settings: Settings = app.conf.gemmaq_settings
-    step = broker_step(priority, in_flight)  # kombu serves 0 first
+    step = broker_step(priority, in_flight, shared)  # kombu serves 0 first
     task_id = uuid()
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id, RUN_JOB_TASK, args=[job_id], reply_to=app.thread_oid, ignore_result=None
@@ -163,14 +165,23 @@ def task_message(
 
 
 async def send_job(
-    redis: AsyncRedis, app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0
+    redis: AsyncRedis,
+    app: Celery,
+    *,
+    job_id: str,
+    variant: str,
+    priority: int,
+    in_flight: int = 0,
+    shared: int | None = None,
 ) -> None:
     """`enqueue_job` for the API's event loop: the marker and the message in one MULTI/EXEC, so
     both are written or neither, in one round trip (no thread, no kombu producer). The same
     transaction counts the submission for /metrics (core/metrics.py) and appends the job's
     `queued` event (core/events.py)."""
     settings: Settings = app.conf.gemmaq_settings
-    queue, message = task_message(app, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight)
+    queue, message = task_message(
+        app, job_id=job_id, variant=variant, priority=priority, in_flight=in_flight, shared=shared
+    )
     marker = message_key(settings, job_id)
     try:
         async with redis.pipeline(transaction=True) as pipe:

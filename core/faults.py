@@ -18,6 +18,10 @@ API_AFTER_COMMIT = "api.after_commit"  # the job row is committed, its message n
 # crashes the model (an OOM, a CUDA error) would make it.
 ENGINE_POISON = "engine.poison"
 POISON = "GEMMAQ-FAULT-POISON"
+# The engine dies once it has reported progress on a request whose prompt holds POISON_LATE: a
+# request that crashes the model mid-reply, after some of its tokens were generated.
+ENGINE_POISON_LATE = "engine.poison_late"
+POISON_LATE = "GEMMAQ-FAULT-LATE"
 
 
 def crash_here(settings: Settings, point: str) -> None:

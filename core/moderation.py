@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 import re2
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from core.settings import Settings
+
 DEFAULT_POLICY = Path(__file__).with_name("moderation.toml")
 Stage = Literal["input", "output"]
 STAGES: tuple[Stage, ...] = ("input", "output")
@@ -177,10 +179,18 @@ def _override(serialised: str) -> Policy:
     return Policy(parse(json.loads(serialised)))
 
 
-def policy_for(override: dict[str, Any] | None, default_path: Path | None) -> Policy:
-    """A user's policy: their quota's override, else the deployment's."""
+def user_override(user: Any) -> dict[str, Any] | None:
+    """The moderation override on a user's quota row (a `db.models.User`), if any."""
+    quota = getattr(user, "quota", None)
+    return quota.moderation_policy if quota is not None else None
+
+
+def policy_for(override: dict[str, Any] | None, settings: Settings) -> Policy:
+    """A user's policy: their quota's override (`quotas.moderation_policy`), else the
+    deployment's (`GEMMAQ_MODERATION_POLICY`, read again when its file changes). The one lookup
+    the API (inputs, /v1/moderations) and the worker shell (outputs) both make."""
     if override is None:
-        return default_policy(default_path)
+        return default_policy(settings.moderation_policy)
     return _override(json.dumps(override, sort_keys=True))
 
 

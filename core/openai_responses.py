@@ -17,15 +17,20 @@ decoding, as for every gemmaq job.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from core import openai_chat
 from core.errors import ValidationFailed
 from core.openai_chat import Strict, job_spec
 from core.schemas import MAX_MESSAGES, MAX_TEXT_CHARS, JobCreate, JobOut, SafeStr
+
+# An output part's annotations (kept with a stored response, never read by the model).
+MAX_ANNOTATIONS = 64
+MAX_ANNOTATIONS_BYTES = 16_384
 
 
 class InputText(Strict):
@@ -53,7 +58,14 @@ class InputAudio(Strict):
 class OutputText(Strict):
     type: Literal["output_text"]
     text: SafeStr = Field(max_length=MAX_TEXT_CHARS)
-    annotations: list[Any] | None = None
+    annotations: list[dict[str, Any]] | None = Field(None, max_length=MAX_ANNOTATIONS)
+
+    @field_validator("annotations")
+    @classmethod
+    def _bounded(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is not None and len(json.dumps(value).encode()) > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations: at most {MAX_ANNOTATIONS_BYTES} bytes of JSON in a part")
+        return value
 
 
 Part = InputText | InputImage | InputAudio | OutputText
@@ -63,8 +75,8 @@ class InputMessage(Strict):
     type: Literal["message"] | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: SafeStr | list[Part] = Field(max_length=MAX_TEXT_CHARS)
-    id: str | None = None
-    status: str | None = None
+    id: SafeStr | None = Field(None, max_length=64)
+    status: SafeStr | None = Field(None, max_length=32)
 
 
 class TextFormat(Strict):
@@ -106,8 +118,10 @@ class ResponseRequest(Strict):
     store: bool = True
     stream: bool = False
     previous_response_id: str | None = Field(None, max_length=64)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    user: str | None = Field(None, max_length=256)
+    metadata: (
+        dict[Annotated[SafeStr, Field(max_length=64)], Annotated[SafeStr, Field(max_length=512)]] | None
+    ) = Field(None, max_length=16)
+    user: SafeStr | None = Field(None, max_length=256)
     text: TextOptions | None = None
     tool_choice: Literal["none"] | None = None
     tools: list[Any] | None = Field(None, max_length=0, description="not served")
@@ -307,3 +321,9 @@ def response_of(
         previous_response_id=row.previous_response_id, background=row.background, store=store,
         metadata=row.metadata_, created_at=created_at or job.created_at,
     )  # fmt: skip
+
+
+def stored_bytes(body: ResponseRequest, context: list[dict[str, Any]]) -> int:
+    """What a stored response keeps, as JSON bytes: counted in its owner's storage quota."""
+    kept = [body.items(), context, body.instructions, body.metadata]
+    return len(json.dumps(kept, ensure_ascii=False).encode())

@@ -27,7 +27,9 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from core.errors import QuotaExceeded
 from core.keys import QuotaKeys
+from core.scheduling import DEFAULT_MAX_PRIORITY
 from core.settings import Settings
 
 WINDOW_MS = 60_000
@@ -38,7 +40,9 @@ CONCURRENCY_RETRY_S = 2
 # Admission estimates of input tokens; settlement replaces them with the real count.
 BYTES_PER_TOKEN = 4
 TOKENS_PER_IMAGE = 260
-TOKENS_PER_AUDIO_SECOND = 7
+# Whisper charges its encoder's frames, 50 a second of audio (workers/engine/whisper.py), Gemma
+# 3n about 6: a reservation takes the higher, so that no audio job is admitted short.
+TOKENS_PER_AUDIO_SECOND = 50
 TEMPLATE_TOKENS = 16
 
 OK, RATE, CONCURRENCY, TOKENS, SEED = 0, 1, 2, 3, 4
@@ -149,6 +153,7 @@ class Limits:
     allowed_variants: list[str] | None = None
     max_storage_bytes: int = 0
     max_files: int = 0
+    max_priority: int = DEFAULT_MAX_PRIORITY  # the highest priority its jobs reach among tenants'
 
     @classmethod
     def defaults(cls, settings: Settings) -> Limits:
@@ -159,6 +164,23 @@ class Limits:
             max_input_bytes=settings.quota_max_input_bytes,
             max_storage_bytes=settings.quota_max_storage_bytes,
             max_files=settings.quota_max_files,
+            max_priority=settings.quota_max_priority,
+        )
+
+
+def check_storage(limits: Limits, *, files: int, used: int, adding: int, new_file: bool = True) -> None:
+    """One more file (or, not `new_file`, a stored response) of `adding` bytes, beside the
+    `files` and the `used` bytes the user keeps."""
+    if new_file and files + 1 > limits.max_files:
+        raise QuotaExceeded(
+            f"you keep {files} files; your quota allows {limits.max_files} (delete some, or let them expire)",
+            {"limit": "max_files", "value": limits.max_files, "files": files},
+        )
+    if used + adding > limits.max_storage_bytes:
+        raise QuotaExceeded(
+            f"your files and stored responses hold {used} bytes; {adding} more do not fit in your "
+            f"{limits.max_storage_bytes}",
+            {"limit": "max_storage_bytes", "value": limits.max_storage_bytes, "used_bytes": used},
         )
 
 

@@ -321,6 +321,9 @@ class QuotaUpdate(BaseModel):
     allowed_variants: list[Annotated[SafeStr, Field(max_length=100)]] | None = Field(None, max_length=200)
     max_storage_bytes: int | None = Field(None, ge=0, le=10**13)
     max_files: int | None = Field(None, ge=0, le=10**7)
+    max_priority: int | None = Field(
+        None, ge=0, le=9, description="the highest priority the user's jobs reach among other users'"
+    )
     moderation_policy: dict[str, Any] | None = Field(
         None, description="a whole moderation policy in place of the deployment's; null: the deployment's"
     )
@@ -346,6 +349,9 @@ class QuotaOut(BaseModel):
     allowed_variants: list[str] | None
     max_storage_bytes: int
     max_files: int
+    max_priority: int | None = Field(
+        None, description="above it, `priority` orders only your own jobs (null: the deployment's)"
+    )
 
 
 class AdminQuotaOut(QuotaOut):

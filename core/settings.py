@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.scheduling import DEFAULT_MAX_PRIORITY
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "gemmaq"
@@ -76,8 +78,13 @@ class Settings(BaseSettings):
     quota_max_input_bytes: int = 20 * 1024 * 1024
     quota_max_storage_bytes: int = 2 * 1024 * 1024 * 1024  # files a user keeps (POST /v1/files)
     quota_max_files: int = 1000
+    # The highest priority a user's jobs reach among other users' (core/scheduling.py); above it,
+    # `priority` only orders the user's own jobs. An operator grants more per user.
+    quota_max_priority: int = Field(default=DEFAULT_MAX_PRIORITY, ge=0, le=9)
     # Files expire this long after upload unless `expires_after` says otherwise (None: never).
     files_retention_s: int | None = Field(default=30 * 86_400, ge=3600)
+    # A job's `expires_at` may lie at most this far ahead (every timestamp a tenant sends is bounded).
+    job_expires_max_s: int = Field(default=30 * 86_400, ge=60)
 
     # /v1/metrics/summary raises an alert past each of these.
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")

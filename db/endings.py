@@ -66,6 +66,9 @@ class JobEnd:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None  # the attempt's job_metrics row (with an attempt only)
+    # (input, output) tokens used by an attempt that ended without a result (timed out, failed
+    # mid-reply, its engine gone): charged as a result's usage would be
+    spent: tuple[int, int] | None = None
     attempt: int | None = None
     owner: str | None = None
     due: bool = False
@@ -73,6 +76,7 @@ class JobEnd:
     def __post_init__(self) -> None:
         assert self.status in TERMINAL_STATUSES, self.status
         assert self.metrics is None or self.attempt is not None, "metrics belong to an attempt"
+        assert self.spent is None or self.result is None, "a result carries its own usage"
 
     @classmethod
     def cancel(cls, job_id: str, owner: str) -> JobEnd:
@@ -146,7 +150,7 @@ SELECT id, user_id, charged_on, variant FROM done
 
 
 def _row(end: JobEnd) -> dict[str, Any]:
-    spent_in, spent_out = tokens_used(end.result)
+    spent_in, spent_out = tokens_used(end.result) if end.result is not None else (end.spent or (0, 0))
     row: dict[str, Any] = {
         "job_id": end.job_id,
         "attempt": end.attempt,

@@ -220,6 +220,9 @@ def users_set_quota(
     max_input_bytes: Annotated[int | None, typer.Option("--max-input-bytes")] = None,
     max_storage_bytes: Annotated[int | None, typer.Option("--max-storage-bytes")] = None,
     max_files: Annotated[int | None, typer.Option("--max-files")] = None,
+    max_priority: Annotated[
+        int | None, typer.Option("--max-priority", help="0-9: the highest priority among other users' jobs")
+    ] = None,
     allowed_variants: Annotated[
         str | None, typer.Option("--allowed-variants", help="comma-separated, or all")
     ] = None,
@@ -239,6 +242,7 @@ def users_set_quota(
         "max_input_bytes": max_input_bytes,
         "max_storage_bytes": max_storage_bytes,
         "max_files": max_files,
+        "max_priority": max_priority,
     }
     if allowed_variants is not None:
         more["allowed_variants"] = None if allowed_variants == "all" else allowed_variants.split(",")

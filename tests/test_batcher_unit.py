@@ -30,7 +30,7 @@ class FailingStream:
         self.rows: list[object] = []
         self.free = 4
         self.deltas: list[tuple[str, str]] = []
-        self.progress: dict[str, list[int]] = {}
+        self.progress: dict[str, tuple[int, list[int]]] = {}
 
     def join(self, entries: Sequence[tuple[object, Request, list[int]]]) -> list[Any]:
         self.rows += [key for key, _, _ in entries]

@@ -155,3 +155,36 @@ def test_no_module_of_the_shells_folders_imports_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_moderation_policy_has_one_lookup_and_the_moderations_route_needs_no_submitter() -> None:
+    """A user's moderation policy is looked up by core/moderation.py's `policy_for` alone, which
+    the API (inputs, /v1/moderations) and the worker shell (outputs) both call; the moderations
+    route takes the user and the settings, not the job submitter."""
+    import inspect
+
+    from api.routers import moderations
+
+    assert set(inspect.signature(moderations.moderations).parameters) == {"body", "user", "settings"}
+    deployment = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("api", "core", "workers")
+        for path in (ROOT / folder).rglob("*.py")
+        if "default_policy(" in path.read_text()
+    ]
+    assert deployment == ["core/moderation.py"], deployment
+    users = sorted(
+        path.relative_to(ROOT).as_posix()
+        for folder in ("api", "workers")
+        for path in (ROOT / folder).rglob("*.py")
+        if "policy_for(" in path.read_text()
+    )
+    # the API's and the shell's start (a policy file that cannot be used stops them), inputs,
+    # /v1/moderations, outputs
+    assert users == [
+        "api/app.py",
+        "api/routers/moderations.py",
+        "api/submission.py",
+        "workers/shell/pool.py",
+        "workers/tasks.py",
+    ], users

@@ -43,6 +43,7 @@ from core.schemas import TERMINAL_STATUSES
 from core.settings import Settings
 from db.endings import Ended, JobEnd, end_jobs, ended_of, settle
 from db.repo import files as files_repo
+from db.repo import responses as responses_repo
 from db.repo import runs
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.webhooks import Dispatcher
@@ -114,7 +115,13 @@ class Reconciler:
                 back = runs.requeue_lost(session=session, job_id=job.id, attempt=job.attempts)
             if back is not None:
                 requeued += 1
-                enqueue_job(self.broker, job_id=back.id, variant=back.variant, priority=back.priority)
+                enqueue_job(
+                    self.broker,
+                    job_id=back.id,
+                    variant=back.variant,
+                    priority=back.priority,
+                    shared=back.shared_priority,
+                )
                 log.warning("job.requeued", job_id=job.id, worker=job.worker, attempts=job.attempts)
         return requeued, failed
 
@@ -154,6 +161,7 @@ class Reconciler:
                     variant=job.variant,
                     priority=job.priority,
                     in_flight=per_user[job.user_id],
+                    shared=job.shared_priority,
                 )
                 resent += 1
                 log.warning("job.resent", job_id=job.id, variant=job.variant)
@@ -185,8 +193,9 @@ class Reconciler:
         return len(expired)
 
     def _delete_expired_files(self) -> int:
+        """Files and stored responses past their retention."""
         with self.maker.begin() as session:
-            return files_repo.delete_expired(session=session)
+            return files_repo.delete_expired(session=session) + responses_repo.delete_expired(session=session)
 
     # ---- quota slots --------------------------------------------------------------------
 

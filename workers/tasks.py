@@ -16,7 +16,7 @@ from celery import current_task
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from core import errors
+from core import errors, moderation
 from core.broker import enqueue_job
 from core.events import add_status
 from core.keys import message_key
@@ -117,7 +117,13 @@ def _put_back(pool: VariantPool, job: Claimed) -> None:
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
         back = runs.put_back(session=session, job_id=job.id, attempt=job.attempts)
     if back is not None:
-        enqueue_job(pool.broker, job_id=job.id, variant=job.variant, priority=job.priority)
+        enqueue_job(
+            pool.broker,
+            job_id=back.id,
+            variant=back.variant,
+            priority=back.priority,
+            shared=back.shared_priority,
+        )
         log.info("job.returned", reason="the worker is shutting down")
 
 
@@ -126,7 +132,9 @@ def _send_again(pool: VariantPool, job_id: str) -> None:
     with sync_sessionmaker(pool.settings.db_url)() as session:
         job = session.get(Job, job_id)
     if job is not None and job.status == "queued":
-        enqueue_job(pool.broker, job_id=job.id, variant=job.variant, priority=job.priority)
+        enqueue_job(
+            pool.broker, job_id=job.id, variant=job.variant, priority=job.priority, shared=job.shared_priority
+        )
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
@@ -163,7 +171,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         if job is None:
             log.info("job.skipped", reason="not queued: ended, expired or claimed by another delivery")
             return
-        pool.note_claimed(job.id, job.attempts, pool.policy(job.policy))
+        pool.note_claimed(job.id, job.attempts, moderation.policy_for(job.policy, pool.settings))
         _run(ctx, job)
     finally:
         pool.drop_lease(job_id, token)
@@ -205,26 +213,37 @@ def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
         return
     future = pool.submit(job.variant, request)  # a cold variant loads first, within the limit
     limit = min(request.params.timeout_s or variant.timeout_s, variant.timeout_s)
+    failure: Exception | None = None
     try:
         result = future.result(timeout=limit)
-    except FutureTimeout:
+    except FutureTimeout as exc:
         # Stop it at the engine's next step (or its first, if it has not started), then let go.
         pool.request_cancel(job.id)
-        future.cancel()
-        _fail(ctx, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms)
-        return
-    except ShuttingDown:
-        _put_back(pool, job)
-        return
-    except RequestError as exc:
-        _fail(ctx, job, errors.GENERATION_ERROR, str(exc), queue_ms)
-        return
+        failure = exc
+        if not future.cancel():  # it ended just now: its outcome stands
+            try:
+                result, failure = future.result(timeout=0), None
+            except Exception as late:
+                failure = late
     except Exception as exc:
-        kind = exc.kind if isinstance(exc, EngineFailure) else type(exc).__name__
+        failure = exc
+    # Once the future is done: the work a job that ends without a result is charged for, as the
+    # engine reported it at the end (a reply failed mid-way), else as it last reported progress.
+    spent = pool.spent(job.id)
+    if isinstance(failure, RequestError) and failure.spent is not None:
+        spent = failure.spent
+    if failure is None:
+        _succeed(ctx, job, request, result, queue_ms, started)
+    elif isinstance(failure, FutureTimeout) and future.cancelled():
+        _fail(ctx, job, errors.TIMEOUT, f"no result within {limit:g} s", queue_ms, spent)
+    elif isinstance(failure, ShuttingDown):
+        _put_back(pool, job)  # run again elsewhere: this attempt is not charged
+    elif isinstance(failure, RequestError):
+        _fail(ctx, job, errors.GENERATION_ERROR, str(failure), queue_ms, spent)
+    else:
+        kind = failure.kind if isinstance(failure, EngineFailure) else type(failure).__name__
         log.error("job.generation_failed", error=kind)
-        _fail(ctx, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms)
-        return
-    _succeed(ctx, job, request, result, queue_ms, started)
+        _fail(ctx, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms, spent)
 
 
 def _request(pool: VariantPool, job: Claimed, started: float) -> Request:
@@ -284,7 +303,7 @@ def _succeed(
     ctx: WorkerContext, job: Claimed, request: Request, result: Result, queue_ms: float, started: float
 ) -> None:
     pool = ctx.pool
-    category = pool.policy(job.policy).check(result.text, "output")
+    category = moderation.policy_for(job.policy, pool.settings).check(result.text, "output")
     if category is not None:
         _withhold(ctx, job, request, result, queue_ms, started, category)
         return
@@ -353,9 +372,20 @@ def _withhold(
     log.warning("job.filtered", stage="output", category=category, written=written)
 
 
-def _fail(ctx: WorkerContext, job: Claimed, code: str, message: str, queue_ms: float) -> None:
+def _fail(
+    ctx: WorkerContext,
+    job: Claimed,
+    code: str,
+    message: str,
+    queue_ms: float,
+    spent: tuple[int, int] | None = None,
+) -> None:
+    """End the job failed; `spent`: the (prompt, generated) tokens it had used, charged to its owner
+    and recorded in its metrics as a result's usage would be."""
     pool = ctx.pool
     metrics = _metrics(pool, queue_ms, time.monotonic(), None)
+    if spent is not None:
+        metrics["input_tokens"], metrics["output_tokens"] = spent
     error = {"code": code, "message": message}
-    written = finish(ctx, job, status="failed", result=None, error=error, metrics=metrics)
+    written = finish(ctx, job, status="failed", result=None, error=error, metrics=metrics, spent=spent)
     log.warning("job.failed", code=code, written=written)

@@ -35,7 +35,7 @@ router = APIRouter(tags=["openai"])
 )
 async def completions(body: CompletionRequest, flow: FlowDep) -> Response:
     specs = openai_completions.to_jobs(body, priority=INTERACTIVE_PRIORITY)
-    with flow.submitting(stream=body.stream) as hold:
+    with flow.submitting(stream=body.stream, jobs=len(specs)) as hold:  # each job followed on its own
         jobs = await flow.submit_all(specs)
     headers = {"X-Gemmaq-Job-Id": ",".join(job.id for job in jobs)}
     if body.stream:

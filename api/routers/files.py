@@ -16,6 +16,7 @@ from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from api.media_admission import read_capped
 from api.schemas import FileDeleted, FileList, FileOut, file_out
+from core import quotas
 from core.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMedia, ValidationFailed
 from core.media_checks import sniff_media
 from core.settings import Settings
@@ -119,7 +120,7 @@ async def upload_file(
     if purpose == "batch":
         async with maker() as session, session.begin():
             files, used = await files_repo.storage_used(session=session, user_id=user.id, lock=True)
-            admission.check_storage(limits, files=files, used=used, adding=0)
+            quotas.check_storage(limits, files=files, used=used, adding=0)
             parted = await files_repo.create_parted_file(
                 session=session, user_id=user.id, purpose=purpose, filename=filename, expires_at=expires_at,
                 parts=_jsonl_parts(file, settings.files_max_bytes, limits.max_storage_bytes - used),
@@ -132,7 +133,7 @@ async def upload_file(
     content_type, media = await run_in_threadpool(_sniff, data, settings)
     async with maker() as session, session.begin():
         files, used = await files_repo.storage_used(session=session, user_id=user.id, lock=True)
-        admission.check_storage(limits, files=files, used=used, adding=len(data))
+        quotas.check_storage(limits, files=files, used=used, adding=len(data))
         stored = await files_repo.create_file(
             session=session,
             user_id=user.id,

@@ -9,11 +9,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import SubmitterDep, UserDep
+from api.deps import SettingsDep, UserDep
 from api.errors import responses
 from api.schemas import MAX_MODERATION_INPUTS, ModerationRequest
 from core.errors import ValidationFailed
-from core.moderation import OPENAI_CATEGORIES
+from core.moderation import OPENAI_CATEGORIES, policy_for, user_override
 from core.schemas import MAX_TEXT_CHARS
 
 router = APIRouter(tags=["openai"])
@@ -26,11 +26,11 @@ POLICY_MODEL = "gemmaq-policy"
     responses=responses(401, 413, 422),
     summary="Moderation (OpenAI-compatible), from the content policy your jobs are checked against",
 )
-async def moderations(body: ModerationRequest, user: UserDep, submitter: SubmitterDep) -> dict[str, Any]:
+async def moderations(body: ModerationRequest, user: UserDep, settings: SettingsDep) -> dict[str, Any]:
     texts = body.texts()
     if len(texts) > MAX_MODERATION_INPUTS or any(len(t) > MAX_TEXT_CHARS for t in texts):
         raise ValidationFailed(f"input: at most {MAX_MODERATION_INPUTS} texts of {MAX_TEXT_CHARS} characters")
-    policy = submitter.policy(user)
+    policy = policy_for(user_override(user), settings)
     results = []
     for text in texts:
         flags = dict.fromkeys(OPENAI_CATEGORIES, False) | policy.flags(text)

@@ -6,7 +6,8 @@ followed with `GET /v1/responses/{id}`; without, it waits, as chat completions d
 true` sends the Responses event stream (`response.created`, `response.output_text.delta`,
 `response.completed`). A stored response (`store`, the default) survives API restarts, is its
 owner's only (another user's id is a 404), and can be continued (`previous_response_id`),
-cancelled and deleted. The job's id is in `X-Gemmaq-Job-Id`.
+cancelled and deleted. What it keeps counts in its owner's storage quota beside their files,
+and it expires with the files' retention. The job's id is in `X-Gemmaq-Job-Id`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
-from api.deps import FlowDep, SessionMakerDep, UserDep
+from api import admission
+from api.deps import FlowDep, SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from api.flow import INTERACTIVE_PRIORITY
-from core import openai_responses
+from core import openai_responses, quotas
 from core.errors import NotFound
 from core.openai_responses import ResponseRequest
 from core.schemas import TERMINAL_STATUSES, JobOut
 from db.ids import new_id
 from db.models import StoredResponse
+from db.repo import files as files_repo
 from db.repo import responses as responses_repo
 
 router = APIRouter(tags=["openai"])
@@ -46,7 +49,9 @@ CANCEL_WAIT_S = 10.0  # a cancelled running response: how long the answer waits 
     },
     summary="Create a response (OpenAI Responses API); background=true answers at once",
 )
-async def create_response(body: ResponseRequest, flow: FlowDep, maker: SessionMakerDep) -> Response:
+async def create_response(
+    body: ResponseRequest, flow: FlowDep, maker: SessionMakerDep, settings: SettingsDep
+) -> Response:
     user = flow.user
     context: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
@@ -55,6 +60,12 @@ async def create_response(body: ResponseRequest, flow: FlowDep, maker: SessionMa
         if job.status not in TERMINAL_STATUSES:
             raise NotFound(f"response {previous.id!r} has not finished; continue it once it has")
         context = openai_responses.continued(previous.context, previous.input_items, job)
+    size = openai_responses.stored_bytes(body, context)
+    if body.store:  # what it will keep must fit in the owner's storage, beside their files
+        limits = admission.limits_of(user, settings)
+        async with maker() as session, session.begin():
+            files, used = await files_repo.storage_used(session=session, user_id=user.id, lock=True)
+            quotas.check_storage(limits, files=files, used=used, adding=size, new_file=False)
     response_id = new_id("resp")
     tags = {"api": "responses", "response_id": response_id}
     spec = openai_responses.to_job(body, context, priority=INTERACTIVE_PRIORITY, metadata=tags)
@@ -67,6 +78,7 @@ async def create_response(body: ResponseRequest, flow: FlowDep, maker: SessionMa
             previous_response_id=body.previous_response_id, instructions=body.instructions,
             input_items=body.items(), context=context, background=body.background,
             max_output_tokens=body.max_output_tokens, metadata_=body.metadata or {},
+            bytes=size, expires_at=files_repo.expiry(settings.files_retention_s),
         )  # fmt: skip
         if body.store:
             async with maker() as session, session.begin():

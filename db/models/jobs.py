@@ -44,6 +44,9 @@ class Job(Base):
     task: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     priority: Mapped[int] = mapped_column(SmallInteger, default=5)
+    # Its priority among all users' jobs: `priority` capped by the owner's max_priority at
+    # submission (core/scheduling.py); None on rows from before (then `priority`).
+    shared_priority: Mapped[int | None] = mapped_column(SmallInteger)
     input: Mapped[dict[str, Any]]
     params: Mapped[dict[str, Any]]
     result: Mapped[dict[str, Any] | None]

@@ -4,7 +4,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, func
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -30,3 +30,7 @@ class StoredResponse(Base):
     max_output_tokens: Mapped[int | None] = mapped_column(Integer)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # What it holds (its input, context, instructions and metadata, as JSON), counted in its
+    # owner's storage quota beside their files; it expires with the files' retention.
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime | None]

@@ -4,7 +4,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, ForeignKey, Integer, String, func
+from sqlalchemy import ARRAY, BigInteger, ForeignKey, Integer, SmallInteger, String, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -51,6 +51,8 @@ class Quota(Base):
     allowed_variants: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
     max_storage_bytes: Mapped[int] = mapped_column(BigInteger)  # of the user's files, in all
     max_files: Mapped[int] = mapped_column(Integer)
+    # The highest priority the user's jobs reach among other users' (None: the deployment's).
+    max_priority: Mapped[int | None] = mapped_column(SmallInteger, default=None)
     # A whole moderation policy (core/moderation.py) in place of the deployment's; None: its.
     moderation_policy: Mapped[dict[str, Any] | None] = mapped_column(JSONB, default=None)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())

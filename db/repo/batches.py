@@ -148,8 +148,8 @@ async def add_line_error(
 
 
 def _text(value: str) -> str:
-    """A user's text as PostgreSQL stores it (no NUL), for the error file."""
-    return value.replace("\x00", "\ufffd")
+    """A user's text as PostgreSQL stores it (no NUL, no lone surrogate), for the error file."""
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 async def job_ids(*, session: AsyncSession, batch_id: str, status: str, limit: int) -> list[str]:

@@ -11,8 +11,9 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
-from db.models import Batch, File, FilePart, Quota
+from db.models import Batch, File, FilePart, Quota, StoredResponse
 from db.repo import pages
+from db.repo import responses as responses_repo
 
 MAX_PAGE = 100
 # A file past its expires_at is gone for its owner at once; the reconciler deletes it later.
@@ -25,8 +26,9 @@ def expiry(seconds: int | None) -> datetime | None:
 
 
 async def storage_used(*, session: AsyncSession, user_id: str, lock: bool = False) -> tuple[int, int]:
-    """The user's files and their bytes. `lock`: the user's quota row is locked for the
-    transaction, so that two uploads cannot both fit in the room one had."""
+    """The user's files, and the bytes of their files and stored responses. `lock`: the user's
+    quota row is locked for the transaction, so that two uploads cannot both fit in the room one
+    had."""
     if lock:
         await session.execute(select(Quota.user_id).where(Quota.user_id == user_id).with_for_update())
     count, size = (
@@ -34,7 +36,14 @@ async def storage_used(*, session: AsyncSession, user_id: str, lock: bool = Fals
             select(func.count(), func.coalesce(func.sum(File.size), 0)).where(File.user_id == user_id, _LIVE)
         )
     ).one()
-    return int(count), int(size)
+    responses = (
+        await session.execute(
+            select(func.coalesce(func.sum(StoredResponse.bytes), 0)).where(
+                StoredResponse.user_id == user_id, responses_repo.LIVE
+            )
+        )
+    ).scalar_one()
+    return int(count), int(size) + int(responses)
 
 
 def delete_expired(*, session: Session, limit: int = 200) -> int:

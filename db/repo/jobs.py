@@ -87,6 +87,7 @@ async def create_job(
     charged_on: date | None = None,
     reserved_tokens: int = 0,
     batch: tuple[str, int] | None = None,
+    shared_priority: int | None = None,
 ) -> tuple[RowMapping, bool]:
     """Insert a queued job (one statement, its row returned); with an idempotency key already
     used, return that job instead. Rows carry the `_OUT` columns, the key and the request hash."""
@@ -97,6 +98,7 @@ async def create_job(
         "task": spec.task,
         "status": "queued",
         "priority": spec.priority,
+        "shared_priority": spec.priority if shared_priority is None else shared_priority,
         "input": spec.input.model_dump(mode="json", exclude_none=True),
         "params": spec.params.model_dump(mode="json"),
         "metadata": spec.metadata,

@@ -93,6 +93,7 @@ class Queued:
     variant: str
     priority: int
     user_id: str
+    shared_priority: int | None
 
 
 def running(*, session: Session) -> list[Running]:
@@ -120,7 +121,7 @@ def past_deadline(*, session: Session, limit: int = 5000) -> list[str]:
 
 def queued_before(*, session: Session, cutoff: datetime, limit: int = 5000) -> list[Queued]:
     rows = session.execute(
-        select(Job.id, Job.variant, Job.priority, Job.user_id)
+        select(Job.id, Job.variant, Job.priority, Job.user_id, Job.shared_priority)
         .where(Job.status == "queued", Job.created_at < cutoff)
         .order_by(Job.created_at)
         .limit(limit)

@@ -43,8 +43,9 @@ Item = tuple[Request, "Future[Result]"]
 Done = Sequence[tuple[object, Result | Exception]]
 Joiner = tuple["Future[Result]", Request, list[int]]
 # Text deltas (job id, new text) of continuous batches, published as they come (core/events.py).
-# (deltas: (job id, new text), progress: job id → the tokens its row has generated so far)
-Publish = Callable[[Sequence[tuple[str, str]], Mapping[str, list[int]]], None]
+# (deltas: (job id, new text), progress: job id → (its prompt's tokens, the tokens its row has
+# generated so far))
+Publish = Callable[[Sequence[tuple[str, str]], Mapping[str, tuple[int, list[int]]]], None]
 _WAKE = object()  # put by `drain` so the loop notices at once
 MAX_WAIT_FACTOR = 4
 DEVICE_FAILED = 70  # the engine process's exit status after an error of the device
@@ -285,8 +286,9 @@ class Batcher:
             if isinstance(outcome, Exception):
                 future.set_exception(outcome)
                 continue
-            if outcome.error is not None:
-                future.set_exception(RequestError(outcome.error))
+            if outcome.error is not None:  # failed mid-reply: its tokens were work done
+                spent = (outcome.input_tokens, outcome.output_tokens)
+                future.set_exception(RequestError(outcome.error, spent))
                 continue
             outcome.load_ms, self._pending_load_ms = self._pending_load_ms, None
             future.set_result(outcome)

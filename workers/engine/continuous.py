@@ -139,7 +139,7 @@ class ContinuousDecoder:
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_HISTORY)
         self.deltas: list[tuple[str, str]] = []  # (job id, new text), taken by the batcher
         # job id → the tokens a running row had generated at its last delta, taken with them
-        self.progress: dict[str, list[int]] = {}
+        self.progress: dict[str, tuple[int, list[int]]] = {}  # job id → (prompt tokens, generated)
         self.preemptions = 0
 
     @property
@@ -393,7 +393,7 @@ class ContinuousDecoder:
             self.deltas.append((row.request.job_id, text[len(row.sent) :]))
             row.sent = text
             if row.reason is None:
-                self.progress[row.request.job_id] = list(row.tokens)
+                self.progress[row.request.job_id] = (len(row.prompt), list(row.tokens))
         row.sent_at = now
 
     def _collect(self) -> list[Outcome]:

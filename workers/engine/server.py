@@ -67,6 +67,7 @@ class EngineServer:
         self._send_lock = threading.Lock()
         self._cancels: dict[str, float] = {}  # job id → when its stop was asked
         self._jobs: dict[int, str] = {}  # rid → job id, for requests in hand
+        self._late: set[str] = set()  # job ids of requests poisoned late (fault tests only)
         self._stop = threading.Event()
         self.cache: Any = None
         self.faults: Settings | None = None  # the settings, when faults are injected (tests)
@@ -87,6 +88,8 @@ class EngineServer:
 
     def publish(self, deltas: Any, progress: Any) -> None:
         self.send(Deltas(list(deltas), dict(progress)))
+        if self.faults and any(j in self._late for j in progress):
+            faults.crash_here(self.faults, faults.ENGINE_POISON_LATE)
 
     def send_states(self) -> None:
         if self.cache is None:
@@ -166,6 +169,8 @@ class EngineServer:
     def _submit(self, message: Submit) -> None:
         if self.faults and faults.POISON in (message.request.prompt or ""):
             faults.crash_here(self.faults, faults.ENGINE_POISON)
+        if self.faults and faults.POISON_LATE in (message.request.prompt or ""):
+            self._late.add(message.request.job_id)
         self._jobs[message.rid] = message.request.job_id
         future = self.cache.submit(message.variant, message.request)
         future.add_done_callback(lambda f: self._done(message.rid, f))

@@ -75,7 +75,12 @@ class ShuttingDown(Exception):
 
 
 class RequestError(Exception):
-    """A request this engine refuses (too long, malformed); the job fails, the worker goes on."""
+    """A request this engine refuses (too long, malformed), or one that failed mid-reply; the job
+    fails, the worker goes on. `spent`: the (prompt, generated) tokens it had used by then."""
+
+    def __init__(self, message: str, spent: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.spent = spent
 
 
 class EngineFailure(Exception):

@@ -80,8 +80,9 @@ class Ready:
 @dataclass
 class Deltas:
     items: list[tuple[str, str]]  # (job id, new text)
-    # job id → the tokens its row had generated: where a re-sent request picks up
-    progress: dict[str, list[int]] = field(default_factory=dict)
+    # job id → (its prompt's tokens, the tokens its row had generated): where a re-sent request
+    # picks up, and what a job that ends without a result is charged
+    progress: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
 
 
 FailureKind = Literal["shutting_down", "refused", "failed"]
@@ -93,6 +94,7 @@ class Done:
     result: Result | None = None
     failure: FailureKind | None = None
     message: str = ""  # the refusal's text, or the name of the exception that failed it
+    spent: tuple[int, int] | None = None  # a refusal's (prompt, generated) tokens, mid-reply
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -103,7 +105,7 @@ class Done:
         if isinstance(outcome, ShuttingDown):
             return cls(rid, failure="shutting_down")
         if isinstance(outcome, RequestError):
-            return cls(rid, failure="refused", message=str(outcome))
+            return cls(rid, failure="refused", message=str(outcome), spent=outcome.spent)
         return cls(rid, failure="failed", message=type(outcome).__name__)
 
     def outcome(self) -> Result | Exception:
@@ -112,7 +114,7 @@ class Done:
         if self.failure == "shutting_down":
             return ShuttingDown()
         if self.failure == "refused":
-            return RequestError(self.message)
+            return RequestError(self.message, self.spent)
         return EngineFailure(self.message)
 
 

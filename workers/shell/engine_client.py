@@ -95,6 +95,9 @@ class EngineClient:
         self._pending: dict[int, _Pending] = {}
         self._by_job: dict[str, int] = {}
         self._cancels: dict[str, float] = {}
+        # job id → (prompt tokens, tokens generated) as last reported: what a job that ends without
+        # a result (timed out, failed mid-reply, its engine gone) is charged; taken by `spent`
+        self._spent: dict[str, tuple[int, int]] = {}
         self._suspects: collections.deque[int] = collections.deque()  # rids, to be sent one at a time
         self._solo: int | None = None  # the suspect in flight
         self._rids = itertools.count(1)
@@ -296,6 +299,13 @@ class EngineClient:
         future.add_done_callback(lambda _: self._drop(p.rid))
         return future
 
+    def spent(self, job_id: str) -> tuple[int, int] | None:
+        """The (prompt, generated) tokens last reported for the job, taken. Called once its future
+        is done, whatever its outcome: the future's end forgets the job first, so no later report
+        adds it back."""
+        with self._lock:
+            return self._spent.pop(job_id, None)
+
     def cancel(self, job_id: str, at: float) -> None:
         """Stop the job's row at the engine's next step (kept for an engine started later)."""
         now = time.time()
@@ -358,13 +368,14 @@ class EngineClient:
             del self._by_job[p.request.job_id]
             self._cancels.pop(p.request.job_id, None)
 
-    def _deltas(self, items: list[tuple[str, str]], progress: dict[str, list[int]]) -> None:
+    def _deltas(self, items: list[tuple[str, str]], progress: dict[str, tuple[int, list[int]]]) -> None:
         out = []
         with self._lock:
-            for job_id, tokens in progress.items():
+            for job_id, (read, tokens) in progress.items():
                 rid = self._by_job.get(job_id)
                 if rid is not None and (q := self._pending.get(rid)) is not None:
                     q.request.resume_tokens = tokens  # where it picks up if this engine dies
+                    self._spent[job_id] = (read, len(tokens))
             for job_id, text in items:
                 rid = self._by_job.get(job_id)
                 p = self._pending.get(rid) if rid is not None else None

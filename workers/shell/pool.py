@@ -71,7 +71,7 @@ class VariantPool:
         self._reserved: dict[str, str] = {}  # broker message (task id) → the token reserved for it
         # Jobs whose streamed text is checked before it is published (their policy checks outputs).
         self._filters: dict[str, moderation.StreamFilter] = {}
-        moderation.default_policy(settings.moderation_policy)  # a policy file that cannot be used: exit now
+        moderation.policy_for(None, settings)  # a policy file that cannot be used: exit now
         self._in_hand_lock = threading.Lock()
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
@@ -158,14 +158,14 @@ class VariantPool:
         except redis.RedisError:
             log.warning("job.deltas_failed", jobs=len(deltas))
 
-    def policy(self, override: dict[str, object] | None) -> moderation.Policy:
-        """A job's moderation policy: its owner's override, else the deployment's (read again
-        when its file changes)."""
-        return moderation.policy_for(override, self.settings.moderation_policy)
-
     def request_cancel(self, job_id: str) -> None:
         """Stop a running request at its next step: a job that timed out here."""
         self.engine.cancel(job_id, time.time())
+
+    def spent(self, job_id: str) -> tuple[int, int] | None:
+        """The (prompt, generated) tokens the engine last reported for a job whose future is done
+        (taken: a second call gives None); None when it reported none."""
+        return self.engine.spent(job_id)
 
     def _watch_cancels(self) -> None:
         """Cancels of the jobs in hand, passed to the engine: announced on the cancel channel
