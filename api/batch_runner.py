@@ -39,7 +39,7 @@ from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable, Valid
 from core.openai_batch import LINE_ENDPOINTS
 from core.schemas import JobCreate
 from core.settings import Settings
-from core.text_checks import text_problem
+from core.text_checks import string_problem, text_problem
 from db.models import Batch, BatchLineError, User
 from db.repo import batches as batches_repo
 from db.repo import files as files_repo
@@ -331,13 +331,15 @@ def _decode(batch: Batch, raw: bytes) -> tuple[str, JobCreate]:
         raise _LineError("invalid_json", "the line is not a JSON object") from None
     if not isinstance(request, dict):
         raise _LineError("invalid_json", "the line is not a JSON object")
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= 200 or string_problem(custom_id):
+        raise _LineError(
+            "invalid_request",
+            "custom_id: a string of 1 to 200 characters of text (no NUL, no lone surrogate)",
+        )
     problem = text_problem(request, "line")
     if problem is not None:
-        custom_id = request.get("custom_id")
-        raise _LineError("invalid_request", problem, custom_id if isinstance(custom_id, str) else None)
-    custom_id = request.get("custom_id")
-    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= 200 or "\x00" in custom_id:
-        raise _LineError("invalid_request", "custom_id: a string of 1 to 200 characters, without NUL")
+        raise _LineError("invalid_request", problem, custom_id)
     if request.get("method", "POST") != "POST" or request.get("url") != batch.endpoint:
         raise _LineError("invalid_request", f"each line is a POST to {batch.endpoint}", custom_id)
     endpoint = LINE_ENDPOINTS[batch.endpoint]

@@ -80,5 +80,5 @@ def test_a_batch_line_that_is_not_text_is_a_line_error_its_batch_completes(stack
     errors = {e["error"]["line"]: e for e in records(oai, done.error_file_id)}
     assert sorted(errors) == [1, 2]
     assert errors[1]["custom_id"] == "req-1" and "surrogate" in errors[1]["error"]["message"]
-    assert "surrogate" in errors[2]["error"]["message"]
+    assert errors[2]["custom_id"] is None and "surrogate" in errors[2]["error"]["message"]
     assert [r["custom_id"] for r in records(oai, done.output_file_id)] == ["req-0"]
