@@ -172,10 +172,11 @@ def test_the_api_sends_the_message_kombu_would(embedded_redis: str) -> None:
     app = make_celery(settings)
     client = redis.Redis.from_url(embedded_redis)
     try:
-        # A step past kombu's own 0..9 (priority 7, 20 jobs in flight): the transport keeps it.
-        enqueue_job(app, job_id="job_same", variant="echo", priority=7, in_flight=20)
-        queue, ours = task_message(app, job_id="job_same", variant="echo", priority=7, in_flight=20)
-        assert queue.endswith(":10")
+        # A step past kombu's own 0..9 (shared priority 5, 20 jobs in flight, priority 7):
+        # (9 - 5) * 40 + 2 * 10 + (9 - 7) = 182; the transport keeps it.
+        enqueue_job(app, job_id="job_same", variant="echo", priority=7, in_flight=20, shared=5)
+        queue, ours = task_message(app, job_id="job_same", variant="echo", priority=7, in_flight=20, shared=5)
+        assert queue.endswith(":182")
         theirs = client.lindex(queue, 0)
         assert theirs is not None, f"kombu did not push to {queue}"
         assert _shape(ours) == _shape(theirs)
