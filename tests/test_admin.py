@@ -35,7 +35,8 @@ def test_admin_creates_users_sets_quotas_and_revokes_keys(stack: Stack) -> None:
         assert patched.json()["quota"] | {} == {
             "requests_per_minute": 5, "tokens_per_day": 1234, "max_concurrent_jobs": 64,
             "max_input_bytes": 20 * 1024 * 1024, "allowed_variants": ["echo"],
-            "max_storage_bytes": 2 * 1024**3, "max_files": 1000, "moderation_policy": None,
+            "max_storage_bytes": 2 * 1024**3, "max_files": 1000, "max_priority": None,
+            "moderation_policy": None,
         }  # fmt: skip
         with stack.client(key) as carol:
             assert carol.get("/v1/jobs").status_code == 200
