@@ -346,12 +346,22 @@ class ContinuousDecoder:
         if not picking:
             return []
         now = time.monotonic()
-        scores = torch.stack([logits for _, logits in picking]).float()
-        constrained = [(n, c) for n, (row, _) in enumerate(picking) if (c := row.request.constraint)]
-        if constrained:  # what their grammars forbid is pushed down
-            with torch.inference_mode():
-                mask_rows(scores, constrained)
-        greedy = scores.argmax(dim=-1).tolist()
+        logits = torch.stack([logits for _, logits in picking])
+        # Greedy rows pick from the logits as they are (max takes the first of equal scores, as
+        # argmax does); only rows with a grammar or a sampler get float scores, a whole-vocabulary
+        # copy each.
+        greedy = logits.max(dim=-1).indices.tolist()
+        special = [n for n, (row, _) in enumerate(picking) if row.request.constraint or row.generator]
+        scores: dict[int, torch.Tensor] = {}
+        if special:
+            floats = logits[special].float()
+            scores = {n: floats[k] for k, n in enumerate(special)}
+            constrained = [(k, c) for k, n in enumerate(special) if (c := picking[n][0].request.constraint)]
+            if constrained:  # what their grammars forbid is pushed down
+                with torch.inference_mode():
+                    mask_rows(floats, constrained)
+                for k, _ in constrained:
+                    greedy[special[k]] = int(floats[k].argmax())
         size = sum(1 for r in self.rows if r.tables is not None)
         for n, (row, _) in enumerate(picking):
             params = row.request.params
@@ -359,7 +369,7 @@ class ContinuousDecoder:
             if row.generator is not None:
                 seen = None  # the ids so far, built only for a repetition penalty
                 if params.repetition_penalty != 1.0:
-                    seen = torch.tensor(row.prompt + row.tokens, device=scores.device)
+                    seen = torch.tensor(row.prompt + row.tokens, device=logits.device)
                 token = sample_row(scores[n], params, row.generator, seen)
             row.tokens.append(token)
             row.first_token_at = row.first_token_at or now
