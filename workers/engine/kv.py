@@ -36,9 +36,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION = "gemmaq_paged"
 FULL, SLIDING = 0, 1
-# A group's reads are padded to its longest row while this many slots read stay within this
-# factor of the slots the rows need (rows sorted by length, split where the padding would pass it).
+# A group's reads are padded to its longest row while the slots read stay within this factor of
+# the slots the rows need, or within PAD_SLOTS of them (rows sorted by length, split where the
+# padding would pass both): a read costs about as much as 500 slots more of one (bf16, the CPU).
 PAD_SLACK = 1.25
+PAD_SLOTS = 512
 
 
 class OutOfBlocks(Exception):
@@ -313,7 +315,8 @@ def _group_reads(
     for row in single:
         group = groups[-1] if groups else []
         needed = sum(len(r[2]) for r in group) + len(row[2])
-        if group and len(row[2]) * (len(group) + 1) <= PAD_SLACK * needed:
+        padded = len(row[2]) * (len(group) + 1)
+        if group and (padded <= PAD_SLACK * needed or padded - needed <= PAD_SLOTS):
             group.append(row)
         else:
             groups.append([row])
@@ -367,11 +370,15 @@ def paged_attention(
     out = query.new_empty((tokens, heads, dim))
     for read in reads:
         rows, queries = read.tokens.shape
+        width = read.slots.shape[1]
+        tokens_read, slots = read.tokens.view(-1), read.slots.view(-1)
         # Each kv head's query heads as extra queries: (rows, kv heads, per_kv * queries, dim).
-        q = flat_q[read.tokens.reshape(-1)].view(rows, queries, kv_heads, per_kv, dim)
+        # (`index_select` copies whole rows: on the CPU 5-6x faster than `tensor[index]`.)
+        q = flat_q.index_select(0, tokens_read).view(rows, queries, kv_heads, per_kv, dim)
         q = q.permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, per_kv * queries, dim)
-        k = keys[read.slots].permute(0, 2, 1, 3).to(q.dtype)  # (rows, kv heads, width, dim)
-        v = values[read.slots].permute(0, 2, 1, 3).to(q.dtype)
+        # (rows, kv heads, width, dim)
+        k = keys.index_select(0, slots).view(rows, width, kv_heads, dim).permute(0, 2, 1, 3).to(q.dtype)
+        v = values.index_select(0, slots).view(rows, width, kv_heads, dim).permute(0, 2, 1, 3).to(q.dtype)
         mask = read.mask
         if mask is not None and queries > 1:
             mask = mask.repeat(1, 1, per_kv, 1)
@@ -387,7 +394,7 @@ def paged_attention(
             .permute(0, 3, 1, 2, 4)
             .reshape(rows * queries, heads, dim)
         )
-        out[read.tokens.reshape(-1)] = o
+        out.index_copy_(0, tokens_read, o)
     return out.unsqueeze(0), None
 
 
