@@ -18,9 +18,10 @@ between steps, long prompts are prefilled in chunks between the other rows' toke
 - a step that raises is run again in halves until the rows that raise are found: they fail, the
   others go on (their cache is rewritten where the failed step had half written it). An error
   the device cannot recover from (CUDA, other than out of memory) is raised to the batcher.
-- each row's new text is put in `deltas` (job id, text) at most every `DELTA_EVERY_S` and when
-  it ends, for the batcher to publish: held back while a stop string may be forming, so the
-  deltas of a job, joined, are its result's text.
+- each row's new text is put in `deltas` (job id, text) for the batcher to publish: its first
+  text at once, then every row's together every `DELTA_EVERY_S`, and a row's last when it ends;
+  held back while a stop string may be forming, so the deltas of a job, joined, are its result's
+  text.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from workers.engine.sampling import sample_row
 from workers.shared.base import CancelCheck, Engine, Request, RequestError, Result
 
 STEP_HISTORY = 256  # step times kept to measure a cancel's lag in steps
-DELTA_EVERY_S = 0.05  # a row's new text is published at most this often while it runs
+# Running rows' new text is published together this often. Each message wakes the shell and
+# Redis, and on a CPU that the engine's threads fill, every wake-up stalls a step: 50 ms made
+# bench/throughput.py's system 10-20% slower than 250 ms (one session's runs).
+DELTA_EVERY_S = 0.2
 # Defaults for a decoder built without an engine's settings (tests, benches).
 DEFAULT_KV_MB = 256
 DEFAULT_BLOCK = 32
@@ -83,7 +87,6 @@ class Row:
     error: Exception | None = None  # its step failed
     cancel_lag: int | None = None
     sent: str = ""  # its text published so far (a prefix of its result's text)
-    sent_at: float = 0.0  # monotonic
 
     @property
     def length(self) -> int:
@@ -141,6 +144,7 @@ class ContinuousDecoder:
         # job id → the tokens a running row had generated at its last delta, taken with them
         self.progress: dict[str, tuple[int, list[int]]] = {}  # job id → (prompt tokens, generated)
         self.preemptions = 0
+        self._deltas_at = 0.0  # monotonic: the running rows' text was last taken
 
     @property
     def free(self) -> int:
@@ -385,8 +389,14 @@ class ContinuousDecoder:
                 tail = self.decoder.decode(row.tokens[-(longest + 8) :])
                 if any(s in tail for s in params.stop):
                     row.reason = "stop"
-            if row.reason is None and now - row.sent_at >= DELTA_EVERY_S:
-                self._send(row, self._settled_text(row), now)
+        if now - self._deltas_at >= DELTA_EVERY_S:
+            self._deltas_at = now
+            due = [row for row, _ in picking]
+        else:  # a row's first text goes at once (a stream's first token)
+            due = [row for row, _ in picking if not row.sent]
+        for row in due:
+            if row.reason is None:
+                self._send(row, self._settled_text(row))
         return []
 
     def _settled_text(self, row: Row) -> str:
@@ -398,13 +408,12 @@ class ContinuousDecoder:
             text = text[: max(0, len(text) - hold)]
         return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence, completed by later tokens
 
-    def _send(self, row: Row, text: str, now: float) -> None:
+    def _send(self, row: Row, text: str) -> None:
         if len(text) > len(row.sent) and text.startswith(row.sent):
             self.deltas.append((row.request.job_id, text[len(row.sent) :]))
             row.sent = text
             if row.reason is None:
                 self.progress[row.request.job_id] = (len(row.prompt), list(row.tokens))
-        row.sent_at = now
 
     def _collect(self) -> list[Outcome]:
         """Take the done rows out of the batch, their blocks back to the pool."""
@@ -430,7 +439,7 @@ class ContinuousDecoder:
         text, reason, n_out = self.decoder.finish_row(tokens, row.request, row.reason == "cancelled")
         if row.reason == "stop":  # eos (taken out above), a stop string, or a complete grammar
             reason = "stop"
-        self._send(row, text, end)
+        self._send(row, text)
         started = row.request.started
         return Result(
             text=text,

@@ -315,8 +315,8 @@ def _group_reads(
     for row in single:
         group = groups[-1] if groups else []
         needed = sum(len(r[2]) for r in group) + len(row[2])
-        padded = len(row[2]) * (len(group) + 1)
-        if group and (padded <= PAD_SLACK * needed or padded - needed <= PAD_SLOTS):
+        width = len(row[2]) * (len(group) + 1)  # the slots read, padded to this row
+        if group and (width <= PAD_SLACK * needed or width - needed <= PAD_SLOTS):
             group.append(row)
         else:
             groups.append([row])
