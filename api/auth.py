@@ -7,6 +7,12 @@ the key again on its next request. The epoch comes back in the same Redis round 
 caller's rate-limit window (`AsyncQuotas.peek_epoch`), so a request with a cached key costs
 PostgreSQL nothing. If Redis cannot be read, the key is checked in PostgreSQL; an entry also
 expires `MAX_AGE_S` after it was read, whatever the epoch says.
+
+Keys that PostgreSQL does not know cost it nothing either, on their second try: they are kept
+the same way, under the same epoch (creating a key renews it, so a new key is never refused).
+A random key is new each time, so failures are also counted per client address in Redis:
+past `auth_failures_per_minute`, the address gets 429 until its minute is over, and its keys
+are not looked up at all. The count and the epoch come back in one round trip.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -22,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.admission import limits_of
 from core import quotas
-from core.keys import key_epoch_key
+from core.errors import RateLimited
+from core.keys import auth_failures_key, key_epoch_key
 from core.quotas import AsyncQuotas, Snapshot
 from core.settings import Settings
 from db.models import User
@@ -32,15 +40,29 @@ log = structlog.get_logger(__name__)
 
 MAX_AGE_S = 30.0
 MAX_ENTRIES = 10_000
+FAILURE_WINDOW_S = 60
 
-# The epoch, set to a fresh value when it is missing (a new or restarted Redis).
+# The epoch, set to a fresh value when it is missing (a new or restarted Redis), and the
+# milliseconds left of the address's refusal (0: it may try; KEYS[2] absent: not counted).
 _EPOCH = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
 end
-return epoch
+local refused = 0
+if KEYS[2] and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then
+  refused = math.max(redis.call('PTTL', KEYS[2]), 1)
+end
+return {epoch, refused}
+"""
+
+# One more failed authentication from an address; its window starts with its first.
+_FAILED = """
+if redis.call('INCR', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
 """
 
 
@@ -71,11 +93,15 @@ class Authenticator:
         self.settings = settings
         self._epoch_key = key_epoch_key(settings)
         self._epoch = redis.register_script(_EPOCH)
+        self._failed = redis.register_script(_FAILED)
         self._entries: dict[str, _Entry] = {}
+        self._unknown: dict[str, tuple[str, float]] = {}  # digest → (epoch, until)
 
-    async def __call__(self, key: str) -> Caller | None:
-        """The caller with this key and its rate-limit window; None for an unknown or revoked key."""
-        if not users_repo.well_formed(key):
+    async def __call__(self, key: str, address: str | None = None) -> Caller | None:
+        """The caller with this key and its rate-limit window; None for an unknown or revoked key.
+        With the client's `address`, a failure counts against it, and an address past its
+        failures is refused (`RateLimited`) before its key is looked up."""
+        if not users_repo.well_formed(key):  # costs nothing: not counted
             return None
         digest = users_repo.hash_key(key)
         entry = self._entries.get(digest)
@@ -92,23 +118,47 @@ class Authenticator:
                     return Caller(entry.user, snapshot)
             except RedisError:
                 pass
-        return await self._load(digest, key)
+        return await self._load(digest, key, address)
 
-    async def _load(self, digest: str, key: str) -> Caller | None:
+    async def _load(self, digest: str, key: str, address: str | None) -> Caller | None:
         self._entries.pop(digest, None)
+        failures = [auth_failures_key(self.settings, address)] if address else []
         try:  # read before PostgreSQL: a change committed after this read renews it
-            epoch: str | None = _text(await self._epoch(keys=[self._epoch_key], args=[uuid.uuid4().hex]))
+            limit = self.settings.auth_failures_per_minute
+            keys = [self._epoch_key, *failures]
+            raw, refused = await self._epoch(keys=keys, args=[uuid.uuid4().hex, limit])
+            epoch: str | None = _text(raw)
         except RedisError:
-            epoch = None
+            epoch, refused = None, 0
+        if refused:
+            raise RateLimited(
+                "too many failed authentications from this address; try again later",
+                headers={"Retry-After": str(-(-int(refused) // 1000))},
+            )
+        now = time.monotonic()
+        unknown = self._unknown.get(digest)
+        if unknown is not None and unknown[0] == epoch and unknown[1] > now:
+            await self._count_failure(address)
+            return None
         async with self.maker() as session:
             user = await users_repo.authenticate(session=session, key=key)
         if user is None:
+            if epoch is not None:
+                _remember(self._unknown, digest, (epoch, now + MAX_AGE_S))
+            await self._count_failure(address)
             return None
+        self._unknown.pop(digest, None)
         if epoch is not None:
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[digest] = _Entry(user, epoch, time.monotonic() + MAX_AGE_S)
+            _remember(self._entries, digest, _Entry(user, epoch, now + MAX_AGE_S))
         return Caller(user, await self._peek(user))
+
+    async def _count_failure(self, address: str | None) -> None:
+        if address is None:
+            return
+        try:
+            await self._failed(keys=[auth_failures_key(self.settings, address)], args=[FAILURE_WINDOW_S])
+        except RedisError:
+            log.warning("auth.failure_count_failed")
 
     async def _peek(self, user: User) -> Snapshot | None:
         try:
@@ -118,6 +168,12 @@ class Authenticator:
         except RedisError:
             log.warning("quota.peek_failed")
             return None
+
+
+def _remember(entries: dict[str, Any], digest: str, entry: Any) -> None:
+    if len(entries) >= MAX_ENTRIES:
+        entries.pop(next(iter(entries)))
+    entries[digest] = entry
 
 
 def _text(value: bytes | str) -> str:

@@ -42,7 +42,8 @@ class KeyFirst:
             refusal = error_response(401, "UNAUTHORIZED", MISSING_KEY)
         else:
             try:
-                caller = await scope["app"].state.auth(key.strip())
+                client = scope.get("client")
+                caller = await scope["app"].state.auth(key.strip(), client[0] if client else None)
             except Exception as exc:  # the database or Redis away: answered as the routes would be
                 await (await response_for(Request(scope), exc))(scope, receive, send)
                 return

@@ -93,9 +93,11 @@ def load_model(dtype: Any = None, *, stock: bool = False) -> tuple[Any, Any]:
         path, dtype=dtype or DTYPES[variant.dtype], attn_implementation="sdpa", **LOCAL
     )
     if not stock:
+        from workers.engine.memory import freeze
         from workers.engine.packing import pack_linears
 
         pack_linears(model)
+        freeze()  # as the engine does after a load
     return model.eval(), tokenizer
 
 

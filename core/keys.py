@@ -105,8 +105,13 @@ def duties_key(settings: Settings) -> str:
 
 def key_epoch_key(settings: Settings) -> str:
     """A random value that API processes check their in-memory key cache against (api/auth.py);
-    revoking a key or changing a quota writes a new one."""
+    creating or revoking a key or changing a quota writes a new one."""
     return settings.key("auth", "epoch")
+
+
+def auth_failures_key(settings: Settings, address: str) -> str:
+    """Failed authentications from one client address in the current window (api/auth.py)."""
+    return settings.key("auth", "failures", address)
 
 
 # ---- /metrics counters (core/metrics.py) ---------------------------------------------------

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     files_retention_s: int | None = Field(default=30 * 86_400, ge=3600)
     # A job's `expires_at` may lie at most this far ahead (every timestamp a tenant sends is bounded).
     job_expires_max_s: int = Field(default=30 * 86_400, ge=60)
+    # Failed authentications one client address may make in a minute; past them it gets 429
+    # until the minute is over, before its keys cost a database query.
+    auth_failures_per_minute: int = Field(default=60, ge=1)
 
     # /v1/metrics/summary raises an alert past each of these.
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")

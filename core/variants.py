@@ -22,10 +22,11 @@ Quantization = Literal["none", "int8", "nf4"]
 Source = Literal["gguf-package", "hf", "cache", "generated", "ct2-package", "echo"]
 EngineKind = Literal["text", "processor", "whisper", "echo"]
 # Prompt tokens a continuous engine prefills per step beside its decoding rows, by device kind:
-# on this project's 2-core CPU, 48 keeps the running rows' longest gap near 3 steps while a
-# 2,000-token prompt joins (bench/longctx.py: 64 let it reach 4.2, 32 made the mix 10% slower);
-# a GPU prefills thousands of tokens in one step's time.
-PREFILL_CHUNK = {"cpu": 48, "cuda": 2048}
+# on this project's 2-core CPU, 56 keeps the running rows' longest gap near 3 steps while a
+# 2,000-token prompt joins, and a join of short and long prompts near 1.2x their prefills alone
+# (bench/longctx.py, 5 runs each: 48 made the join 1.3-1.5x, 64 the gap 3.5-3.8 steps); a GPU
+# prefills thousands of tokens in one step's time.
+PREFILL_CHUNK = {"cpu": 56, "cuda": 2048}
 # continuous: rows join and leave a running batch between decoding steps; static: a batch runs
 # until its longest member is done (engines that cannot decode step by step).
 Batching = Literal["continuous", "static"]

@@ -47,7 +47,9 @@ async def create_user_with_key(
             user = await users_repo.create_user(
                 session=session, name=name, settings=settings, is_admin=admin, quota=quota
             )
-        return await users_repo.create_key(session=session, user=user)
+        key = await users_repo.create_key(session=session, user=user)
+    await keys_changed(settings)  # no API process goes on taking it for an unknown key
+    return key
 
 
 async def create_key(settings: Settings, name: str) -> str:
@@ -55,7 +57,9 @@ async def create_key(settings: Settings, name: str) -> str:
         user = await users_repo.get_user_by_name(session=session, name=name)
         if user is None:
             raise SystemExit(f"no user {name!r}")
-        return await users_repo.create_key(session=session, user=user)
+        key = await users_repo.create_key(session=session, user=user)
+    await keys_changed(settings)
+    return key
 
 
 async def keys_changed(settings: Settings) -> None:

@@ -2,14 +2,18 @@
 
 Each round it makes a pending delivery for every job with a `webhook_url` that has ended since
 the last round (a delivery exists iff a job with a webhook ended: made from the jobs table, so
-no path that ends a job has to remember it), then attempts the deliveries that are due, a few
-at a time. Every attempt is recorded on its delivery (`GET /v1/webhooks/deliveries`); a failed
-one is due again after the backoff of core/webhooks.py. Several dispatchers may run: a due
-delivery is taken by one (SKIP LOCKED) and pushed past its attempt's time limit meanwhile.
+no path that ends a job has to remember it), then hands the deliveries that are due to its
+senders and goes on: a round never waits for an attempt, so a receiver that stalls until the
+time limit holds up no one else's. Each user has at most `PER_USER` attempts in flight, so one
+user's stalling receivers take at most that many senders. Every attempt is recorded on its
+delivery (`GET /v1/webhooks/deliveries`); a failed one is due again after the backoff of
+core/webhooks.py. Several dispatchers may run: a due delivery is taken by one (SKIP LOCKED) and
+pushed past its attempt's time limit meanwhile.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import ssl
 import threading
@@ -43,10 +47,9 @@ log = structlog.get_logger(__name__)
 
 LOOKBACK = timedelta(days=1)  # at start: jobs that ended this recently still get their webhook
 SLACK = timedelta(seconds=30)  # jobs committed a little out of finish-time order are not missed
-SENDERS = 8
-PER_ROUND = 32
+SENDERS = 16
 MAX_RESPONSE_BYTES = 64 * 1024  # of a receiver's answer, read before it is let go
-PER_USER = 4  # of one user's deliveries in a round: users take turns
+PER_USER = 4  # of one user's attempts in flight: users take turns
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Dispatcher:
         self.tls = httpx.create_ssl_context()
         self.senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook")
         self.since = datetime.now(UTC) - LOOKBACK
+        self._lock = threading.Lock()
+        self._in_flight: collections.Counter[str] = collections.Counter()  # user id → attempts
 
     def run_forever(self, stop: threading.Event, active: Callable[[], bool] = lambda: True) -> None:
         """Rounds every `webhook_interval_s` while `active()` (this process holds the duties)."""
@@ -82,26 +87,46 @@ class Dispatcher:
                 log.exception("webhooks.round_failed")
         self.senders.shutdown(wait=True)
 
-    def once(self) -> int:
-        """One round: deliveries made for newly ended jobs, due ones attempted; how many attempted."""
+    def once(self, *, wait: bool = False) -> int:
+        """One round: deliveries made for newly ended jobs, due ones handed to the senders (with
+        `wait`, attempted before it returns); how many were handed over."""
         with self.maker.begin() as session:
             _, latest = webhooks_repo.create_for_ended(
                 session=session, since=self.since - SLACK, max_pending=self.settings.webhook_max_pending
             )
         if latest is not None:
             self.since = max(self.since, latest)
+        with self._lock:
+            busy = {user: n for user, n in self._in_flight.items() if n > 0}
+            free = SENDERS - sum(busy.values())
+        if free <= 0:
+            return 0
         with self.maker.begin() as session:
             lease = self.settings.webhook_timeout_s + 30
             due = [
                 _Due(d.id, d.user_id, d.job_id, d.batch_id, d.event, d.url, d.attempts, d.payload)
                 for d in webhooks_repo.claim_due(
-                    session=session, limit=PER_ROUND, per_user=PER_USER, lease_s=lease
+                    session=session, limit=free, per_user=PER_USER, lease_s=lease, busy=busy
                 )
             ]
-        list(self.senders.map(self._attempt, due))
+        with self._lock:
+            self._in_flight.update(d.user_id for d in due)
+        sent = [self.senders.submit(self._attempt, d) for d in due]
+        if wait:
+            for future in sent:
+                future.result()
         return len(due)
 
     def _attempt(self, d: _Due) -> None:
+        try:
+            self._try(d)
+        finally:
+            with self._lock:
+                self._in_flight[d.user_id] -= 1
+                if self._in_flight[d.user_id] <= 0:
+                    del self._in_flight[d.user_id]
+
+    def _try(self, d: _Due) -> None:
         try:
             with self.maker.begin() as session:
                 payload = d.payload or self._payload(session, d)

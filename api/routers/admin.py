@@ -41,7 +41,7 @@ async def list_users(admin: AdminDep, maker: SessionMakerDep) -> list[UserOut]:
     summary="Create a user and a key",
 )
 async def create_user(
-    body: UserCreate, admin: AdminDep, maker: SessionMakerDep, settings: SettingsDep
+    body: UserCreate, admin: AdminDep, maker: SessionMakerDep, redis: RedisDep, settings: SettingsDep
 ) -> KeyCreated:
     async with maker() as session, session.begin():
         if await users_repo.get_user_by_name(session=session, name=body.name) is not None:
@@ -50,6 +50,7 @@ async def create_user(
             session=session, name=body.name, settings=settings, is_admin=body.is_admin, quota=body.quota
         )
         key = await users_repo.create_key(session=session, user=user)
+    await _keys_changed(redis, settings)  # no API process goes on taking it for an unknown key
     return KeyCreated(user=user.name, prefix=key[: users_repo.PREFIX_CHARS], key=key)
 
 
@@ -89,10 +90,13 @@ async def set_quota(
 @router.post(
     "/users/{name}/keys", status_code=status.HTTP_201_CREATED, responses=responses(404), summary="A new key"
 )
-async def create_key(name: str, admin: AdminDep, maker: SessionMakerDep) -> KeyCreated:
+async def create_key(
+    name: str, admin: AdminDep, maker: SessionMakerDep, redis: RedisDep, settings: SettingsDep
+) -> KeyCreated:
     user = await _named(maker, name)
     async with maker() as session, session.begin():
         key = await users_repo.create_key(session=session, user=user)
+    await _keys_changed(redis, settings)
     return KeyCreated(user=user.name, prefix=key[: users_repo.PREFIX_CHARS], key=key)
 
 

@@ -85,19 +85,25 @@ ORDER BY ended LIMIT :limit
 
 _DUE = text("""
 SELECT id FROM (
-  SELECT id, next_attempt_at, row_number() OVER (PARTITION BY user_id ORDER BY next_attempt_at) AS turn
+  SELECT id, user_id, next_attempt_at,
+         row_number() OVER (PARTITION BY user_id ORDER BY next_attempt_at) AS turn
   FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
 ) due
-WHERE turn <= :per_user ORDER BY turn, next_attempt_at LIMIT :limit
+LEFT JOIN unnest(CAST(:busy_users AS text[]), CAST(:busy_counts AS int[])) AS busy(user_id, n) USING (user_id)
+WHERE turn <= :per_user - coalesce(busy.n, 0) ORDER BY turn, next_attempt_at LIMIT :limit
 """)
 
 
-def claim_due(*, session: Session, limit: int, per_user: int, lease_s: float) -> list[WebhookDelivery]:
-    """Pending deliveries due now — at most `per_user` of each user's, round the users first, so
-    one user's backlog or slow receiver never holds up another's — pushed `lease_s` ahead so no
-    other dispatcher takes them while they are attempted (if this one dies, they are due again
-    then)."""
-    ids = list(session.execute(_DUE, {"per_user": per_user, "limit": limit}).scalars())
+def claim_due(
+    *, session: Session, limit: int, per_user: int, lease_s: float, busy: dict[str, int] | None = None
+) -> list[WebhookDelivery]:
+    """Pending deliveries due now — at most `per_user` of each user's, less the user's attempts
+    still in flight (`busy`), round the users first, so one user's backlog or slow receiver never
+    holds up another's — pushed `lease_s` ahead so no other dispatcher takes them while they are
+    attempted (if this one dies, they are due again then)."""
+    busy = busy or {}
+    params = {"per_user": per_user, "limit": limit, "busy_users": list(busy), "busy_counts": [*busy.values()]}
+    ids = list(session.execute(_DUE, params).scalars())
     if not ids:
         return []
     locked = (

@@ -85,12 +85,14 @@ def test_a_name_that_rebinds_to_loopback_gets_no_post_through(monkeypatch: pytes
 
 
 class Hostile:
-    """Raw receivers: `stream` answers 200 and a body without end; `trickle` a byte a second."""
+    """Raw receivers: `stream` answers 200 and a body without end; `trickle` a byte a second;
+    `stall` never answers. `requests` counts the requests read."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.listener = socket.create_server(("127.0.0.1", self.port))
         self.stopping = threading.Event()
+        self.requests = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -104,8 +106,11 @@ class Hostile:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             request = conn.recv(65536)
+            self.requests += 1
             try:
-                if b"POST /stream" in request:
+                if b"POST /stall" in request:
+                    self.stopping.wait()
+                elif b"POST /stream" in request:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                     chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
                     while not self.stopping.is_set():
@@ -162,3 +167,34 @@ def test_endless_and_trickling_receivers_fail_within_the_deadline(
     assert peak < 200, f"the dispatcher's process grew to {peak:.0f} MB"
     for job_id in jobs.values():
         assert wait_job(client, job_id)["status"] == "succeeded"
+
+
+@pytest.mark.stack
+def test_a_tenants_stalling_receivers_hold_up_no_one_elses_webhooks(stack: Stack, hostile: Hostile) -> None:
+    """Finding 10: tenant A's four receivers never answer, so each attempt runs to its time limit
+    (10 s by default). Tenant B's webhook, for a job that ends meanwhile, is still sent at once:
+    the dispatcher's rounds do not wait for A's attempts."""
+    limit_s = Settings().webhook_timeout_s
+    receiver = Receiver()
+    try:
+        with stack.client(stack.new_key("stalls")) as a, stack.client(stack.new_key("prompt")) as b:
+            stall = {
+                "variant": "echo",
+                "input": {"prompt": "x"},
+                "webhook_url": f"http://127.0.0.1:{hostile.port}/stall",
+            }
+            for _ in range(4):
+                assert a.post("/v1/jobs", json=stall).status_code == 202
+            deadline = time.monotonic() + 60
+            while hostile.requests < 4 and time.monotonic() < deadline:  # A's attempts are under way
+                time.sleep(0.05)
+            assert hostile.requests == 4
+            started = time.monotonic()
+            body = {"variant": "echo", "input": {"prompt": "x"}, "webhook_url": receiver.url("/b")}
+            job = wait_job(b, b.post("/v1/jobs", json=body).json()["id"])
+            assert job["status"] == "succeeded"
+            receiver.wait("/b", 1, timeout=limit_s + 30)
+            waited = time.monotonic() - started
+    finally:
+        receiver.close()
+    assert waited < limit_s / 2, f"B's webhook came {waited:.1f} s after its job was sent"

@@ -314,6 +314,7 @@ class VariantCache:
         try:
             engine = self._load_engine(v)
             engine.warmup()
+            memory.freeze()
         except WeightsUnavailable as exc:
             engine, reason = None, str(exc)
         except Exception as exc:
