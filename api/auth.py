@@ -11,8 +11,10 @@ expires `MAX_AGE_S` after it was read, whatever the epoch says.
 Keys that PostgreSQL does not know cost it nothing either, on their second try: they are kept
 the same way, under the same epoch (creating a key renews it, so a new key is never refused).
 A random key is new each time, so failures are also counted per client address in Redis:
-past `auth_failures_per_minute`, the address gets 429 until its minute is over, and its keys
-are not looked up at all. The count and the epoch come back in one round trip.
+past `auth_failures_per_minute`, the address gets 429 until its minute is over, and keys it
+sends are not looked up, except keys this process has taken before: tenants behind one proxy
+or NAT address are not locked out by another's failures. The count and the epoch come back in
+one round trip.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class Authenticator:
         return await self._load(digest, key, address)
 
     async def _load(self, digest: str, key: str, address: str | None) -> Caller | None:
-        self._entries.pop(digest, None)
+        known = self._entries.pop(digest, None)  # a key this process took before, stale or not
         failures = [auth_failures_key(self.settings, address)] if address else []
         try:  # read before PostgreSQL: a change committed after this read renews it
             limit = self.settings.auth_failures_per_minute
@@ -130,7 +132,7 @@ class Authenticator:
             epoch: str | None = _text(raw)
         except RedisError:
             epoch, refused = None, 0
-        if refused:
+        if refused and known is None:  # a tenant's known key is not refused for another's failures
             raise RateLimited(
                 "too many failed authentications from this address; try again later",
                 headers={"Retry-After": str(-(-int(refused) // 1000))},

@@ -87,9 +87,9 @@ class Dispatcher:
                 log.exception("webhooks.round_failed")
         self.senders.shutdown(wait=True)
 
-    def once(self, *, wait: bool = False) -> int:
-        """One round: deliveries made for newly ended jobs, due ones handed to the senders (with
-        `wait`, attempted before it returns); how many were handed over."""
+    def once(self) -> int:
+        """One round: deliveries made for newly ended jobs, due ones handed to the senders; how
+        many were handed over."""
         with self.maker.begin() as session:
             _, latest = webhooks_repo.create_for_ended(
                 session=session, since=self.since - SLACK, max_pending=self.settings.webhook_max_pending
@@ -97,7 +97,7 @@ class Dispatcher:
         if latest is not None:
             self.since = max(self.since, latest)
         with self._lock:
-            busy = {user: n for user, n in self._in_flight.items() if n > 0}
+            busy = dict(self._in_flight)
             free = SENDERS - sum(busy.values())
         if free <= 0:
             return 0
@@ -111,10 +111,8 @@ class Dispatcher:
             ]
         with self._lock:
             self._in_flight.update(d.user_id for d in due)
-        sent = [self.senders.submit(self._attempt, d) for d in due]
-        if wait:
-            for future in sent:
-                future.result()
+        for d in due:
+            self.senders.submit(self._attempt, d)
         return len(due)
 
     def _attempt(self, d: _Due) -> None:
