@@ -53,6 +53,9 @@ class Engine:
 
     def warmup(self) -> None: ...
 
+    def ready(self, request: Request) -> bool:
+        return True
+
     def encode(self, request: Request) -> list[int]:
         return [1, 2, 3]
 

@@ -1,11 +1,11 @@
 """Constrained decoding in the engine: a row's logits masked by its grammar at every step.
 
-Each text engine has one `Grammars`: its tokenizer as llguidance reads it (built on first use)
-and the grammars compiled against it, cached by hash, so that jobs with one schema compile it
-once. A request gets a `Constraint`, its own copy of the compiled matcher; the continuous
-decoder masks the constrained rows' scores before it picks their tokens (`mask_rows`, all the
-rows of a step together), then feeds each row's token back (`accept`). Rows with different
-grammars, or none, share one batch: each row's mask is its own.
+Each text engine has one `Grammars`: its tokenizer as llguidance reads it (built at load)
+and the grammars compiled against it, on a thread of their own, cached by hash, so that jobs
+with one schema compile it once. A request gets a `Constraint`, its own copy of the compiled
+matcher; the continuous decoder masks the constrained rows' scores before it picks their
+tokens (`mask_rows`, all the rows of a step together), then feeds each row's token back
+(`accept`). Rows with different grammars, or none, share one batch: each row's mask is its own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import collections
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,9 @@ def mask_rows(scores: torch.Tensor, rows: Sequence[tuple[int, Constraint]]) -> N
 
 
 class Grammars:
-    """A text engine's compiled grammars, against its tokenizer."""
+    """A text engine's compiled grammars, against its tokenizer. A grammar the engine has not
+    seen compiles on a thread of its own (`ready` starts it), beside the steps of the rows
+    already decoding, never between them; its request joins once it is compiled."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> None:
         self._hf = tokenizer
@@ -96,12 +99,15 @@ class Grammars:
         self._eos = list(eos_ids)
         self._lltokenizer: Any = None
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        # Compiles started by `ready` and not yet taken by `constraint` (refusals stay here).
+        self._compiling: collections.OrderedDict[str, Future[tuple[Any, float]]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def tokenizer(self) -> Any:
-        """The tokenizer as llguidance reads it, built when the engine's first constrained request
-        joins: about 2.5 s for a 262k vocabulary, once per engine, with the GIL held throughout
-        (so that request's batch waits for it once; engines that never see one never pay)."""
+        """The tokenizer as llguidance reads it, built once per engine (`warm_stream` builds it at
+        load: it holds the GIL throughout, about 3 s for a 262k vocabulary). A grammar's compile
+        releases the GIL, and takes milliseconds (the API refuses one that takes 250)."""
         with self._lock:
             if self._lltokenizer is None:
                 import llguidance.hf
@@ -111,25 +117,47 @@ class Grammars:
                 )
             return self._lltokenizer
 
-    def constraint(self, grammar: str) -> Constraint:
-        """A fresh matcher for `grammar`, compiled once per grammar; RequestError if it is refused."""
-        from llguidance import LLMatcher
+    def ready(self, grammar: str) -> bool:
+        """Whether `grammar` is compiled, or refused: `constraint` answers at once. If it is not,
+        its compile starts on the grammars' thread (once, however many requests ask)."""
+        key = structured.key(grammar)
+        with self._lock:
+            if key in self._compiled:
+                return True
+            future = self._compiling.get(key)
+            if future is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammars")
+                future = self._compiling[key] = self._pool.submit(self._compile, grammar)
+                while len(self._compiling) > CACHED_GRAMMARS:  # oldest first: refusals, mostly
+                    self._compiling.popitem(last=False)
+        return future.done()
 
-        tokenizer = self.tokenizer()
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh matcher for `grammar`, compiled once per grammar (here, unless `ready` started
+        it); RequestError if it is refused."""
         key = structured.key(grammar)
         compile_ms = 0.0
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is not None:
                 self._compiled.move_to_end(key)
+            future = self._compiling.get(key)
         if compiled is None:
-            started = time.perf_counter()
-            compiled = LLMatcher(tokenizer, grammar, log_level=0, limits=structured.limits())
-            compile_ms = (time.perf_counter() - started) * 1000
-            if compiled.is_error():
-                raise RequestError(f"the grammar could not be compiled: {compiled.get_error()[:300]}")
+            compiled, compile_ms = future.result() if future is not None else self._compile(grammar)
             with self._lock:
+                self._compiling.pop(key, None)
                 self._compiled[key] = compiled
                 while len(self._compiled) > CACHED_GRAMMARS:
                     self._compiled.popitem(last=False)
         return Constraint(compiled.deep_copy(), round(compile_ms, 3), self._eos)
+
+    def _compile(self, grammar: str) -> tuple[Any, float]:
+        from llguidance import LLMatcher
+
+        tokenizer = self.tokenizer()
+        started = time.perf_counter()
+        compiled = LLMatcher(tokenizer, grammar, log_level=0, limits=structured.limits())
+        if compiled.is_error():
+            raise RequestError(f"the grammar could not be compiled: {compiled.get_error()[:300]}")
+        return compiled, (time.perf_counter() - started) * 1000

@@ -59,6 +59,10 @@ Outcome = tuple[object, Result | Exception]
 class ContinuousEngine(Engine, Protocol):
     """An engine the batcher runs step by step (see workers.engine.batcher)."""
 
+    def ready(self, request: Request) -> bool:
+        """Whether `request` may join now (its grammar may still be compiling, off the step path)."""
+        ...
+
     def encode(self, request: Request) -> list[int]: ...
 
     def continuous(self, request: Request) -> bool:

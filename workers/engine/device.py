@@ -24,7 +24,13 @@ _Work = tuple[Callable[[], object], "Future[object]"]
 
 class DeviceRunner(Protocol):
     def run(self, work: Callable[[], T]) -> T:
-        """Run `work` on the device, after the work already handed in; return what it returns."""
+        """Run `work` on the device, after the work already handed in; return what it returns.
+        Work that runs on the device may itself call `run`: that runs at once."""
+        ...
+
+    def contended(self) -> bool:
+        """Whether other work is waiting for the device (a batcher that holds it for several
+        steps hands it over)."""
         ...
 
 
@@ -32,11 +38,20 @@ class LockedRunner:
     """Runs work on the calling thread, one piece at a time (tests, tools)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
 
     def run(self, work: Callable[[], T]) -> T:
+        with self._count:
+            self._waiting += 1
         with self._lock:
+            with self._count:
+                self._waiting -= 1
             return work()
+
+    def contended(self) -> bool:
+        return self._waiting > 0
 
 
 class DeviceThread:
@@ -55,6 +70,9 @@ class DeviceThread:
         future: Future[object] = Future()
         self._queue.put((work, future))
         return future.result()  # type: ignore[return-value]
+
+    def contended(self) -> bool:
+        return not self._queue.empty()
 
     def serve(self, stop: threading.Event, every_s: float, tick: Callable[[], None]) -> None:
         """Run work as it comes until `stop` is set (then `wake`), and `tick` every `every_s`."""

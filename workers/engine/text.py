@@ -125,17 +125,31 @@ class DecodingEngine:
     def too_long(self, tokens: int) -> RequestError:
         return RequestError(f"input is {tokens} tokens; {self.name} takes at most {self.max_input_tokens}")
 
+    def ready(self, request: Request) -> bool:
+        """Whether `request` may join now: it has no grammar, or its grammar is compiled (the
+        compile starts, off the device's thread, at the first ask). A grammar that cannot be
+        read is ready: `encode` refuses it."""
+        try:
+            grammar = self._grammar(request)
+        except RequestError:
+            return True
+        return grammar is None or self.grammars.ready(grammar)
+
     def encode(self, request: Request) -> list[int]:
         """The request's prompt ids; a request whose reply is held to a grammar gets its matcher."""
-        params = request.params
-        try:
-            grammar = structured.grammar_of(params.response_format, params.tool_choice, request.tools)
-        except structured.StructuredError as exc:
-            raise RequestError(str(exc)) from exc
+        grammar = self._grammar(request)
         ids = self._prompt_ids(request)
         if grammar is not None:
             request.constraint = self.grammars.constraint(grammar)
         return ids
+
+    @staticmethod
+    def _grammar(request: Request) -> str | None:
+        params = request.params
+        try:
+            return structured.grammar_of(params.response_format, params.tool_choice, request.tools)
+        except structured.StructuredError as exc:
+            raise RequestError(str(exc)) from exc
 
     def _prompt_ids(self, request: Request) -> list[int]:
         choice = request.params.tool_choice
@@ -179,7 +193,10 @@ class DecodingEngine:
 
     def warm_stream(self) -> None:
         """One short generation through the running-batch path, so the first real request does not
-        pay for lazy initialisation."""
+        pay for lazy initialisation; and the tokenizer as llguidance reads it, which every grammar
+        compiles against: about 3 s for a 262k vocabulary with the GIL held throughout, so that
+        built on the first constrained request it would stall every running row that long."""
+        self.grammars.tokenizer()
         from core.schemas import GenerationParams
 
         warm = Request(
