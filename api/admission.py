@@ -17,7 +17,7 @@ import structlog
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.media_admission import MediaTotals
+from api.media_admission import NO_MEDIA, MediaTotals
 from core import quotas, structured
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
 from core.quotas import AsyncQuotas, Limits, Snapshot
@@ -71,6 +71,32 @@ def check_variant(limits: Limits, variant: str) -> None:
 def input_bytes(spec: JobCreate, media: MediaTotals) -> int:
     schema = structured.schema_bytes(spec.params.response_format)
     return len(spec.input.text().encode()) + schema + media.bytes
+
+
+async def foresee(
+    *,
+    window_seen: WindowSeen | None,
+    quota: AsyncQuotas,
+    limits: Limits,
+    user: User,
+    spec: JobCreate,
+    batch: bool,
+) -> None:
+    """Refuse now what admission would refuse now (the per-minute window, the concurrent jobs,
+    the day's tokens for the job's text and `max_new_tokens`), taking nothing: run before the
+    checks that cost work (a grammar's compile, a webhook's DNS, inline media decoded), so that
+    a request the quota refuses spends none of it. Admission itself still decides."""
+    tokens = spec.params.max_new_tokens + quotas.estimate_input_tokens(
+        text_bytes=input_bytes(spec, NO_MEDIA), images=0, audio_seconds=0
+    )
+    outcome = await quota.admit(
+        user_id=user.id, limits=limits, job_id="", reserve=tokens, day=quotas.utc_day(), batch=batch,
+        foresee=True,
+    )  # fmt: skip
+    if outcome.outcome not in (quotas.OK, quotas.SEED):
+        if window_seen is not None:
+            window_seen(outcome.snapshot)
+        _refuse(outcome)
 
 
 async def admit(

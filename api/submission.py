@@ -2,10 +2,14 @@
 runner do for each chat completion, response, transcription and batch line (one path, so every
 job is checked, admitted, metered and queued alike).
 
-A submission goes through four steps:
-- `validate`: what can be refused before anything is written — the variant (the caller's quota
-  allows it, it serves the task, some worker can run it), the params and media parts against its
-  limits, the caller's content policy;
+A submission goes through five steps:
+- `validate`: what can be refused cheaply before anything is written — the variant (the caller's
+  quota allows it, it serves the task, some worker can run it), the params and media parts against
+  its limits, the caller's content policy;
+- the costly checks, `checks_per_user` of a user's submissions at a time (`PerUser`): first what
+  the quota would refuse now is refused (`admission.foresee`, nothing taken), then a grammar is
+  compiled, a webhook's host resolved and inline media decoded — so a refused request spends none
+  of that work;
 - `admit`: quota admission (api/admission.py) — one request from the per-minute window, one
   concurrent-job slot and the job's tokens, reserved;
 - `insert`: the job's row, in one statement; a job with media stores its inline media as files,
@@ -17,10 +21,11 @@ whose job was not queued is given back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,7 +41,14 @@ from starlette.concurrency import run_in_threadpool
 from api import admission
 from api.admission import WindowSeen
 from api.fleet import FleetView, availability
-from api.media_admission import NO_MEDIA, MediaTotals, check_parts, inspect_inline, store_media
+from api.media_admission import (
+    NO_MEDIA,
+    InlineMedia,
+    MediaTotals,
+    check_parts,
+    inspect_inline,
+    store_media,
+)
 from api.schemas import job_out
 from core import faults, moderation, structured
 from core.broker import send_job
@@ -126,6 +138,7 @@ class Submitter:
         self.fleet = fleet
         self.settings = settings
         self.variants = variants
+        self.costly = PerUser(settings.checks_per_user)
 
     async def submit(
         self,
@@ -150,7 +163,14 @@ class Submitter:
         earlier = await self._earlier(draft)
         if earlier is not None:
             return await self._replay(draft, earlier)
-        written = await self._admit_and_insert(draft, window_seen)
+        async with self.costly.turn(user.id):  # what the quota refuses now spends none of it
+            await admission.foresee(
+                window_seen=window_seen, quota=self.quota, limits=limits, user=user, spec=spec,
+                batch=batch is not None,
+            )  # fmt: skip
+            await _check_costly(spec, self.settings)
+            inline = await inspect_inline(spec, self.settings)
+        written = await self._admit_and_insert(draft, inline, window_seen)
         if not written.created:
             return await self._replay(draft, written.row)
         await self.enqueue(draft, written.reservation)
@@ -205,12 +225,13 @@ class Submitter:
                 raise Unavailable("the job queue is not answering; retry shortly") from exc
         log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
 
-    async def _admit_and_insert(self, draft: Draft, window_seen: WindowSeen | None) -> Written:
+    async def _admit_and_insert(
+        self, draft: Draft, inline: list[InlineMedia], window_seen: WindowSeen | None
+    ) -> Written:
         """`admit`, then `insert`: a job with media has its inline media checked and stored as
         files, is admitted and has its row written, all in one transaction; a job without, is
         admitted, then written in one statement. Whatever fails after admission gives the
         reservation back, as does finding the Idempotency-Key taken."""
-        inline = await inspect_inline(draft.spec, self.settings)
         reservation: admission.Reservation | None = None
         try:
             if draft.spec.input.media():  # its files and its row: one transaction
@@ -360,9 +381,7 @@ async def _check_spec(
                 {"variant": variant.name, "target_language": spec.params.target_language},
             )
     if spec.params.constrained():
-        await _check_grammar(spec, variant)
-    if spec.webhook_url is not None:
-        await run_in_threadpool(check_target, spec.webhook_url, settings)  # resolves the host
+        _check_constrained(spec, variant)
     problem = availability(variant, variants, await fleet.workers())
     if problem is not None:  # refused only on a fresh read of the heartbeats
         problem = availability(variant, variants, await fleet.workers(fresh=True))
@@ -386,25 +405,64 @@ def check_expiry(expires_at: datetime, max_ahead_s: int) -> None:
         )
 
 
-async def _check_grammar(spec: JobCreate, variant: Variant) -> None:
-    """A constrained reply: the variant decodes step by step, and its grammar compiles within the
-    limits (in a thread: a schema's compile never holds up the event loop)."""
+def _check_constrained(spec: JobCreate, variant: Variant) -> None:
+    """A constrained reply: the variant decodes step by step, and a named tool is among the tools
+    (its grammar's compile is a costly check: `_check_costly`)."""
     params = spec.params
-    field = "params.tool_choice" if params.tool_choice not in (None, "none") else "params.response_format"
     if variant.batching != "continuous":
         raise ValidationFailed(
-            f"{field}: {variant.name} does not constrain its replies (its batching is {variant.batching}); "
-            "text variants with continuous batching do",
+            f"{_grammar_field(spec)}: {variant.name} does not constrain its replies (its batching is "
+            f"{variant.batching}); text variants with continuous batching do",
             {"variant": variant.name},
         )
     if params.tool_choice not in (None, "none", "auto") and not spec.input.tools:
         raise ValidationFailed("params.tool_choice: a tool is required, but input.tools is empty")
-    try:
-        grammar = structured.grammar_of(params.response_format, params.tool_choice, spec.input.tools)
-        if grammar is not None:
-            await run_in_threadpool(structured.check_cached, grammar)
-    except structured.StructuredError as exc:
-        raise ValidationFailed(f"{field}: {exc}", {"field": field}) from None
+
+
+def _grammar_field(spec: JobCreate) -> str:
+    choice = spec.params.tool_choice
+    return "params.tool_choice" if choice not in (None, "none") else "params.response_format"
+
+
+async def _check_costly(spec: JobCreate, settings: Settings) -> None:
+    """The checks that cost work, in threads (never on the event loop): a reply's grammar compiles
+    within the limits (remembered per grammar), a webhook's host resolves to a public address."""
+    params = spec.params
+    if params.constrained():
+        try:
+            grammar = structured.grammar_of(params.response_format, params.tool_choice, spec.input.tools)
+            if grammar is not None:
+                await run_in_threadpool(structured.check_cached, grammar)
+        except structured.StructuredError as exc:
+            field = _grammar_field(spec)
+            raise ValidationFailed(f"{field}: {exc}", {"field": field}) from None
+    if spec.webhook_url is not None:
+        await run_in_threadpool(check_target, spec.webhook_url, settings)  # resolves the host
+
+
+class PerUser:
+    """At most `n` of one user's submissions at a time in their costly checks, in this API process;
+    the others wait their turn. A tenant's burst of unique schemas, webhook hosts or images takes
+    `n` of the process's threads, never all of them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._turns: dict[str, tuple[asyncio.Semaphore, int]] = {}  # user → (turns, asking)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, user_id: str) -> AsyncIterator[None]:
+        turns, asking = self._turns.get(user_id, (None, 0))
+        turns = turns or asyncio.Semaphore(self.n)
+        self._turns[user_id] = (turns, asking + 1)
+        try:
+            async with turns:
+                yield
+        finally:
+            turns, asking = self._turns[user_id]
+            if asking <= 1:
+                del self._turns[user_id]
+            else:
+                self._turns[user_id] = (turns, asking - 1)
 
 
 async def read_job(autocommit: AsyncEngine, user_id: str, job_id: str) -> JobOut:

@@ -64,6 +64,7 @@ if jobs >= max_jobs then return {2, used, oldest, now, jobs, charged or -1} end
 if not charged then return {4, used, oldest, now, jobs, -1} end
 charged = tonumber(charged)
 if charged + reserve > per_day then return {3, used, oldest, now, jobs, charged} end
+if ARGV[9] == '1' then return {0, used, oldest, now, jobs, charged} end  -- a foresight: nothing taken
 redis.call('ZADD', rate, now, job)
 redis.call('PEXPIRE', rate, tonumber(ARGV[7]))
 redis.call('HSET', active, job, reserve .. '|' .. day .. '|' .. now)
@@ -302,9 +303,19 @@ class AsyncQuotas:
         return QuotaKeys(self.settings, user_id)
 
     async def admit(
-        self, *, user_id: str, limits: Limits, job_id: str, reserve: int, day: date, batch: bool = False
+        self,
+        *,
+        user_id: str,
+        limits: Limits,
+        job_id: str,
+        reserve: int,
+        day: date,
+        batch: bool = False,
+        foresee: bool = False,
     ) -> Admission:
-        """A batch's line (`batch`) takes a slot and its tokens but no part of the per-minute window."""
+        """A batch's line (`batch`) takes a slot and its tokens but no part of the per-minute window.
+        `foresee`: the same checks, and nothing taken (a missing day counter passes: the real
+        admission seeds it)."""
         keys = self.keys(user_id)
         reply = await self._admit(
             keys=[keys.batch_rate if batch else keys.rate, keys.active, keys.tokens(day)],
@@ -317,6 +328,7 @@ class AsyncQuotas:
                 day.isoformat(),
                 WINDOW_MS,
                 DAY_TTL_S,
+                int(foresee),
             ],
         )
         return _admission(limits, reply, reserve)

@@ -283,6 +283,9 @@ class JobMetrics(BaseModel):
     images: int | None
     audio_clips: int | None
     audio_seconds: float | None
+    media_bytes: int | None = Field(
+        None, description="the job's images and audio once decoded on the worker (pixels and samples)"
+    )
     preprocess_ms: float | None
     peak_memory_bytes: int | None
     grammar_compile_ms: float | None = Field(

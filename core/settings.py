@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     media_max_audio_bytes: int = 25 * 1024 * 1024
     media_max_audio_seconds: float = 30.0
     media_max_parts: int = 8
+    # On the worker: images are decoded no larger than this on their longer side, and a worker
+    # holds at most `worker_media_mb` of decoded media (the jobs in hand together).
+    media_decode_max_side: int = Field(default=1792, ge=64)
+    worker_media_mb: int = Field(default=1024, ge=16)
     files_max_bytes: int = 100 * 1024 * 1024
     # Any other request body (a job with inline base64 media included).
     max_request_bytes: int = 64 * 1024 * 1024
@@ -88,6 +92,9 @@ class Settings(BaseSettings):
     # Failed authentications one client address may make in a minute; past them it gets 429
     # until the minute is over, before its keys cost a database query.
     auth_failures_per_minute: int = Field(default=60, ge=1)
+    # A user's submissions in their costly checks (a grammar's compile, a webhook's DNS lookup,
+    # inline media decoded) at once, in each API process; the others wait their turn.
+    checks_per_user: int = Field(default=2, ge=1)
 
     # /v1/metrics/summary raises an alert past each of these.
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")

@@ -23,6 +23,7 @@ from core.keys import message_key
 from core.metrics import add_filtered
 from core.schemas import GenerationParams, Tool
 from core.tool_calls import parse_tool_calls
+from core.variants import Variant
 from db.endings import JobEnd, end_jobs, ended_before, settle
 from db.models import Job
 from db.repo import files as files_repo
@@ -31,7 +32,7 @@ from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.grouped import Grouped
 from workers.shared.base import EngineFailure, Request, RequestError, Result, ShuttingDown
-from workers.shell.media_decoding import file_ids, load_media
+from workers.shell.media_decoding import decoded_bytes, file_ids, load_media, media_parts
 from workers.shell.pool import VariantPool
 
 log = structlog.get_logger(__name__)
@@ -206,11 +207,22 @@ def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
     if variant is None or reason is not None:
         _fail(ctx, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
-    try:
-        request = _request(pool, job, started)
-    except RequestError as exc:
-        _fail(ctx, job, errors.GENERATION_ERROR, str(exc), queue_ms)
-        return
+    contents = _contents(pool, job)
+    # The job's decoded media, held from before it is decoded until its engine is done with it.
+    with pool.media.hold(decoded_bytes(media_parts(job.input.get("messages") or [], contents),
+                                       pool.settings.media_decode_max_side)):  # fmt: skip
+        try:
+            request = _request(pool, job, started, contents)
+        except RequestError as exc:
+            _fail(ctx, job, errors.GENERATION_ERROR, str(exc), queue_ms)
+            return
+        _engine_run(ctx, job, variant, request, queue_ms, started)
+
+
+def _engine_run(
+    ctx: WorkerContext, job: Claimed, variant: Variant, request: Request, queue_ms: float, started: float
+) -> None:
+    pool = ctx.pool
     future = pool.submit(job.variant, request)  # a cold variant loads first, within the limit
     limit = min(request.params.timeout_s or variant.timeout_s, variant.timeout_s)
     failure: Exception | None = None
@@ -246,8 +258,17 @@ def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
         _fail(ctx, job, errors.GENERATION_ERROR, f"generation failed ({kind})", queue_ms, spent)
 
 
-def _request(pool: VariantPool, job: Claimed, started: float) -> Request:
-    """The job as the engine takes it: media read from PostgreSQL and decoded on this thread."""
+def _contents(pool: VariantPool, job: Claimed) -> dict[str, bytes]:
+    """The bytes of the files the job's media parts name (its owner's, read from PostgreSQL)."""
+    ids = file_ids(job.input.get("messages") or [])
+    if not ids:
+        return {}
+    with sync_sessionmaker(pool.settings.db_url)() as session:
+        return files_repo.read_contents(session=session, user_id=job.user_id, file_ids=ids)
+
+
+def _request(pool: VariantPool, job: Claimed, started: float, contents: dict[str, bytes]) -> Request:
+    """The job as the engine takes it: its media decoded on this thread."""
     messages = job.input.get("messages")
     tools = job.input.get("tools")
     request = Request(
@@ -258,14 +279,12 @@ def _request(pool: VariantPool, job: Claimed, started: float) -> Request:
         started=started,
         tools=[Tool.model_validate(t) for t in tools] if tools else None,
     )
-    ids = file_ids(messages or [])
-    if ids:
-        with sync_sessionmaker(pool.settings.db_url)() as session:
-            contents = files_repo.read_contents(session=session, user_id=job.user_id, file_ids=ids)
-        loaded = load_media(messages or [], contents)
+    if file_ids(messages or []):
+        loaded = load_media(messages or [], contents, max_side=pool.settings.media_decode_max_side)
         request.messages = loaded.messages
         request.images, request.audio_clips = loaded.images, loaded.audio_clips
         request.audio_seconds, request.preprocess_ms = loaded.audio_seconds, loaded.ms
+        request.media_bytes = loaded.bytes
     return request
 
 
@@ -293,6 +312,7 @@ def _metrics(
         "images": request.images if request else None,
         "audio_clips": request.audio_clips if request else None,
         "audio_seconds": request.audio_seconds if request else None,
+        "media_bytes": request.media_bytes if request else None,
         "preprocess_ms": round((request.preprocess_ms if request else 0) + result.preprocess_ms, 3),
         "grammar_compile_ms": result.grammar_compile_ms,
         "grammar_mask_ms": result.grammar_mask_ms,

@@ -90,6 +90,7 @@ class JobMetric(Base):
     audio_clips: Mapped[int | None] = mapped_column(Integer)
     audio_seconds: Mapped[float | None] = mapped_column(Float)
     preprocess_ms: Mapped[float | None] = mapped_column(Float)
+    media_bytes: Mapped[int | None] = mapped_column(BigInteger)  # decoded on the worker
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     # Constrained decoding: compiling the job's grammar (0 when cached) and masking, per step.
     grammar_compile_ms: Mapped[float | None] = mapped_column(Float)

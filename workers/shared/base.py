@@ -41,6 +41,7 @@ class Request:
     audio_clips: int = 0
     audio_seconds: float = 0.0
     preprocess_ms: float = 0.0
+    media_bytes: int = 0  # its images' pixels and waveforms' samples, as decoded by the shell
     # Set in the engine process: the request's grammar matcher (workers.engine.constrain).
     constraint: Any = None
     # A request sent again after its engine died: the tokens it had generated, as its last

@@ -27,6 +27,7 @@ from db.repo import runs
 from db.session import sync_sessionmaker
 from workers.shared.base import Request, Result
 from workers.shell.engine_client import EngineClient
+from workers.shell.media_decoding import MediaBudget
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,7 @@ class VariantPool:
         self._filters: dict[str, moderation.StreamFilter] = {}
         moderation.policy_for(None, settings)  # a policy file that cannot be used: exit now
         self._in_hand_lock = threading.Lock()
+        self.media = MediaBudget(settings.worker_media_mb * 2**20)  # decoded, for the jobs in hand
         self._release = self.redis.register_script(_RELEASE_LEASE)
         self._renew = self.redis.register_script(_RENEW_LEASE)
         self.broker = make_celery(settings, name="gemmaq-worker-producer")  # to put jobs back
