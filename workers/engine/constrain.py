@@ -1,6 +1,6 @@
 """Constrained decoding in the engine: a row's logits masked by its grammar at every step.
 
-Each text engine has one `Grammars`: its tokenizer as llguidance reads it (built at load)
+Each text engine has one `Grammars`: its tokenizer as llguidance reads it (built on first use)
 and the grammars compiled against it, on a thread of their own, cached by hash, so that jobs
 with one schema compile it once. A request gets a `Constraint`, its own copy of the compiled
 matcher; the continuous decoder masks the constrained rows' scores before it picks their
@@ -105,9 +105,12 @@ class Grammars:
         self._pool: ThreadPoolExecutor | None = None
 
     def tokenizer(self) -> Any:
-        """The tokenizer as llguidance reads it, built once per engine (`warm_stream` builds it at
-        load: it holds the GIL throughout, about 3 s for a 262k vocabulary). A grammar's compile
-        releases the GIL, and takes milliseconds (the API refuses one that takes 250)."""
+        """The tokenizer as llguidance reads it, built for the engine's first constrained request
+        (on the grammars' thread): 3-4 s for a 262k vocabulary, with the GIL held throughout, so
+        the running rows wait for it, once per engine. Not at load: once it exists, this CPU's
+        decoding steps run about 8% slower (`bench/throughput.py`'s batch through the batcher,
+        134 against 123 tok/s), and engines that never see a grammar should not pay that. A
+        grammar's compile releases the GIL and takes milliseconds (the API refuses 250)."""
         with self._lock:
             if self._lltokenizer is None:
                 import llguidance.hf

@@ -193,10 +193,7 @@ class DecodingEngine:
 
     def warm_stream(self) -> None:
         """One short generation through the running-batch path, so the first real request does not
-        pay for lazy initialisation; and the tokenizer as llguidance reads it, which every grammar
-        compiles against: about 3 s for a 262k vocabulary with the GIL held throughout, so that
-        built on the first constrained request it would stall every running row that long."""
-        self.grammars.tokenizer()
+        pay for lazy initialisation."""
         from core.schemas import GenerationParams
 
         warm = Request(
