@@ -103,7 +103,14 @@ def marker_age_s(value: bytes | str | None) -> float | None:
 
 
 def enqueue_job(
-    app: Celery, *, job_id: str, variant: str, priority: int, in_flight: int = 0, shared: int | None = None
+    app: Celery,
+    *,
+    job_id: str,
+    variant: str,
+    priority: int,
+    in_flight: int = 0,
+    shared: int | None = None,
+    countdown: float | None = None,
 ) -> None:
     """Send the job id (nothing else) to its variant's queue, marked as sent.
 
@@ -112,6 +119,8 @@ def enqueue_job(
     first). The marker goes first, so a worker's claim (which clears it) always comes after it;
     a send that fails takes the marker back, and a marker that cannot be written only means the
     reconciler sends the job once more (a duplicate message is skipped by the claim).
+    `countdown`: the job runs no sooner than that many seconds from now (the worker that takes
+    the message holds the job's lease meanwhile).
     """
     settings: Settings = app.conf.gemmaq_settings
     markers: redis.Redis = app.conf.gemmaq_markers
@@ -125,6 +134,7 @@ def enqueue_job(
             queue=variant_queue(variant),
             priority=broker_step(priority, in_flight, shared),
             retry=False,
+            countdown=countdown,
         )
     except Exception:
         with contextlib.suppress(redis.RedisError):

@@ -73,6 +73,7 @@ class QuotaKeys:
         self.batch_rate = settings.key("quota", user_id, "batch-rate")  # batch lines: not per minute
         self.active = settings.key("quota", user_id, "active")
         self._tokens = settings.key("quota", user_id, "tokens")
+        self.loads = settings.key("quota", user_id, "loads")  # device loads the user's jobs made
 
     def tokens(self, day: date) -> str:
         return f"{self._tokens}:{day.isoformat()}"

@@ -95,6 +95,23 @@ end
 return reply
 """
 
+# A device load one of the user's jobs is about to make: taken (0) while fewer than ARGV[1]
+# were made in the last ARGV[2] ms, else the ms until the oldest of them leaves the window.
+_LOAD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])
+  return math.max(1, oldest + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. now)
+redis.call('PEXPIRE', KEYS[1], window)
+return 0
+"""
+LOAD_WINDOW_MS = 3_600_000  # `loads_per_user_per_hour`'s window
+
 _SETTLE_FUNCTION = """
 local function settle(active, tokens, job, actual)
   local entry = redis.call('HGET', active, job)
@@ -374,12 +391,21 @@ class SyncQuotas:
         self.redis = redis
         self.settings = settings
         self._settle = redis.register_script(_SETTLE)
+        self._load = redis.register_script(_LOAD)
 
     def settle(self, *, user_id: str, job_id: str, day: date, actual: int) -> bool:
         """True when this call released the slot (False: it was released before)."""
         keys = QuotaKeys(self.settings, user_id)
         reserved = self._settle(keys=[keys.active, keys.tokens(day)], args=[job_id, actual])
         return int(reserved) >= 0
+
+    def take_load(self, *, user_id: str, job_id: str) -> float:
+        """A device load for the user's job: 0 when it may make one (counted now), else the
+        seconds until one of the user's `loads_per_user_per_hour` leaves the window."""
+        keys = QuotaKeys(self.settings, user_id)
+        limit = self.settings.loads_per_user_per_hour
+        wait_ms = self._load(keys=[keys.loads], args=[limit, LOAD_WINDOW_MS, job_id])
+        return int(wait_ms) / 1000
 
 
 def parse_holders(entries: dict[Any, Any]) -> dict[str, Holder]:

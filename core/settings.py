@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # A user's submissions in their costly checks (a grammar's compile, a webhook's DNS lookup,
     # inline media decoded) at once, in each API process; the others wait their turn.
     checks_per_user: int = Field(default=2, ge=1)
+    # Device loads one user's jobs may make in an hour (a job for a variant that is not warm on
+    # its worker loads it, and no batch runs meanwhile); past them, such a job waits in the queue.
+    loads_per_user_per_hour: int = Field(default=20, ge=1)
 
     # /v1/metrics/summary raises an alert past each of these.
     alert_max_latency_s: float = Field(default=10.0, gt=0, description="p95 job latency")

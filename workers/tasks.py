@@ -36,6 +36,9 @@ from workers.shell.media_decoding import decoded_bytes, file_ids, load_media, me
 from workers.shell.pool import VariantPool
 
 log = structlog.get_logger(__name__)
+# A job held back because its user's device loads for the hour are spent looks again this soon
+# (another user's job may have made its variant warm meanwhile).
+LOAD_RETRY_S = 10.0
 
 _db_retry = retry(
     retry=retry_if_exception_type(OperationalError),
@@ -112,7 +115,10 @@ def finish(ctx: WorkerContext, job: Claimed, **outcome: Any) -> bool:
 
 
 @_db_retry
-def _put_back(pool: VariantPool, job: Claimed) -> None:
+def _put_back(
+    pool: VariantPool, job: Claimed, reason: str = "the worker is shutting down", after_s: float | None = None
+) -> None:
+    """The claimed job back in the queue, its attempt given back (`after_s`: it runs no sooner)."""
     # Let go of the lease first, or the delivery of the message sent below would see it held.
     pool.release_lease(job.id)
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
@@ -124,8 +130,9 @@ def _put_back(pool: VariantPool, job: Claimed) -> None:
             variant=back.variant,
             priority=back.priority,
             shared=back.shared_priority,
+            countdown=after_s,
         )
-        log.info("job.returned", reason="the worker is shutting down")
+        log.info("job.returned", reason=reason, after_s=after_s)
 
 
 @_db_retry
@@ -207,6 +214,11 @@ def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
     if variant is None or reason is not None:
         _fail(ctx, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
+    if pool.would_load(job.variant):  # a device load: within the user's loads for the hour
+        wait_s = pool.quotas.take_load(user_id=job.user_id, job_id=job.id)
+        if wait_s > 0:  # back in the queue, to look again (the variant may be warm by then)
+            _put_back(pool, job, "the user's device loads for the hour are spent", min(wait_s, LOAD_RETRY_S))
+            return
     contents = _contents(pool, job)
     # The job's decoded media, held from before it is decoded until its engine is done with it.
     with pool.media.hold(decoded_bytes(media_parts(job.input.get("messages") or [], contents),

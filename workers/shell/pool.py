@@ -114,6 +114,11 @@ class VariantPool:
             return "this worker does not serve the variant"
         return str(report["reason"]) if report["state"] == "unavailable" else None
 
+    def would_load(self, variant: str) -> bool:
+        """Whether a job of `variant` makes this worker's engine load it (neither warm nor loading)."""
+        report = self.engine.report().get(variant)
+        return report is not None and report["state"] == "cold"
+
     def submit(self, variant: str, request: Request) -> Future[Result]:
         """Hand a request to the engine (which loads its variant first if it is cold)."""
         return self.engine.submit(variant, request)
