@@ -215,7 +215,11 @@ def _run_claimed(ctx: WorkerContext, job: Claimed, queue_ms: float) -> None:
         _fail(ctx, job, errors.GENERATION_ERROR, f"variant unavailable: {reason}", queue_ms)
         return
     if pool.would_load(job.variant):  # a device load: within the user's loads for the hour
-        wait_s = pool.quotas.take_load(user_id=job.user_id, job_id=job.id)
+        try:
+            wait_s = pool.quotas.take_load(user_id=job.user_id, job_id=job.id)
+        except redis.RedisError:  # a bound on loads, not a reason to fail or hold the job
+            log.warning("job.load_uncounted", reason="redis unreachable")
+            wait_s = 0.0
         if wait_s > 0:  # back in the queue, to look again (the variant may be warm by then)
             _put_back(pool, job, "the user's device loads for the hour are spent", min(wait_s, LOAD_RETRY_S))
             return
