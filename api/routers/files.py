@@ -18,7 +18,7 @@ from api.media_admission import read_capped
 from api.schemas import FileDeleted, FileList, FileOut, file_out
 from core import quotas
 from core.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMedia, ValidationFailed
-from core.media_checks import sniff_media
+from core.media_checks import AUDIO_FORMATS, IMAGE_FORMATS, sniff_media
 from core.settings import Settings
 from db.models import File
 from db.repo import files as files_repo
@@ -28,6 +28,8 @@ router = APIRouter(tags=["files"])
 Purpose = Literal["media", "batch", "batch_output"]  # batch_output: a batch's output and error files
 PART = 1024 * 1024  # a batch file's parts: about this many bytes of whole lines
 MAX_RETENTION_S = 30 * 86_400 * 12  # `expires_after[seconds]`: up to a year
+# What a file's bytes are served as: the sniffed media type, or JSON Lines for batch input.
+CONTENT_TYPES = sorted({*IMAGE_FORMATS.values(), *AUDIO_FORMATS.values(), files_repo.JSONL})
 
 
 def _check_lines(data: bytes, first: int) -> int:
@@ -162,7 +164,7 @@ async def get_file(file_id: str, user: UserDep, maker: SessionMakerDep) -> FileO
 
 @router.get(
     "/files/{file_id}/content",
-    responses={**responses(401, 404), 200: {"content": {"application/octet-stream": {}}}},
+    responses={**responses(401, 404), 200: {"content": {t: {} for t in CONTENT_TYPES}}},
     response_class=Response,
     summary="A file's bytes",
 )

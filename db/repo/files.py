@@ -16,6 +16,7 @@ from db.repo import pages
 from db.repo import responses as responses_repo
 
 MAX_PAGE = 100
+JSONL = "application/jsonl"  # the content type of a batch input file, kept in parts
 # A file past its expires_at is gone for its owner at once; the reconciler deletes it later.
 _LIVE = or_(File.expires_at.is_(None), File.expires_at > func.now())
 
@@ -138,7 +139,7 @@ async def create_parted_file(
     """A file written part by part (bytes of whole lines, their line count), never whole in
     memory; `media` records its line count."""
     file = File(
-        user_id=user_id, purpose=purpose, filename=filename, content=b"", content_type="application/jsonl",
+        user_id=user_id, purpose=purpose, filename=filename, content=b"", content_type=JSONL,
         size=0, sha256="", media=None, expires_at=expires_at,
     )  # fmt: skip
     session.add(file)
