@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 
 from api.auth import Authenticator
 from api.batch_runner import BatchRunner
+from api.cancels import Cancels
 from api.errors import install_error_handlers
 from api.fleet import FleetView
 from api.holds import Holds
@@ -73,12 +74,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.done.start()
     app.state.broker = make_celery(settings, name="gemmaq-api")
     sync_redis = redis_client(settings)  # for the ends of jobs cancelled here (db/endings.py, sync)
+    app.state.cancels = Cancels(redis=app.state.redis, sync_redis=sync_redis, settings=settings)
     app.state.submitter = Submitter(
         quota=app.state.quotas, maker=app.state.sessionmaker, autocommit=app.state.autocommit,
         broker=app.state.broker, redis=app.state.redis, fleet=app.state.fleet, settings=settings,
-        variants=app.state.variants, sync_redis=sync_redis,
+        variants=app.state.variants, cancels=app.state.cancels,
     )  # fmt: skip
-    runner = BatchRunner(submitter=app.state.submitter, maker=app.state.sessionmaker, settings=settings)
+    runner = BatchRunner(submitter=app.state.submitter, cancels=app.state.cancels,
+                         maker=app.state.sessionmaker, settings=settings)  # fmt: skip
     runner.start()  # moves batches along (api/batch_runner.py)
     try:
         yield

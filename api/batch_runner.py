@@ -33,6 +33,7 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.background import Background
+from api.cancels import Cancels
 from api.schemas import job_out
 from api.submission import Submitter
 from core.errors import AppError, QuotaExceeded, RateLimited, Unavailable, ValidationFailed
@@ -62,9 +63,15 @@ class BatchRunner(Background):
     task_name = "batch-runner"
 
     def __init__(
-        self, *, submitter: Submitter, maker: async_sessionmaker[AsyncSession], settings: Settings
+        self,
+        *,
+        submitter: Submitter,
+        cancels: Cancels,
+        maker: async_sessionmaker[AsyncSession],
+        settings: Settings,
     ) -> None:
         self.submitter = submitter
+        self.cancels = cancels
         self.maker = maker
         self.settings = settings
         self._cached_parts: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
@@ -231,9 +238,9 @@ class BatchRunner(Background):
                 session=session, batch_id=batch.id, status="running", limit=CANCELS_PER_TURN
             )
         for job_id in queued:
-            await self.submitter.cancel_queued(user, job_id)
+            await self.cancels.queued(user.id, job_id)
         for job_id in running:
-            await self.submitter.stop_running(job_id)
+            await self.cancels.running(job_id)
         return await self._pending(batch)
 
     # ---- finalizing ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.auth import Caller
+from api.cancels import Cancels
 from api.flow import JobFlow
 from api.holds import Holds
 from api.middleware import MISSING_KEY, remember
@@ -47,6 +48,7 @@ VariantsDep = Annotated[VariantRegistry, _on_state("variants")]
 HoldsDep = Annotated[Holds, _on_state("holds")]
 QuotasDep = Annotated[AsyncQuotas, _on_state("quotas")]
 SubmitterDep = Annotated[Submitter, _on_state("submitter")]
+CancelsDep = Annotated[Cancels, _on_state("cancels")]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `gemmaq users create`")
 
@@ -71,8 +73,9 @@ UserDep = Annotated[User, Depends(authenticate)]
 async def get_flow(request: Request, user: UserDep) -> JobFlow:
     state = request.app.state
     return JobFlow(
-        request=request, user=user, submitter=state.submitter, autocommit=state.autocommit,
-        redis=state.redis, settings=state.settings, done=state.done, holds=state.holds,
+        request=request, user=user, submitter=state.submitter, cancels=state.cancels,
+        autocommit=state.autocommit, redis=state.redis, settings=state.settings, done=state.done,
+        holds=state.holds,
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api import streaming
+from api.cancels import Cancels
 from api.errors import responses
 from api.holds import Hold, Holds, KeyWatch, Kind, guarded
 from api.middleware import rate_headers
@@ -50,6 +51,7 @@ class JobFlow:
     request: Request
     user: User
     submitter: Submitter
+    cancels: Cancels
     autocommit: AsyncEngine
     redis: Redis
     settings: Settings

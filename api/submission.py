@@ -5,11 +5,11 @@ job is checked, admitted, metered and queued alike).
 A submission goes through five steps:
 - `validate`: what can be refused cheaply before anything is written — the variant (the caller's
   quota allows it, it serves the task, some worker can run it), the params and media parts against
-  its limits, the caller's content policy;
+  its limits (api/job_checks.py), the caller's content policy;
 - the costly checks, `checks_per_user` of a user's submissions at a time (`PerUser`): first what
   the quota would refuse now is refused (`admission.foresee`, nothing taken), then a grammar is
-  compiled, a webhook's host resolved and inline media decoded — so a refused request spends none
-  of that work;
+  compiled, a webhook's host resolved (api/job_checks.py) and inline media decoded — so a refused
+  request spends none of that work;
 - `admit`: quota admission (api/admission.py) — one request from the per-minute window, one
   concurrent-job slot and the job's tokens, reserved;
 - `insert`: the job's row, in one statement; a job with media stores its inline media as files,
@@ -21,64 +21,49 @@ whose job was not queued is given back.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import structlog
 from celery import Celery
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from api import admission
 from api.admission import WindowSeen
-from api.fleet import FleetView, availability
+from api.cancels import Cancels
+from api.fleet import FleetView
+from api.job_checks import PerUser, check_costly, check_spec
 from api.media_admission import (
     NO_MEDIA,
     InlineMedia,
     MediaTotals,
-    check_parts,
     inspect_inline,
     store_media,
 )
 from api.schemas import job_out
-from core import faults, moderation, structured
+from core import faults, moderation
 from core.broker import send_job
 from core.errors import (
     Conflict,
     ContentFiltered,
     NotFound,
-    PayloadTooLarge,
     Unavailable,
-    UnknownVariant,
-    ValidationFailed,
 )
-from core.keys import cancel_channel, cancel_key
 from core.metrics import add_filtered
 from core.quotas import AsyncQuotas, Limits
 from core.schemas import JobCreate, JobOut
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
-from core.webhooks import check_target
-from db.endings import Ended, JobEnd, end_jobs
 from db.ids import new_id
 from db.models import User
 from db.repo import jobs as jobs_repo
-from db.session import sync_engine
 
 log = structlog.get_logger(__name__)
-
-# A token is at least ~1 character; input far past the variant's token cap is refused here,
-# the exact token count is checked by the worker's tokenizer.
-CHARS_PER_TOKEN_CEILING = 8
 
 
 @dataclass(frozen=True)
@@ -112,7 +97,7 @@ class Written:
 
 
 class Submitter:
-    """Submits and cancels jobs. One per API process, built in the app's lifespan
+    """Submits jobs. One per API process, built in the app's lifespan
     (`app.state.submitter`) and shared by the routes (api/deps.py `SubmitterDep`) and the batch
     runner; whose jobs they are is a parameter of each method."""
 
@@ -127,9 +112,9 @@ class Submitter:
         fleet: FleetView,
         settings: Settings,
         variants: VariantRegistry,
-        sync_redis: SyncRedis,
+        cancels: Cancels,
     ) -> None:
-        self.sync_redis = sync_redis  # for end_jobs, which cancel_queued runs on a pool thread
+        self.cancels = cancels  # for the jobs of a request refused part way
         self.quota = quota
         self.maker = maker
         self.autocommit = autocommit
@@ -168,7 +153,7 @@ class Submitter:
                 window_seen=window_seen, quota=self.quota, limits=limits, user=user, spec=spec,
                 batch=batch is not None,
             )  # fmt: skip
-            await _check_costly(spec, self.settings)
+            await check_costly(spec, self.settings)
             inline = await inspect_inline(spec, self.settings)
         written = await self._admit_and_insert(draft, inline, window_seen)
         if not written.created:
@@ -179,7 +164,7 @@ class Submitter:
     async def validate(self, user: User, limits: Limits, spec: JobCreate) -> Variant:
         """Refuse what can be refused before anything is written; the variant that will run the job."""
         admission.check_variant(limits, spec.variant)
-        variant = await _check_spec(spec, self.variants, self.fleet, self.settings)
+        variant = await check_spec(spec, self.variants, self.fleet, self.settings)
         await self.check_content(user, spec)
         return variant
 
@@ -308,161 +293,9 @@ class Submitter:
                 jobs.append((await self.submit(user, spec, window_seen=window_seen)).job)
         except BaseException:
             for job in jobs:
-                if not await self.cancel_queued(user, job.id):
-                    await self.stop_running(job.id)
+                await self.cancels.either(user.id, job.id)
             raise
         return jobs
-
-    async def cancel_queued(self, user: User, job_id: str) -> bool:
-        """End the user's job `cancelled` if it is still queued (it never runs): its slot and
-        tokens released, its end recorded (event, metrics) and its waiters woken."""
-        ended = await run_in_threadpool(self._end, JobEnd.cancel(job_id, user.id))
-        if ended is None:
-            return False
-        log.info("job.cancelled", job_id=job_id)
-        return True
-
-    def _end(self, end: JobEnd) -> Ended | None:
-        """`end_jobs` (db/endings.py), the one path every job's end takes, on a pool thread."""
-        # pool_pre_ping: a connection left stale by a restarted PostgreSQL is replaced, not used.
-        return end_jobs(sync_engine(self.settings.db_url), self.sync_redis, self.settings, [end])[0]
-
-    async def stop_running(self, job_id: str) -> None:
-        """Ask the worker running the job to stop it at its next decoding step."""
-        flag = cancel_key(self.settings, job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(flag, time.time(), ex=self.settings.visibility_timeout_s)
-            pipe.publish(cancel_channel(self.settings), job_id)
-            await pipe.execute()
-
-
-async def _check_spec(
-    spec: JobCreate, variants: VariantRegistry, fleet: FleetView, settings: Settings
-) -> Variant:
-    variant = variants.get(spec.variant)
-    if variant is None:
-        raise UnknownVariant(
-            f"unknown variant {spec.variant!r}", {"variant": spec.variant, "variants": variants.names()}
-        )
-    if spec.task not in variant.tasks:
-        serving = variants.serving(spec.task)
-        raise ValidationFailed(
-            f"variant {variant.name!r} does not serve task {spec.task!r}; variants that do: {serving}",
-            {"variant": variant.name, "task": spec.task, "variants": serving},
-        )
-    if "max_new_tokens" not in spec.params.model_fields_set:  # the default fits every variant
-        spec.params.max_new_tokens = min(spec.params.max_new_tokens, variant.max_new_tokens)
-    if spec.params.timeout_s is not None and spec.params.timeout_s > variant.timeout_s:
-        raise ValidationFailed(
-            f"params.timeout_s: at most {variant.timeout_s} for {variant.name}",
-            {"timeout_s": spec.params.timeout_s, "limit": variant.timeout_s},
-        )
-    if spec.expires_at is not None:
-        check_expiry(spec.expires_at, settings.job_expires_max_s)
-    if spec.params.max_new_tokens > variant.max_new_tokens:
-        raise ValidationFailed(
-            f"params.max_new_tokens: at most {variant.max_new_tokens} for {variant.name}",
-            {"max_new_tokens": spec.params.max_new_tokens, "limit": variant.max_new_tokens},
-        )
-    budget = variant.max_input_tokens * CHARS_PER_TOKEN_CEILING
-    if spec.input.chars() > budget:
-        raise PayloadTooLarge(
-            f"input is {spec.input.chars()} characters; "
-            f"{variant.name} takes at most {variant.max_input_tokens} tokens",
-            {"characters": spec.input.chars(), "max_input_tokens": variant.max_input_tokens},
-        )
-    check_parts(spec, variant, settings, variants)
-    if variant.engine == "whisper" and spec.params.audio_task == "translate":
-        target = (spec.params.target_language or "english").lower()
-        if not variant.translate or target not in ("en", "english"):
-            raise ValidationFailed(
-                f"{variant.name} cannot translate into {spec.params.target_language or 'English'}: "
-                + ("Whisper translates into English only" if variant.translate else "it does not translate"),
-                {"variant": variant.name, "target_language": spec.params.target_language},
-            )
-    if spec.params.constrained():
-        _check_constrained(spec, variant)
-    problem = availability(variant, variants, await fleet.workers())
-    if problem is not None:  # refused only on a fresh read of the heartbeats
-        problem = availability(variant, variants, await fleet.workers(fresh=True))
-    if problem is not None:
-        raise Unavailable(f"variant {variant.name!r} cannot run here: {problem}", {"variant": variant.name})
-    return variant
-
-
-def check_expiry(expires_at: datetime, max_ahead_s: int) -> None:
-    """A tenant's `expires_at`: with a time zone, ahead of now, and at most `max_ahead_s` ahead
-    (a far-future time would be stored but could not be read back)."""
-    if expires_at.tzinfo is None:
-        raise ValidationFailed("expires_at: give a time zone (e.g. 2026-01-01T00:00:00Z)")
-    ahead = (expires_at - datetime.now(UTC)).total_seconds()  # years 1..9999 subtract fine
-    if ahead <= 0:
-        raise ValidationFailed("expires_at: already past", {"expires_at": expires_at.isoformat()})
-    if ahead > max_ahead_s:
-        raise ValidationFailed(
-            f"expires_at: at most {max_ahead_s} s ahead",
-            {"expires_at": expires_at.isoformat(), "limit_s": max_ahead_s},
-        )
-
-
-def _check_constrained(spec: JobCreate, variant: Variant) -> None:
-    """A constrained reply: the variant decodes step by step, and a named tool is among the tools
-    (its grammar's compile is a costly check: `_check_costly`)."""
-    params = spec.params
-    if variant.batching != "continuous":
-        raise ValidationFailed(
-            f"{_grammar_field(spec)}: {variant.name} does not constrain its replies (its batching is "
-            f"{variant.batching}); text variants with continuous batching do",
-            {"variant": variant.name},
-        )
-    if params.tool_choice not in (None, "none", "auto") and not spec.input.tools:
-        raise ValidationFailed("params.tool_choice: a tool is required, but input.tools is empty")
-
-
-def _grammar_field(spec: JobCreate) -> str:
-    choice = spec.params.tool_choice
-    return "params.tool_choice" if choice not in (None, "none") else "params.response_format"
-
-
-async def _check_costly(spec: JobCreate, settings: Settings) -> None:
-    """The checks that cost work, in threads (never on the event loop): a reply's grammar compiles
-    within the limits (remembered per grammar), a webhook's host resolves to a public address."""
-    params = spec.params
-    if params.constrained():
-        try:
-            grammar = structured.grammar_of(params.response_format, params.tool_choice, spec.input.tools)
-            if grammar is not None:
-                await run_in_threadpool(structured.check_cached, grammar)
-        except structured.StructuredError as exc:
-            field = _grammar_field(spec)
-            raise ValidationFailed(f"{field}: {exc}", {"field": field}) from None
-    if spec.webhook_url is not None:
-        await run_in_threadpool(check_target, spec.webhook_url, settings)  # resolves the host
-
-
-class PerUser:
-    """At most `n` of one user's submissions at a time in their costly checks, in this API process;
-    the others wait their turn. A tenant's burst of unique schemas, webhook hosts or images takes
-    `n` of the process's threads, never all of them."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self._turns: dict[str, tuple[asyncio.Semaphore, int]] = {}  # user → (turns, asking)
-
-    @contextlib.asynccontextmanager
-    async def turn(self, user_id: str) -> AsyncIterator[None]:
-        turns, asking = self._turns.get(user_id, (None, 0))
-        turns = turns or asyncio.Semaphore(self.n)
-        self._turns[user_id] = (turns, asking + 1)
-        try:
-            async with turns:
-                yield
-        finally:
-            turns, asking = self._turns[user_id]
-            if asking <= 1:
-                del self._turns[user_id]
-            else:
-                self._turns[user_id] = (turns, asking - 1)
 
 
 async def read_job(autocommit: AsyncEngine, user_id: str, job_id: str) -> JobOut:

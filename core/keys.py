@@ -52,16 +52,6 @@ def cancel_channel(settings: Settings) -> str:
     return settings.key("cancels")
 
 
-def cancel_requested_at(value: bytes | str | None) -> float | None:
-    """The time a cancel flag holds (None: not set; 0: set by something else — stop at once)."""
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return 0.0
-
-
 # ---- per user ------------------------------------------------------------------------------
 
 

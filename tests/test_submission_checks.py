@@ -1,5 +1,5 @@
-"""What a job spec is checked against before anything is admitted or queued (api/submission.py
-`_check_spec`, then `_check_costly`): its variant, task, limits, media kinds, speech options,
+"""What a job spec is checked against before anything is admitted or queued (api/job_checks.py
+`check_spec`, then `check_costly`): its variant, task, limits, media kinds, speech options,
 grammar, webhook and whether some worker can run it. In this process: variants parsed here, a
 real `FleetView` over heartbeats written to the session's Redis."""
 
@@ -19,7 +19,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from api.fleet import FleetView
-from api.submission import _check_costly, _check_spec
+from api.job_checks import check_costly, check_spec
 from core.errors import AppError, PayloadTooLarge, Unavailable, UnknownVariant, ValidationFailed
 from core.keys import worker_key
 from core.schemas import JobCreate
@@ -60,7 +60,7 @@ class Checks:
         self.redis.set(worker_key(self.settings, worker), json.dumps(body), ex=60)
 
     def check(self, body: dict[str, Any], *, beat_after_first_read: str | None = None) -> JobCreate:
-        """`_check_spec`, then `_check_costly`, on the job `body`; the spec as it leaves them.
+        """`check_spec`, then `check_costly`, on the job `body`; the spec as it leaves them.
         `beat_after_first_read`: a worker for that variant starts just after the view read the
         heartbeats."""
         spec = JobCreate.model_validate(body)
@@ -72,8 +72,8 @@ class Checks:
                 if beat_after_first_read is not None:
                     await fleet.workers()
                     self.beat("late@unit", **{beat_after_first_read: {"state": "cold"}})
-                variant = await _check_spec(spec, self.variants, fleet, self.settings)
-                await _check_costly(spec, self.settings)
+                variant = await check_spec(spec, self.variants, fleet, self.settings)
+                await check_costly(spec, self.settings)
                 return variant
             finally:
                 await client.aclose()

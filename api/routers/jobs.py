@@ -10,7 +10,7 @@ import structlog
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import AutocommitDep, FlowDep, SubmitterDep, UserDep
+from api.deps import AutocommitDep, CancelsDep, FlowDep, SubmitterDep, UserDep
 from api.errors import responses
 from api.middleware import rate_headers
 from api.schemas import job_out
@@ -124,16 +124,16 @@ async def list_jobs(
     summary="Cancel a queued or running job",
 )
 async def cancel_job(
-    job_id: JobIdPath, response: Response, user: UserDep, autocommit: AutocommitDep, submitter: SubmitterDep
+    job_id: JobIdPath, response: Response, user: UserDep, autocommit: AutocommitDep, cancels: CancelsDep
 ) -> JobOut:
     """A queued job ends `cancelled` at once and never runs. A running job is asked to stop
     between decoding steps (202); it ends `cancelled` with its partial output."""
-    cancelled = await submitter.cancel_queued(user, job_id)
+    cancelled = await cancels.queued(user.id, job_id)
     job = await read_job(autocommit, user.id, job_id)
     if cancelled:
         return job
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id!r} is already {job.status}", {"status": job.status})
-    await submitter.stop_running(job_id)
+    await cancels.running(job_id)
     response.status_code = status.HTTP_202_ACCEPTED
     return job

@@ -107,10 +107,10 @@ async def get_response(response_id: ResponseId, flow: FlowDep, maker: SessionMak
 )
 async def cancel_response(response_id: ResponseId, flow: FlowDep, maker: SessionMakerDep) -> dict[str, Any]:
     row = await _stored(maker, flow.user.id, response_id)
-    if not await flow.submitter.cancel_queued(flow.user, row.job_id):
+    if not await flow.cancels.queued(flow.user.id, row.job_id):
         job = await flow.read(row.job_id)
         if job.status not in TERMINAL_STATUSES:
-            await flow.submitter.stop_running(row.job_id)
+            await flow.cancels.running(row.job_id)
     job = await flow.wait(row.job_id, CANCEL_WAIT_S)
     return openai_responses.response_of(row, job, created_at=row.created_at)
 

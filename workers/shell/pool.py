@@ -16,10 +16,10 @@ from concurrent.futures import Future
 import redis
 import structlog
 
-from core import moderation
+from core import cancels, moderation
 from core.broker import make_celery, redis_client
 from core.events import add_delta
-from core.keys import cancel_channel, cancel_key, cancel_requested_at, lease_key, message_key, worker_key
+from core.keys import lease_key, message_key, worker_key
 from core.quotas import SyncQuotas
 from core.settings import Settings
 from core.variants import Variant, VariantRegistry
@@ -181,13 +181,11 @@ class VariantPool:
         while not self._stop.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(cancel_channel(self.settings))
+                cancels.subscribe(pubsub, self.settings)
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=CANCEL_POLL_S)
-                    if message is not None and message["type"] == "message":
-                        job_id = message["data"].decode() if isinstance(message["data"], bytes) else ""
-                        if job_id in self.in_hand():
-                            self._forward_cancels([job_id])
+                    job_id = cancels.announced(pubsub.get_message(timeout=CANCEL_POLL_S))
+                    if job_id is not None and job_id in self.in_hand():
+                        self._forward_cancels([job_id])
                     if time.monotonic() - polled >= CANCEL_POLL_S:
                         polled = time.monotonic()
                         self._forward_cancels(list(self.in_hand()))
@@ -198,13 +196,8 @@ class VariantPool:
                     pubsub.close()
 
     def _forward_cancels(self, job_ids: list[str]) -> None:
-        if not job_ids:
-            return
-        values = self.redis.mget([cancel_key(self.settings, j) for j in job_ids])
-        for job_id, value in zip(job_ids, values, strict=True):
-            at = cancel_requested_at(value)
-            if at is not None:
-                self.engine.cancel(job_id, at)
+        for job_id, at in cancels.asked(self.redis, self.settings, job_ids).items():
+            self.engine.cancel(job_id, at)
 
     # ---- leases -------------------------------------------------------------------------
 
