@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery import Celery
@@ -140,6 +140,33 @@ def enqueue_job(
         with contextlib.suppress(redis.RedisError):
             markers.delete(marker)
         raise
+
+
+class Admitted(Protocol):
+    """A job as stored: what its message is sent again from."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def shared_priority(self) -> int | None: ...
+
+
+def enqueue_again(app: Celery, job: Admitted, *, in_flight: int = 0, countdown: float | None = None) -> None:
+    """`enqueue_job` for a job queued before (requeued, put back, or its message lost): at the
+    priorities it was admitted with."""
+    enqueue_job(
+        app,
+        job_id=job.id,
+        variant=job.variant,
+        priority=job.priority,
+        in_flight=in_flight,
+        shared=job.shared_priority,
+        countdown=countdown,
+    )
 
 
 def task_message(

@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from core import quotas
-from core.broker import enqueue_job, make_celery, marker_age_s, redis_client
+from core.broker import enqueue_again, make_celery, marker_age_s, redis_client
 from core.errors import GENERATION_ERROR
 from core.keys import active_pattern, duties_key, lease_key, message_key, queue_keys, user_of_active
 from core.quotas import SyncQuotas
@@ -115,13 +115,7 @@ class Reconciler:
                 back = runs.requeue_lost(session=session, job_id=job.id, attempt=job.attempts)
             if back is not None:
                 requeued += 1
-                enqueue_job(
-                    self.broker,
-                    job_id=back.id,
-                    variant=back.variant,
-                    priority=back.priority,
-                    shared=back.shared_priority,
-                )
+                enqueue_again(self.broker, back)
                 log.warning("job.requeued", job_id=job.id, worker=job.worker, attempts=job.attempts)
         return requeued, failed
 
@@ -155,14 +149,7 @@ class Reconciler:
                 # Each user's resent jobs, oldest first, take the fair-share steps they were
                 # admitted into (core/scheduling.py), so a resent flood stays behind others.
                 per_user[job.user_id] += 1
-                enqueue_job(
-                    self.broker,
-                    job_id=job.id,
-                    variant=job.variant,
-                    priority=job.priority,
-                    in_flight=per_user[job.user_id],
-                    shared=job.shared_priority,
-                )
+                enqueue_again(self.broker, job, in_flight=per_user[job.user_id])
                 resent += 1
                 log.warning("job.resent", job_id=job.id, variant=job.variant)
         return resent

@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core import errors, moderation
-from core.broker import enqueue_job
+from core.broker import enqueue_again
 from core.events import add_status
 from core.keys import message_key
 from core.metrics import add_filtered
@@ -124,14 +124,7 @@ def _put_back(
     with sync_sessionmaker(pool.settings.db_url).begin() as session:
         back = runs.put_back(session=session, job_id=job.id, attempt=job.attempts)
     if back is not None:
-        enqueue_job(
-            pool.broker,
-            job_id=back.id,
-            variant=back.variant,
-            priority=back.priority,
-            shared=back.shared_priority,
-            countdown=after_s,
-        )
+        enqueue_again(pool.broker, back, countdown=after_s)
         log.info("job.returned", reason=reason, after_s=after_s)
 
 
@@ -140,9 +133,7 @@ def _send_again(pool: VariantPool, job_id: str) -> None:
     with sync_sessionmaker(pool.settings.db_url)() as session:
         job = session.get(Job, job_id)
     if job is not None and job.status == "queued":
-        enqueue_job(
-            pool.broker, job_id=job.id, variant=job.variant, priority=job.priority, shared=job.shared_priority
-        )
+        enqueue_again(pool.broker, job)
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
