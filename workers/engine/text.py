@@ -145,11 +145,17 @@ class DecodingEngine:
 
     @staticmethod
     def _grammar(request: Request) -> str | None:
-        params = request.params
-        try:
-            return structured.grammar_of(params.response_format, params.tool_choice, request.tools)
-        except structured.StructuredError as exc:
-            raise RequestError(str(exc)) from exc
+        """The request's grammar, read once (`ready` asks for it at every look while it compiles)."""
+        if not request.grammar_read:
+            params = request.params
+            try:
+                request.grammar = structured.grammar_of(
+                    params.response_format, params.tool_choice, request.tools
+                )
+            except structured.StructuredError as exc:
+                raise RequestError(str(exc)) from exc
+            request.grammar_read = True
+        return request.grammar
 
     def _prompt_ids(self, request: Request) -> list[int]:
         choice = request.params.tool_choice

@@ -42,7 +42,10 @@ class Request:
     audio_seconds: float = 0.0
     preprocess_ms: float = 0.0
     media_bytes: int = 0  # its images' pixels and waveforms' samples, as decoded by the shell
-    # Set in the engine process: the request's grammar matcher (workers.engine.constrain).
+    # Set in the engine process: the grammar its reply is held to, once read (`grammar_read`:
+    # None is free text), and the grammar's matcher (workers.engine.constrain).
+    grammar: str | None = None
+    grammar_read: bool = False
     constraint: Any = None
     # A request sent again after its engine died: the tokens it had generated, as its last
     # deltas reported them. A continuous decoder picks up from them, so the text it goes on
