@@ -1,21 +1,21 @@
 """The API's own request and response models, and how rows become them.
 
 The job contract shared with the workers and the client (`JobCreate`, `JobOut`, the statuses, the
-usage shapes) is core/schemas.py; the OpenAI-compatible shapes are in core/openai_*.py; the error
-envelope is api/errors.py.
+usage shapes) is core/schemas.py; the error envelope is api/errors.py. Every shape that follows
+OpenAI's API (chat, completions, responses, batches, files, audio, moderations, models) is in
+core/openai_<route>.py, gemmaq's extensions to it included; its router only speaks HTTP.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from sqlalchemy import RowMapping
 
-from core.openai_chat import Strict
-from core.schemas import MAX_TEXT_CHARS, JobOut, SafeStr
-from db.models import File, WebhookDelivery
+from core.schemas import JobOut, SafeStr
+from db.models import WebhookDelivery
 from db.repo import jobs as jobs_repo
 
 # ---- jobs ------------------------------------------------------------------------------------
@@ -24,133 +24,6 @@ from db.repo import jobs as jobs_repo
 def job_out(row: RowMapping) -> JobOut:
     """A job as the API shows it, from a row the jobs repository read (db/repo/jobs.py)."""
     return JobOut.model_validate(jobs_repo.job_fields(row))
-
-
-# ---- files -----------------------------------------------------------------------------------
-
-
-class FileOut(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: Literal["processed"] = "processed"
-    content_type: str
-    sha256: str
-    media: dict[str, Any] | None
-    expires_at: int | None = None
-
-
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileOut]
-    has_more: bool
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    deleted: bool
-
-
-def file_out(file: File) -> FileOut:
-    return FileOut(
-        id=file.id,
-        bytes=file.size,
-        created_at=int(file.created_at.timestamp()),
-        filename=file.filename,
-        purpose=file.purpose,
-        content_type=file.content_type,
-        sha256=file.sha256,
-        media=file.media,
-        expires_at=int(file.expires_at.timestamp()) if file.expires_at else None,
-    )
-
-
-# ---- batches ---------------------------------------------------------------------------------
-
-
-class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input_file_id: str = Field(max_length=64)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
-    completion_window: Literal["24h"] = "24h"
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(None, max_length=16)
-    )
-    webhook_url: SafeStr | None = Field(
-        None,
-        max_length=2000,
-        description="gemmaq: batch.completed|failed|cancelled go here (else your default)",
-    )
-
-
-# ---- models ----------------------------------------------------------------------------------
-
-
-class WorkerState(BaseModel):
-    """One worker's view of the variant: `warm` (resident), `cold` (served, loaded when a job
-    comes), `loading`, or `unavailable` (with the reason)."""
-
-    worker: str
-    device: str
-    state: Literal["loading", "warm", "cold", "unavailable"]
-    reason: str | None = None
-    last_used_at: float | None = Field(None, description="epoch seconds of its latest job on this worker")
-    resident_mb: float | None = Field(None, description="memory it occupies while warm, as measured")
-    memory_mb: float | None = Field(None, description="what the worker's memory budget counts for it")
-    load_ms: float | None = Field(None, description="its latest load on this worker")
-
-
-class ModelOut(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str
-    family: str
-    size: str
-    tasks: list[str]
-    dtype: str
-    quantization: str
-    diagnostic: bool
-    description: str
-    max_new_tokens: int
-    max_batch_size: int
-    available: bool
-    unavailable_reason: str | None
-    workers: list[WorkerState]
-    queue_depth: int | None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelOut]
-
-
-# ---- moderations -----------------------------------------------------------------------------
-
-MAX_MODERATION_INPUTS = 32
-
-
-class TextInput(Strict):
-    type: Literal["text"]
-    text: SafeStr = Field(max_length=MAX_TEXT_CHARS)
-
-
-class ModerationRequest(Strict):
-    input: SafeStr | list[SafeStr] | list[TextInput] = Field(
-        description=f"a text, up to {MAX_MODERATION_INPUTS} texts (a result each), or text parts (one result)"
-    )
-    model: SafeStr | None = Field(None, max_length=100, description="ignored: the policy answers")
-
-    def texts(self) -> list[str]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if all(isinstance(item, TextInput) for item in self.input):
-            return ["\n".join(item.text for item in self.input if isinstance(item, TextInput))]
-        return [item for item in self.input if isinstance(item, str)]
 
 
 # ---- webhooks --------------------------------------------------------------------------------

@@ -1,21 +1,21 @@
-"""The OpenAI Batch object, as `/v1/batches` returns it and as `batch.*` webhooks carry it; the
-endpoints a batch's lines may target."""
+"""The OpenAI Batch request and object, as `/v1/batches` takes and returns it and as `batch.*`
+webhooks carry it; the endpoints a batch's lines may target."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from core import openai_chat, openai_completions, openai_responses
 from core.errors import ValidationFailed
 from core.openai_chat import ChatRequest
 from core.openai_completions import CompletionRequest
 from core.openai_responses import ResponseRequest
-from core.schemas import BatchStatus, JobCreate, JobOut
+from core.schemas import BatchStatus, JobCreate, JobOut, SafeStr
 
 
 class BatchRow(Protocol):
@@ -68,6 +68,21 @@ class BatchOut(BaseModel):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: str = Field(max_length=64)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(None, max_length=16)
+    )
+    webhook_url: SafeStr | None = Field(
+        None,
+        max_length=2000,
+        description="gemmaq: batch.completed|failed|cancelled go here (else your default)",
+    )
 
 
 class BatchList(BaseModel):

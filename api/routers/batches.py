@@ -11,9 +11,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
-from api.schemas import BatchCreate
 from core.errors import NotFound, ValidationFailed
-from core.openai_batch import BatchList, BatchOut, batch_out
+from core.openai_batch import BatchCreate, BatchList, BatchOut, batch_out
 from core.webhooks import check_target
 from db.models import Batch
 from db.repo import batches as batches_repo

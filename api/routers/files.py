@@ -15,10 +15,10 @@ from api import admission
 from api.deps import SessionMakerDep, SettingsDep, UserDep
 from api.errors import responses
 from api.media_admission import read_capped
-from api.schemas import FileDeleted, FileList, FileOut, file_out
 from core import quotas
 from core.errors import Conflict, NotFound, PayloadTooLarge, QuotaExceeded, UnsupportedMedia, ValidationFailed
 from core.media_checks import AUDIO_FORMATS, IMAGE_FORMATS, sniff_media
+from core.openai_files import FileDeleted, FileList, FileOut, file_out
 from core.settings import Settings
 from db.models import File
 from db.repo import files as files_repo

@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 from api.deps import RedisDep, SettingsDep, UserDep, VariantsDep
 from api.errors import responses
 from api.fleet import availability, live_workers, queue_depths, states_of
-from api.schemas import ModelList, ModelOut, WorkerState
+from core.openai_models import ModelList, ModelOut, WorkerState
 
 router = APIRouter(tags=["models"])
 

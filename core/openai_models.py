@@ -1,0 +1,47 @@
+"""OpenAI's model list, as `/v1/models` returns it, with gemmaq's own fields: what each variant
+serves and how, and where it stands on each worker."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class WorkerState(BaseModel):
+    """One worker's view of the variant: `warm` (resident), `cold` (served, loaded when a job
+    comes), `loading`, or `unavailable` (with the reason)."""
+
+    worker: str
+    device: str
+    state: Literal["loading", "warm", "cold", "unavailable"]
+    reason: str | None = None
+    last_used_at: float | None = Field(None, description="epoch seconds of its latest job on this worker")
+    resident_mb: float | None = Field(None, description="memory it occupies while warm, as measured")
+    memory_mb: float | None = Field(None, description="what the worker's memory budget counts for it")
+    load_ms: float | None = Field(None, description="its latest load on this worker")
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+    family: str
+    size: str
+    tasks: list[str]
+    dtype: str
+    quantization: str
+    diagnostic: bool
+    description: str
+    max_new_tokens: int
+    max_batch_size: int
+    available: bool
+    unavailable_reason: str | None
+    workers: list[WorkerState]
+    queue_depth: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
