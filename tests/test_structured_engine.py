@@ -221,3 +221,41 @@ def test_a_grammar_over_its_compile_budget_is_refused() -> None:
     assert structured.check(grammar) < structured.COMPILE_BUDGET_MS
     with pytest.raises(structured.StructuredError, match="to compile"):
         structured.check(grammar, budget_ms=0.0)
+
+
+@pytest.mark.stack
+def test_a_greedy_row_whose_pick_its_grammar_allows_is_not_masked_and_picks_the_same(
+    engine: TextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The best token, when the grammar allows it, is the best allowed one: the row takes it with
+    no mask unpacked onto its scores. Masking every step (no pick allowed as it is) gives the same
+    replies."""
+    from workers.engine.constrain import StepMasks
+
+    applied: list[int] = []
+    apply = StepMasks.apply
+
+    def counting(self: StepMasks, k: int, scores: Any) -> None:
+        applied.append(k)
+        apply(self, k, scores)
+
+    monkeypatch.setattr(StepMasks, "apply", counting)
+
+    def requests() -> list[Request]:
+        person, answer = json_schema(PERSON), json_schema(ANSWER)
+        return [
+            ask(0, "A user record for person number 7, as JSON:", max_new_tokens=96, response_format=person),
+            ask(1, "Is the sky blue? Answer as JSON:", max_new_tokens=32, response_format=answer),
+        ]
+
+    checked = run(engine, requests())
+    masked_when_checked = len(applied)
+    applied.clear()
+    monkeypatch.setattr(StepMasks, "allows", lambda self, k, token: False)
+    every_step = run(engine, requests())
+    steps = sum(r.output_tokens for r in every_step.values())
+    for job_id, result in every_step.items():
+        assert checked[job_id].text == result.text, job_id
+        jsonschema.validate(json.loads(result.text), PERSON if job_id == "r0" else ANSWER)
+    assert len(applied) == steps  # masking every step: a mask a row a step
+    assert masked_when_checked < steps / 2, (masked_when_checked, steps)  # most picks needed none

@@ -38,7 +38,7 @@ import torch
 
 from core.variants import PREFILL_CHUNK
 from workers.engine import kv
-from workers.engine.constrain import mask_rows
+from workers.engine.constrain import StepMasks
 from workers.engine.generation import Decoder, peak_memory
 from workers.engine.sampling import sample_row
 from workers.shared.base import CancelCheck, Engine, Request, RequestError, Result
@@ -356,20 +356,29 @@ class ContinuousDecoder:
         now = time.monotonic()
         logits = torch.stack([logits for _, logits in picking])
         # Greedy rows pick from the logits as they are (max takes the first of equal scores, as
-        # argmax does); only rows with a grammar or a sampler get float scores, a whole-vocabulary
-        # copy each.
+        # argmax does), and so does a greedy row whose grammar allows its pick. Only rows with a
+        # sampler, or whose grammar forbids their pick, get float scores (a whole-vocabulary
+        # copy each), masked.
         greedy = logits.max(dim=-1).indices.tolist()
-        special = [n for n, (row, _) in enumerate(picking) if row.request.constraint or row.generator]
+        held = [(n, c) for n, (row, _) in enumerate(picking) if (c := row.request.constraint) is not None]
+        masks = StepMasks([c for _, c in held], logits.shape[-1]) if held else None
+        mask_of = {n: k for k, (n, _) in enumerate(held)}
+        special = [
+            n
+            for n, (row, _) in enumerate(picking)
+            if row.generator
+            or (masks is not None and n in mask_of and not masks.allows(mask_of[n], greedy[n]))
+        ]
         scores: dict[int, torch.Tensor] = {}
         if special:
             floats = logits[special].float()
             scores = {n: floats[k] for k, n in enumerate(special)}
-            constrained = [(k, c) for k, n in enumerate(special) if (c := picking[n][0].request.constraint)]
-            if constrained:  # what their grammars forbid is pushed down
+            if masks is not None:  # what their grammars forbid is pushed down
                 with torch.inference_mode():
-                    mask_rows(floats, constrained)
-                for k, _ in constrained:
-                    greedy[special[k]] = int(floats[k].argmax())
+                    for k, n in enumerate(special):
+                        if n in mask_of:
+                            masks.apply(mask_of[n], floats[k])
+                            greedy[n] = int(floats[k].argmax())
         size = sum(1 for r in self.rows if r.tables is not None)
         for n, (row, _) in enumerate(picking):
             params = row.request.params
