@@ -200,3 +200,34 @@ def test_a_variant_no_worker_can_run_is_unavailable(checks: Checks) -> None:
 def test_a_worker_that_just_started_is_seen_before_a_refusal(checks: Checks) -> None:
     """The view's heartbeats are a moment old; a refusal is decided on a fresh read."""
     checks.check(text("vision"), beat_after_first_read="vision")
+
+
+def test_a_tenants_costly_checks_take_turns_while_another_tenants_go_on() -> None:
+    """`PerUser`: a tenant with many submissions in their costly checks at once has at most
+    `checks_per_user` of them running; another tenant's check starts at once meanwhile."""
+    from api.job_checks import PerUser
+
+    async def scenario() -> int:
+        turns = PerUser(2)
+        running = peak = 0
+        release = asyncio.Event()
+
+        async def check(user: str) -> None:
+            nonlocal running, peak
+            async with turns.turn(user):
+                running += 1
+                peak = max(peak, running)
+                if user == "flood":
+                    await release.wait()
+                running -= 1
+
+        flood = [asyncio.create_task(check("flood")) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        flooding_peak = peak
+        await asyncio.wait_for(check("other"), timeout=1)  # not behind the flood's 18 waiting
+        release.set()
+        await asyncio.gather(*flood)
+        assert not turns._turns, "a tenant's turns are forgotten once none is asked for"
+        return flooding_peak
+
+    assert asyncio.run(scenario()) == 2
