@@ -146,11 +146,4 @@ def _fuzz(fuzz: Stack, key: str, tmp_path: Path) -> None:
         lost = [j["id"] for j in jobs if "worker was lost" in ((j.get("error") or {}).get("message") or "")]
         assert not lost, f"jobs whose worker died under them: {lost}"
     finally:
-        for proc in fuzz.processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in fuzz.processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        fuzz.stop()

@@ -79,6 +79,17 @@ class Stack:
         self.processes.append(proc)
         return proc
 
+    def stop(self) -> None:
+        """Its processes asked to stop (SIGTERM), each killed if it has not within 30 s."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
     def run_cli(self, *args: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "gemmaq", *args], env=self.env, capture_output=True, text=True, timeout=300
@@ -160,14 +171,7 @@ def session_stack(scratch: Path) -> Iterator[Stack]:
             s.wait_worker(admin_key, WORKER_VARIANTS.split(","))
             yield s
         finally:
-            for proc in s.processes:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in s.processes:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            s.stop()
             drop_namespace(redis_url, namespace)
 
 
