@@ -3,9 +3,13 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 # torch first, from the exact release (a CUDA build that also runs on the CPU).
-TORCH  := torch==2.14.1 torchvision==0.29.1
+TORCH  := $(shell grep -v '^\#' deploy/images/constraints.txt)
+# `make images`: the base image, and the tags of the two images built.
+BASE_IMAGE   ?= python:3.11-slim
+API_IMAGE    ?= gemmaq-api:latest
+WORKER_IMAGE ?= gemmaq-worker:latest
 
-.PHONY: install dev test test-unit lint clean test-tools
+.PHONY: install dev test test-unit lint clean test-tools images
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,21 @@ test-tools:
 ## test: install, then run the test suite against real PostgreSQL, Redis and model weights
 test: install test-tools
 	$(BIN)/pytest
+
+## images: both images built with the network off, from a wheelhouse of every wheel they need
+## (deploy/images/wheelhouse.sh; where no registry answers, BASE_IMAGE=gemmaq-standin/python:3.11
+## after deploy/images/standins.sh). The classic builder: no BuildKit or buildx needed.
+images:
+	deploy/images/wheelhouse.sh
+	DOCKER_BUILDKIT=0 docker build --quiet --network none -f deploy/images/wheelhouse.Dockerfile \
+	  -t gemmaq-wheelhouse:latest build/wheelhouse >/dev/null
+	for target in api worker; do \
+	  tag=$$( [ $$target = api ] && echo $(API_IMAGE) || echo $(WORKER_IMAGE) ); \
+	  DOCKER_BUILDKIT=0 docker build --quiet --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	    --build-arg WHEELHOUSE_IMAGE=gemmaq-wheelhouse:latest --build-arg WHEELHOUSE_ONLY=1 \
+	    --target $$target -t $$tag . >/dev/null || exit 1; \
+	  echo "$$tag: $$(docker image inspect -f '{{.Size}}' $$tag | awk '{printf "%.2f GB", $$1/1e9}')"; \
+	done
 
 ## test-unit: the unit tier only (no stack, no model weights): well under a minute
 test-unit: install

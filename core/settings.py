@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # this long is requeued by the reconciler (or failed after max_attempts).
     lease_s: float = 15.0
     reconcile_interval_s: float = 2.0
+    # Touched while a worker or reconciler is alive and reaching its stores (core.liveness);
+    # `gemmaq healthy` checks its age. None: not kept (outside containers).
+    health_file: Path | None = None
     # A queued job whose broker message is missing this long after commit is enqueued again.
     enqueue_grace_s: float = 10.0
     # SIGTERM: the batch in hand gets this long to finish before the worker exits anyway.

@@ -129,6 +129,24 @@ def reconciler() -> None:
 
 
 @app.command()
+def healthy(
+    max_age: Annotated[float, typer.Option(help="seconds the health file may go untouched")] = 30.0,
+) -> None:
+    """Exit 0 while this container's worker or reconciler keeps touching GEMMAQ_HEALTH_FILE."""
+    from core.liveness import age_s
+
+    path = get_settings().health_file
+    if path is None:
+        typer.echo("GEMMAQ_HEALTH_FILE is not set", err=True)
+        raise typer.Exit(2)
+    age = age_s(path)
+    if age is None or age > max_age:
+        state = "was never touched" if age is None else f"is {age:.0f} s old"
+        typer.echo(f"unhealthy: {path} {state}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def dev(
     variants: Annotated[str | None, typer.Option(help="variants for the worker")] = None,
     port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one)")] = None,

@@ -2,7 +2,8 @@
 
 Every test belongs to exactly one tier, a marker registered in pyproject.toml: `unit` (in this
 process, seconds), `stack` (the real API and workers, or a worker's engine on real weights),
-`faults` (processes killed, services lost) and `gpu` (CUDA). The collection hook refuses a test
+`faults` (processes killed, services lost), `gpu` (CUDA) and `deploy` (the compose deployment
+in containers, images built first). The collection hook refuses a test
 with no tier or with two, and gives each test its tier's time limit.
 """
 
@@ -22,7 +23,7 @@ from gemmaq.servers import RedisProcess
 from tests.helpers.stack import Stack, session_stack
 
 # Seconds per test, fixtures included (pytest-timeout); `--timeout N` on the command line wins.
-TIER_TIMEOUT_S: Final = {"unit": 60, "stack": 600, "faults": 900, "gpu": 600}
+TIER_TIMEOUT_S: Final = {"unit": 60, "stack": 600, "faults": 900, "gpu": 600, "deploy": 900}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked

@@ -34,7 +34,7 @@ import structlog
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
-from core import quotas
+from core import liveness, quotas
 from core.broker import enqueue_again, make_celery, marker_age_s, redis_client
 from core.errors import GENERATION_ERROR
 from core.keys import active_pattern, duties_key, lease_key, message_key, queue_keys, user_of_active
@@ -282,6 +282,7 @@ class Duties:
                 if waiting:
                     log.info("duties.resumed")
                 waiting = False
+                liveness.touch(self.settings)
             except (OperationalError, redis.RedisError, KombuOperationalError) as exc:
                 if not waiting:  # once per outage, not once per round
                     log.warning("duties.waiting", error=type(exc).__name__)

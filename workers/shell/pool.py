@@ -16,7 +16,7 @@ from concurrent.futures import Future
 import redis
 import structlog
 
-from core import cancels, moderation
+from core import cancels, liveness, moderation
 from core.broker import make_celery, redis_client
 from core.events import add_delta
 from core.keys import lease_key, message_key, worker_key
@@ -347,6 +347,9 @@ class VariantPool:
             self.redis.set(worker_key(self.settings, self.worker), json.dumps(body), ex=ttl)
         except redis.RedisError:
             log.warning("worker.heartbeat_failed")
+            return
+        if self.consuming:
+            liveness.touch(self.settings)
 
     def mark_consuming(self) -> None:
         self.consuming = True
