@@ -62,6 +62,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compose]:
         SEEN["left_after_down_v"] = {"containers": left.split(), "volumes": volumes.split()}
         for image in (images["GEMMAQ_API_IMAGE"], images["GEMMAQ_WORKER_IMAGE"]):
             run("docker", "rmi", image, check=False)
+        SEEN["tier_s"] = round(time.monotonic() - started)
         REPORT.parent.mkdir(exist_ok=True)
         REPORT.write_text(json.dumps(SEEN, indent=1))
 
@@ -222,3 +223,10 @@ def test_no_log_holds_a_prompt_and_no_container_runs_as_root(deployment: Compose
     api_image = deployment.env["GEMMAQ_API_IMAGE"]
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
     run("docker", "run", "--rm", "--network", "none", api_image, "python", "-c", probe)
+
+
+def test_down_v_leaves_nothing_running(deployment: Compose) -> None:
+    deployment("down", "-v", "--timeout", "30")
+    label = f"label=com.docker.compose.project={deployment.project}"
+    for kind in (["ps", "-a"], ["volume", "ls"], ["network", "ls"]):
+        assert run("docker", *kind, "-q", "--filter", label).split() == [], kind
