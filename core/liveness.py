@@ -1,7 +1,8 @@
 """A process's proof of life for container health checks.
 
-A worker shell touches `Settings.health_file` after each heartbeat it publishes while its engine
-serves, the reconciler after each of its rounds that reached Redis and PostgreSQL.
+A worker shell touches `Settings.health_file` after each heartbeat it publishes to Redis while its
+engine serves; the reconciler after each round that reached its stores (Redis; PostgreSQL too
+while it holds the duties).
 `gemmaq healthy` (a compose health check) then passes while the file is younger than its limit:
 a process that hangs, or cannot reach its stores, turns unhealthy without any network call.
 """
