@@ -6,8 +6,10 @@ folders (gemmaq.servers); the machine's shared services are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -108,16 +110,35 @@ class Cluster:
 
     def engine_pid(self, name: str) -> int | None:
         """The pid of the engine process the worker `name` runs now (its child)."""
-        shell = str(self.workers[name].pid)
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for pid in _children(self.workers[name].pid):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                cmdline = (stat.parent / "cmdline").read_bytes()
+                if b"workers.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
             except OSError:
                 continue
-            if fields[1] == shell and b"workers.engine" in cmdline:
-                return int(stat.parent.name)
         return None
+
+    def pause(self) -> None:
+        """SIGSTOP the stack's own processes (API, reconciler, workers and their engines; not
+        PostgreSQL or Redis, which only answer them), so that a reference measured meanwhile runs
+        on a machine as quiet as one without the stack. `resume` undoes it."""
+        for pid in self._gemmaq_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT what `pause` stopped, then wait until every worker reports warm again (a
+        heartbeat may have lapsed meanwhile)."""
+        for pid in self._gemmaq_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.wait_warm()
+
+    def _gemmaq_pids(self) -> list[int]:
+        found = [p.pid for p in [*self.workers.values(), *self.others] if p.poll() is None]
+        for pid in found:  # and their children's children, as the list grows
+            found.extend(_children(pid))
+        return found
 
     def busy_worker(self, rng: random.Random, wait_s: float = 10) -> str:
         """A worker that holds running jobs right now (any worker if none does within `wait_s`)."""
@@ -157,3 +178,16 @@ class Cluster:
             proc.wait(timeout=30)
         self.redis.stop()
         self.pg.remove()
+
+
+def _children(parent: int) -> list[int]:
+    """The pids whose parent is `parent` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found

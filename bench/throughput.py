@@ -1,6 +1,6 @@
 """Throughput: 32 concurrent text jobs through the whole system against two references, one run.
 
-    .venv/bin/python bench/throughput.py [--jobs 32] [--new-tokens 64] [--baseline-jobs 8]
+    .venv/bin/python bench/throughput.py [--jobs 32] [--new-tokens 64] [--baseline-jobs 8] [--rounds 3]
 
 - system: HTTP → PostgreSQL → Redis → worker (dynamic batches) → PostgreSQL → HTTP, gemma-3-270m
   on the CPU; tokens/s = output tokens of all jobs / wall time from the first submit to the
@@ -12,7 +12,11 @@
   `batch_size`), `generate` directly.
 
 Greedy decoding, `max_new_tokens` the same for all three; the tokens counted are the tokens each
-produced. The last line is the headline: system / one-at-a-time and system / bare batched.
+produced. The machine's speed drifts from minute to minute, so the system and bare batched
+`generate` are measured in alternating rounds (`--rounds`, 3) within one run and each is pooled
+over its rounds; while a reference runs, the stack's own processes are stopped (SIGSTOP), so
+the reference has the machine to itself. The last line is the headline: system / one-at-a-time
+and system / bare batched.
 """
 
 from __future__ import annotations
@@ -126,20 +130,33 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--baseline-jobs", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="system and bare rounds, alternating")
     args = parser.parse_args()
     texts = prompts(args.jobs)
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="gemmaq-bench-")), variants="gemma-3-270m", workers=1,
                       log_level="WARNING")  # fmt: skip
+    systems: list[dict[str, Any]] = []
+    bares: list[dict[str, Any]] = []
     try:
         print("starting the stack (own PostgreSQL and Redis, API, reconciler, one CPU worker)…", flush=True)
         cluster.start()
-        system = run_system(cluster, texts, args.new_tokens)
+        model, tokenizer = load_model()
+        for _ in range(args.rounds):
+            systems.append(run_system(cluster, texts, args.new_tokens))
+            cluster.pause()  # the references run on a machine as quiet as one without the stack
+            try:
+                if not bares:
+                    run_generate(model, tokenizer, texts[:1], 8, 1)  # warm-up
+                    single = run_generate(model, tokenizer, texts[: args.baseline_jobs], args.new_tokens, 1)
+                batch = systems[-1]["batch_size"]
+                bares.append(run_generate(model, tokenizer, texts, args.new_tokens, batch))
+            finally:
+                cluster.resume()
+            print(f"round {len(bares)}: end to end {rate(systems[-1]):.1f} tok/s, "
+                  f"bare batched {rate(bares[-1]):.1f} tok/s", flush=True)  # fmt: skip
     finally:
         cluster.stop()
-    model, tokenizer = load_model()
-    run_generate(model, tokenizer, texts[:1], 8, 1)  # warm-up
-    single = run_generate(model, tokenizer, texts[: args.baseline_jobs], args.new_tokens, 1)
-    batched = run_generate(model, tokenizer, texts, args.new_tokens, system["batch_size"])
+    system, batched = pooled(systems), pooled(bares)
     rows = [
         ("one at a time (generate per request)", single),
         (f"bare batched generate (batch {system['batch_size']})", batched),
@@ -147,14 +164,26 @@ def main() -> None:
     ]
     print(f"\n{'path':<46} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for name, row in rows:
-        print(f"{name:<46} {row['tokens']:>7} {row['seconds']:>8.2f} {row['tokens'] / row['seconds']:>9.1f}")
-    rate = {name: row["tokens"] / row["seconds"] for name, row in rows}
-    system_rate = rate[rows[2][0]]
+        print(f"{name:<46} {row['tokens']:>7} {row['seconds']:>8.2f} {rate(row):>9.1f}")
     print(f"\nworker batches: largest {system['batch_size']}, mean size per job {system['mean_batch']:.1f}")
     print(
-        f"system / one-at-a-time = {system_rate / rate[rows[0][0]]:.2f}x; "
-        f"system / bare batched generate = {system_rate / rate[rows[1][0]]:.2f}x"
+        f"system / one-at-a-time = {rate(system) / rate(single):.2f}x; "
+        f"system / bare batched generate = {rate(system) / rate(batched):.2f}x"
     )
+
+
+def rate(row: dict[str, Any]) -> float:
+    return float(row["tokens"] / row["seconds"])
+
+
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds as one run: their tokens over their seconds."""
+    return {
+        "tokens": sum(r["tokens"] for r in rounds),
+        "seconds": sum(r["seconds"] for r in rounds),
+        "batch_size": max(r["batch_size"] for r in rounds),
+        "mean_batch": statistics.mean(r.get("mean_batch", r["batch_size"]) for r in rounds),
+    }
 
 
 if __name__ == "__main__":
