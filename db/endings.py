@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import redis
 import structlog
-from sqlalchemy import Connection, Engine, Table, select, text
+from sqlalchemy import Connection, Engine, Row, Table, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -97,8 +97,8 @@ def tokens_used(result: Mapping[str, Any] | None) -> tuple[int, int]:
     return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
 
 
-def ended_of(job: Job, *, fresh: bool) -> Ended:
-    """The end of a job row in a terminal state."""
+def ended_of(job: Job | Row[Any], *, fresh: bool) -> Ended:
+    """The end of a job in a terminal state: its row (or a row of `_ENDED_COLUMNS`)."""
     code = (job.error or {}).get("code")
     tokens = sum(tokens_used(job.result))
     return Ended(job.id, job.user_id, job.variant, job.charged_on, job.status, code, tokens, fresh=fresh)
@@ -195,12 +195,16 @@ def write_ends(session: Session | Connection, ends: Sequence[JobEnd]) -> list[En
     return out
 
 
+_ENDED_COLUMNS = (Job.id, Job.user_id, Job.variant, Job.charged_on, Job.status, Job.error, Job.result)
+
+
 def ended_before(session: Session | Connection, job_id: str) -> Ended | None:
-    """The job's end if it has ended (`fresh=False`: to settle again, harmlessly)."""
-    job = session.execute(
-        select(Job).where(Job.id == job_id, Job.status.in_(sorted(TERMINAL_STATUSES)))
-    ).scalar_one_or_none()
-    return ended_of(job, fresh=False) if job is not None else None
+    """The job's end if it has ended (`fresh=False`: to settle again, harmlessly). Columns, not
+    the entity: a Connection (what the worker's claim passes) returns rows, not Job objects."""
+    row = session.execute(
+        select(*_ENDED_COLUMNS).where(Job.id == job_id, Job.status.in_(sorted(TERMINAL_STATUSES)))
+    ).one_or_none()
+    return ended_of(row, fresh=False) if row is not None else None
 
 
 # ---- Redis ---------------------------------------------------------------------------------

@@ -165,6 +165,38 @@ def test_duplicate_message_of_a_running_job_leaves_it_alone(
     assert stack.sql("SELECT count(*) FROM job_metrics WHERE job_id = %s", job_id) == [(1,)]
 
 
+@pytest.mark.stack
+def test_a_message_of_a_job_that_has_ended_settles_it_again(
+    stack: Stack, client: httpx.Client, broker: Celery
+) -> None:
+    """A message that arrives after its job ended (one the reconciler sent again because a Redis
+    failover lost the mark of its first) finds the end and settles it again: a concurrency slot
+    the job still held (its worker died before releasing it) is released at once."""
+    job = wait_job(
+        client, client.post("/v1/jobs", json={"variant": "echo", "input": {"prompt": "once"}}).json()["id"]
+    )
+    assert job["status"] == "succeeded"
+    [(user_id,)] = stack.sql("SELECT user_id FROM jobs WHERE id = %s", job["id"])
+    active = f"{stack.namespace}:quota:{user_id}:active"
+    log = stack.logs / "worker.log"
+    logged = log.stat().st_size
+    with redis.Redis.from_url(stack.redis_url) as r:
+        r.hset(active, job["id"], f"0|{datetime.now(UTC).date().isoformat()}|{int(time.time() * 1000)}")
+        enqueue_job(broker, job_id=job["id"], variant="echo", priority=5)
+        deadline = time.monotonic() + 10
+        while r.hexists(active, job["id"]):
+            assert time.monotonic() < deadline, "the second message did not settle the ended job"
+            time.sleep(0.05)
+    time.sleep(0.5)
+    with log.open("rb") as f:
+        f.seek(logged)
+        errors = [
+            line for line in f.read().decode(errors="replace").splitlines() if '"level": "error"' in line
+        ]
+    assert not errors, errors  # the message was handled, not dropped by a failing task
+    assert client.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
+
+
 @pytest.mark.unit
 def test_the_api_sends_the_message_kombu_would(embedded_redis: str) -> None:
     """The API pushes task messages itself (core.broker.send_job): each must be what kombu sends."""
