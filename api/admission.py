@@ -8,6 +8,7 @@ Slots a crash leaves held are released by the reconciler (workers/reconciler.py)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -17,6 +18,7 @@ import structlog
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.background import Background
 from api.media_admission import NO_MEDIA, MediaTotals
 from core import quotas, structured
 from core.errors import Forbidden, PayloadTooLarge, QuotaExceeded, RateLimited, Unavailable
@@ -176,9 +178,54 @@ def _refuse(outcome: quotas.Admission) -> NoReturn:
     )
 
 
-async def release(quota: AsyncQuotas, user_id: str, reservation: Reservation) -> None:
-    """Give back what admission reserved for a job that was never queued (withdrawn, replayed)."""
-    try:
-        await quota.settle(user_id=user_id, job_id=reservation.job_id, day=reservation.day, actual=0)
-    except RedisError:
-        log.warning("quota.release_failed", job_id=reservation.job_id)
+class Releases(Background):
+    """Gives back what admission reserved for a job that was never queued (withdrawn, replayed,
+    or its row not written). A release Redis does not take (a failover, a restart: the job's
+    message could not be sent for the same reason) is owed, and given back as soon as Redis
+    answers again, rather than by the reconciler's sweep of admissions without a row
+    (`STALE_ADMISSION_MS` later). Settling is idempotent, so a release given twice is harmless."""
+
+    task_name = "owed-releases"
+    RETRY_S = 0.2  # between tries while Redis does not answer, doubling…
+    MAX_RETRY_S = 2.0  # …up to this
+    LIMIT = 10_000  # releases owed at most (past it, the oldest is left to the reconciler)
+
+    def __init__(self, quota: AsyncQuotas) -> None:
+        self.quota = quota
+        self._owed: dict[str, tuple[str, Reservation]] = {}  # job id → (user id, reservation)
+        self._wake = asyncio.Event()
+
+    @property
+    def owed(self) -> int:
+        return len(self._owed)
+
+    async def give_back(self, user_id: str, reservation: Reservation) -> None:
+        try:
+            await self._settle(user_id, reservation)
+        except RedisError:
+            log.warning("quota.release_owed", job_id=reservation.job_id)
+            if len(self._owed) >= self.LIMIT:
+                self._owed.pop(next(iter(self._owed)))
+            self._owed[reservation.job_id] = (user_id, reservation)
+            self._wake.set()
+
+    async def _settle(self, user_id: str, reservation: Reservation) -> None:
+        await self.quota.settle(user_id=user_id, job_id=reservation.job_id, day=reservation.day, actual=0)
+
+    async def _run(self) -> None:
+        delay = self.RETRY_S
+        while True:
+            await self._wake.wait()
+            for job_id, (user_id, reservation) in list(self._owed.items()):
+                try:
+                    await self._settle(user_id, reservation)
+                except RedisError:
+                    break
+                self._owed.pop(job_id, None)
+                log.info("quota.release_paid", job_id=job_id)
+            if self._owed:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self.MAX_RETRY_S)
+            else:
+                self._wake.clear()
+                delay = self.RETRY_S

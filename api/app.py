@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from api.admission import Releases
 from api.auth import Authenticator
 from api.batch_runner import BatchRunner
 from api.cancels import Cancels
@@ -35,7 +35,7 @@ from api.routers import (
 )
 from api.submission import Submitter
 from api.waiting import DoneListener
-from core import __version__, moderation
+from core import __version__, moderation, redis_target
 from core.broker import REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S, make_celery, redis_client
 from core.quotas import AsyncQuotas
 from core.settings import Settings, get_settings
@@ -56,16 +56,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # A bounded pool: past `redis_max_connections` a command waits for a connection (up to the
     # socket timeout, then 503) rather than open one more; api/holds.py keeps streams, which
     # hold theirs while they block, to half of it.
-    app.state.redis = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            settings.broker_url,
-            max_connections=settings.redis_max_connections,
-            timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=30,
-            retry=Retry(NoBackoff(), 1),
-        )
+    app.state.redis = redis_target.async_client(
+        settings.broker_url,
+        max_connections=settings.redis_max_connections,
+        timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
     )
     app.state.quotas = AsyncQuotas(app.state.redis, settings)
     app.state.auth = Authenticator(app.state.sessionmaker, app.state.redis, app.state.quotas, settings)
@@ -75,10 +73,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.broker = make_celery(settings, name="gemmaq-api")
     sync_redis = redis_client(settings)  # for the ends of jobs cancelled here (db/endings.py, sync)
     app.state.cancels = Cancels(redis=app.state.redis, sync_redis=sync_redis, settings=settings)
+    releases = Releases(app.state.quotas)
+    releases.start()  # gives back, once Redis answers again, what admission could not release
     app.state.submitter = Submitter(
         quota=app.state.quotas, maker=app.state.sessionmaker, autocommit=app.state.autocommit,
         broker=app.state.broker, redis=app.state.redis, fleet=app.state.fleet, settings=settings,
-        variants=app.state.variants, cancels=app.state.cancels,
+        variants=app.state.variants, cancels=app.state.cancels, releases=releases,
     )  # fmt: skip
     runner = BatchRunner(submitter=app.state.submitter, cancels=app.state.cancels,
                          maker=app.state.sessionmaker, settings=settings)  # fmt: skip
@@ -87,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await runner.stop()
+        await releases.stop()
         await app.state.done.stop()
         await app.state.redis.aclose()
         await app.state.redis.connection_pool.disconnect()  # aclose leaves a pool it was given open

@@ -36,6 +36,11 @@ _HTTP_CODES = {
 }
 
 
+# What a 503 asks the caller to wait before trying again: a dependency that went away (a Redis or
+# PostgreSQL failover, a restart) is usually back within a few seconds.
+RETRY_AFTER_S = 2
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -49,8 +54,10 @@ class ErrorResponse(BaseModel):
 def error_response(
     status: int, code: str, message: str, details: dict[str, Any] | None = None
 ) -> JSONResponse:
+    """The envelope; a 503 carries `Retry-After`."""
     body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return JSONResponse(jsonable_encoder(body), status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

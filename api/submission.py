@@ -113,9 +113,11 @@ class Submitter:
         settings: Settings,
         variants: VariantRegistry,
         cancels: Cancels,
+        releases: admission.Releases,
     ) -> None:
         self.cancels = cancels  # for the jobs of a request refused part way
         self.quota = quota
+        self.releases = releases  # what admission reserved for jobs never queued goes back
         self.maker = maker
         self.autocommit = autocommit
         self.broker = broker
@@ -206,7 +208,7 @@ class Submitter:
             async with self.maker() as session, session.begin():
                 withdrawn = await jobs_repo.withdraw(session=session, job_id=draft.job_id)
             if withdrawn:
-                await admission.release(self.quota, draft.user.id, reservation)
+                await self.releases.give_back(draft.user.id, reservation)
                 raise Unavailable("the job queue is not answering; retry shortly") from exc
         log.info("job.queued", task=spec.task, priority=spec.priority, media=len(spec.input.media()))
 
@@ -237,11 +239,11 @@ class Submitter:
                     row, created = await self.insert(connection, draft, reservation)
         except BaseException:
             if reservation is not None:  # nothing was queued: the slot and the tokens go back
-                await admission.release(self.quota, draft.user.id, reservation)
+                await self.releases.give_back(draft.user.id, reservation)
             raise
         assert reservation is not None  # both ways admit before they insert
         if not created:
-            await admission.release(self.quota, draft.user.id, reservation)
+            await self.releases.give_back(draft.user.id, reservation)
         return Written(row=row, created=created, reservation=reservation)
 
     async def _earlier(self, draft: Draft) -> RowMapping | None:

@@ -11,6 +11,14 @@ random moments: SIGKILL of a worker (a new one starts), SIGTERM of a worker (lik
 of a worker's engine process (its shell starts a new one and resends what it held), Redis
 killed and restarted empty, PostgreSQL crashed (immediate stop) and restarted.
 
+    .venv/bin/python bench/chaos.py --ha --jobs 300 --faults 8
+
+`--ha` runs Redis as a Sentinel group (a master, a replica, three sentinels) and PostgreSQL as
+a primary with a streaming standby (a two-host URL), and adds two kinds after those above: a
+Redis failover (the master SIGKILLed while its replica is held back, or, every other time, a
+SENTINEL FAILOVER with both alive) and a PostgreSQL failover (the primary crashed, the standby
+promoted, a new standby made). A Redis restart then kills the master and brings it back empty.
+
 The audit: jobs by status; jobs not terminal or never written (lost); jobs with more than one
 completed attempt (duplicates); the usage ledger against the sum of the jobs' usage; concurrency
 slots still held. Exit status 0 only when nothing is lost, nothing is duplicated, the ledger
@@ -34,7 +42,6 @@ from typing import Any
 
 import httpx
 import psycopg
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,6 +88,9 @@ def inject(cluster: Cluster, faults: int, submitted: threading.Event, log: list[
         "kill-engine",
         "restart-redis",
     ]
+    if cluster.sentinels is not None:  # --ha: the failovers, after the kinds above
+        kinds += ["redis-failover", "postgres-failover"]
+    failovers = 0
     for n in range(faults):
         time.sleep(rng.uniform(3, 8))
         kind = kinds[n % len(kinds)]
@@ -98,11 +108,40 @@ def inject(cluster: Cluster, faults: int, submitted: threading.Event, log: list[
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
             detail = f"{name}'s engine, pid {pid}"
+        elif kind == "restart-redis" and cluster.sentinels is not None:
+            master = cluster.sentinels.master()  # killed, back empty: the sentinels promote the replica
+            master.signal(signal.SIGKILL)
+            time.sleep(rng.uniform(2, 5))
+            master.start()
+            cluster.sentinels.wait_settled()
+            detail = f"master :{master.port} down, back empty (as a replica)"
         elif kind == "restart-redis":
             cluster.redis.stop()
             time.sleep(rng.uniform(2, 5))
             cluster.redis.start()
             detail = "down, back empty"
+        elif kind == "redis-failover":
+            assert cluster.sentinels is not None
+            master, replica = cluster.sentinels.master(), cluster.sentinels.replica()
+            if failovers % 2 == 0:  # the replica held back, so it misses the master's last writes
+                replica.signal(signal.SIGSTOP)
+                time.sleep(2)
+                master.signal(signal.SIGKILL)
+                time.sleep(0.3)
+                replica.signal(signal.SIGCONT)
+                cluster.sentinels.wait_master(replica)
+                master.start()
+                detail = f"master :{master.port} killed behind its replica, :{replica.port} promoted"
+            else:  # both alive: connections still open to the demoted master hit READONLY
+                cluster.sentinels.failover()
+                cluster.sentinels.wait_master(replica)
+                detail = f"SENTINEL FAILOVER to :{replica.port}"
+            cluster.sentinels.wait_settled()
+            failovers += 1
+        elif kind == "postgres-failover":
+            old = cluster.pg.port
+            cluster.fail_over_postgres()
+            detail = f"primary :{old} crashed, standby :{cluster.pg.port} promoted, a new standby made"
         else:
             cluster.pg.stop()
             time.sleep(rng.uniform(2, 5))
@@ -154,7 +193,7 @@ def audit(cluster: Cluster, accepted: dict[int, str], timeout: float) -> dict[st
                 if event in ("job.requeued", "job.resent", "job.returned", "worker.consumer_lost"):
                     events[event] += 1
     time.sleep(3)  # the reconciler's sweep releases slots of jobs whose worker died before settling
-    client = redis.Redis.from_url(cluster.redis.url)
+    client = cluster.redis_client()
     slots = sum(int(client.hlen(k)) for k in client.scan_iter(match=f"{NAMESPACE}:quota:*:active"))
     return {
         "accepted": len(ids),
@@ -175,9 +214,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--faults", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for every job to end")
+    parser.add_argument(
+        "--ha", action="store_true", help="Redis Sentinel and a PostgreSQL standby, and their failovers"
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gemmaq-chaos-"))
-    cluster = Cluster(folder, fast_failover=True)
+    cluster = Cluster(folder, fast_failover=True, ha=args.ha)
     started = time.monotonic()
     try:
         print(f"starting PostgreSQL, Redis, API, reconciler and 2 workers (logs in {folder})", flush=True)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import redis
 
 from gemmaq.embedded import free_port
-from gemmaq.servers import PostgresProcess, RedisProcess
+from gemmaq.servers import PostgresProcess, PostgresStandby, RedisHA, RedisProcess
 
 NAMESPACE = "bench"
 # Settings of the caller's environment the stack keeps (all other GEMMAQ_* are its own).
@@ -36,6 +37,7 @@ class Cluster:
         log_level: str = "INFO",
         device: str = "cpu",
         fast_failover: bool = False,
+        ha: bool = False,
     ) -> None:
         self.folder = folder
         self.device = device
@@ -43,8 +45,12 @@ class Cluster:
         self.log_level = log_level
         self.variants = variants
         self.worker_count = workers
-        self.pg = PostgresProcess()
+        self.pg = PostgresProcess()  # the primary, with `ha` (a failover makes the standby it)
         self.redis = RedisProcess(folder / "redis")
+        # `ha`: Redis is a Sentinel group (a master, a replica, three sentinels) and PostgreSQL a
+        # primary with a streaming standby, given to gemmaq as libpq's two-host URL.
+        self.sentinels = RedisHA(folder / "redis-ha") if ha else None
+        self.standby = PostgresStandby(primary=self.pg) if ha else None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -55,8 +61,17 @@ class Cluster:
 
     def start(self) -> None:
         self.pg.start()
-        self.redis.start()
         database = self.pg.create_database("gemmaq")
+        redis_url = self.redis.url
+        if self.sentinels is not None and self.standby is not None:
+            self.sentinels.start()
+            redis_url = self.sentinels.url
+            self.standby.start()
+            self.standby.wait_streaming()
+            database = (f"postgresql://postgres@127.0.0.1:{self.pg.port},127.0.0.1:{self.standby.port}"
+                        "/gemmaq?target_session_attrs=read-write")  # fmt: skip
+        else:
+            self.redis.start()
         env = {
             k: v
             for k, v in os.environ.items()
@@ -64,7 +79,7 @@ class Cluster:
         }
         self.env = env | {
             "GEMMAQ_DATABASE_URL": database,
-            "GEMMAQ_REDIS_URL": self.redis.url,
+            "GEMMAQ_REDIS_URL": redis_url,
             "GEMMAQ_NAMESPACE": NAMESPACE,
             "GEMMAQ_LOG_LEVEL": self.log_level,
         }
@@ -177,7 +192,29 @@ class Cluster:
                 proc.kill()
             proc.wait(timeout=30)
         self.redis.stop()
+        if self.sentinels is not None:
+            self.sentinels.stop()
+        if self.standby is not None:
+            self.standby.remove()
         self.pg.remove()
+
+    def redis_client(self) -> redis.Redis:
+        """A client of the Redis that holds gemmaq's keys now (the master, with `ha`)."""
+        if self.sentinels is not None:
+            return self.sentinels.master().client()
+        return redis.Redis.from_url(self.redis.url)
+
+    def fail_over_postgres(self) -> None:
+        """The primary crashes (`-m immediate`) and the standby is promoted; a new standby of it
+        is made in the old primary's place (same port: gemmaq's two-host URL stays right)."""
+        assert self.standby is not None
+        old, promoted = self.pg, self.standby
+        old.remove()
+        promoted.promote()
+        self.pg = promoted
+        self.standby = PostgresStandby(primary=promoted, port=old.port)
+        self.standby.start()
+        self.standby.wait_streaming()
 
 
 def _children(parent: int) -> list[int]:

@@ -21,9 +21,10 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core import redis_target
 from core.events import add_status
 from core.keys import message_key, queue_keys, submitted_key, variant_queue
-from core.scheduling import BROKER_STEPS, TRANSPORT, broker_step
+from core.scheduling import BROKER_STEPS, SENTINEL_TRANSPORT, TRANSPORT, broker_step
 from core.settings import Settings
 
 RUN_JOB_TASK = "gemmaq.run_job"  # the one task's name, shared by the API and the workers
@@ -33,18 +34,27 @@ REDIS_TIMEOUT_S = 5.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    broker_url, sentinel_options = redis_target.kombu_broker(settings.broker_url)
+    if sentinel_options:
+        transport: str | None = SENTINEL_TRANSPORT
+    else:  # redis:// gets the transport that keeps every step (others clamp priorities to 0..9)
+        transport = TRANSPORT if broker_url.startswith("redis://") else None
     return {
-        "broker_url": settings.broker_url,
-        # redis:// gets the transport that keeps every step (others clamp priorities to 0..9).
-        "broker_transport": TRANSPORT if settings.broker_url.startswith("redis://") else None,
+        "broker_url": broker_url,
+        "broker_transport": transport,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             "global_keyprefix": f"{settings.namespace}:",
             "priority_steps": PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
+            **sentinel_options,
         },
         "broker_connection_retry_on_startup": True,
+        # A lost broker connection (a Redis failover) leaves running jobs running: their acks
+        # reach the new master through the same transport, and gemmaq's leases and claims keep a
+        # job from running twice. Celery 6 means to cancel them instead, by default.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_timeout": 3,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -75,7 +85,7 @@ def make_celery(settings: Settings, name: str = "gemmaq") -> Celery:
 def redis_client(settings: Settings) -> redis.Redis:
     """A synchronous client that gives up fast (one immediate retry, for a connection gone stale
     when Redis restarted): callers answer 503 or retry on their own terms."""
-    return redis.Redis.from_url(
+    return redis_target.sync_client(
         settings.broker_url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,

@@ -74,4 +74,15 @@ class FairShareTransport(kombu_redis.Transport):
     Channel = FairShareChannel
 
 
+class FairShareSentinelChannel(kombu_redis.SentinelChannel):
+    max_priority = BROKER_STEPS[-1]
+
+
+class FairShareSentinelTransport(kombu_redis.SentinelTransport):
+    """The same, for a Redis found through its sentinels (core/redis_target.py)."""
+
+    Channel = FairShareSentinelChannel
+
+
 TRANSPORT = f"{__name__}:FairShareTransport"
+SENTINEL_TRANSPORT = f"{__name__}:FairShareSentinelTransport"

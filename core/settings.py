@@ -168,14 +168,21 @@ class Settings(BaseSettings):
 
 
 def sqlalchemy_url(url: str) -> str:
-    """Use psycopg 3 for a plain ``postgresql://`` URL (one driver, sync and async)."""
-    for prefix in ("postgresql+psycopg://", "postgresql+"):
-        if url.startswith(prefix):
-            return url
+    """Use psycopg 3 for a plain ``postgresql://`` URL (one driver, sync and async). libpq's
+    multi-host form (``postgresql://user@h1:5432,h2:5432/db?target_session_attrs=read-write``,
+    as psql and psycopg take it), which SQLAlchemy's URL parser refuses, becomes the form it
+    takes: ``…@/db?host=h1:5432&host=h2:5432&target_session_attrs=read-write``."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
+            url = "postgresql+psycopg://" + url[len(prefix) :]
+    scheme, sep, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or "," not in hosts:
+        return url
+    path, _, query = tail.partition("?")
+    params = [f"host={host}" for host in hosts.split(",") if host]
+    return f"{scheme}://{userinfo}{at}/{path}?{'&'.join([*params, query] if query else params)}"
 
 
 @functools.cache

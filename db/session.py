@@ -6,8 +6,10 @@ import functools
 import time
 from typing import Any
 
+from psycopg import errors
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
@@ -15,7 +17,9 @@ from sqlalchemy.orm import sessionmaker
 @functools.cache
 def sync_engine(url: str) -> Engine:
     # hide_parameters: bound values (prompts, outputs) never appear in exception messages or logs.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    follow_primary(engine)
+    return engine
 
 
 @functools.cache
@@ -23,9 +27,11 @@ def autocommit_engine(url: str) -> Engine:
     """For work that is one statement (a job's claim, its finish): each its own transaction, in
     one round trip (no BEGIN, no COMMIT). No pre-ping either: its callers retry on
     OperationalError, and the error that a stale connection raises invalidates the pool."""
-    return create_engine(
+    engine = create_engine(
         url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20, hide_parameters=True
     )
+    follow_primary(engine)
+    return engine
 
 
 @functools.cache
@@ -36,7 +42,30 @@ def sync_sessionmaker(url: str) -> sessionmaker:  # type: ignore[type-arg]
 def async_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_size=20, max_overflow=20, hide_parameters=True)
     ping_when_idle(engine.sync_engine)
+    follow_primary(engine.sync_engine)
     return engine
+
+
+def follow_primary(engine: Engine) -> None:
+    """A write refused because the server is read-only (a PostgreSQL switchover: the old primary
+    demoted and up, or a standby a multi-host URL reached first) is a lost connection as far as
+    gemmaq goes, which SQLAlchemy does not count it as: the pool drops every connection it holds
+    (the next ones are made by libpq, which with `target_session_attrs=read-write` skips a server
+    that is not the primary), and the error is raised as an OperationalError, which every caller
+    already retries or answers 503 to."""
+
+    @event.listens_for(engine, "handle_error")
+    def _read_only(context: ExceptionContext) -> OperationalError | None:
+        if not isinstance(context.original_exception, errors.ReadOnlySqlTransaction):
+            return None
+        context.is_disconnect = True
+        return OperationalError(
+            context.statement,
+            context.parameters,
+            context.original_exception,
+            hide_parameters=True,
+            connection_invalidated=True,
+        )
 
 
 # A connection that sat in the pool longer than this is pinged before its next use.

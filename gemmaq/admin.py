@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.auth import MAX_AGE_S, renew_key_epoch
+from core import redis_target
 from core.broker import REDIS_CONNECT_TIMEOUT_S
 from core.schemas import QuotaUpdate, UserOut
 from core.settings import Settings
@@ -65,9 +65,15 @@ async def create_key(settings: Settings, name: str) -> str:
 async def keys_changed(settings: Settings) -> None:
     """Running API processes read their callers' keys and quotas again (see api/auth.py)."""
     try:
-        redis = Redis.from_url(settings.broker_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
-        async with redis:
+        connect_s = REDIS_CONNECT_TIMEOUT_S
+        redis = redis_target.async_client(
+            settings.broker_url, max_connections=2, timeout=connect_s, socket_connect_timeout=connect_s
+        )
+        try:
             await renew_key_epoch(redis, settings)
+        finally:
+            await redis.aclose()
+            await redis.connection_pool.disconnect()
     except (RedisError, RuntimeError) as exc:
         # Running API processes then see the change within MAX_AGE_S.
         log.warning("auth.epoch_renew_failed", error=type(exc).__name__, max_age_s=MAX_AGE_S)

@@ -1,4 +1,5 @@
-"""`gemmaq compose --gpus N`: N GPU workers, one device each, on top of a base file that has none."""
+"""`gemmaq compose --gpus N`: N GPU workers, one device each, on top of a base file that has none;
+and the HA override (docker-compose.ha.yml): a Redis replica and three sentinels."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from core import redis_target
 from gemmaq.cli import app
 from gemmaq.compose import ComposeError, gpu_services
 
@@ -95,3 +97,22 @@ def test_docker_compose_accepts_the_override(tmp_path: Path, gpus: int) -> None:
     )
     assert refused.returncode != 0
     assert "POSTGRES_PASSWORD" in refused.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_the_ha_override_points_every_gemmaq_service_at_the_sentinels() -> None:
+    files = ["-f", str(BASE), "-f", str(ROOT / "docker-compose.ha.yml")]
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS} | SECRETS
+    merged = subprocess.run(["docker-compose", *files, "config"], env=env, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    services = yaml.safe_load(merged.stdout)["services"]
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    ours = {name: s["environment"]["GEMMAQ_REDIS_URL"] for name, s in services.items()
+            if "GEMMAQ_REDIS_URL" in s.get("environment", {})}  # fmt: skip
+    assert set(ours) == {"migrate", "api", "reconciler", "worker-cpu", "flower"}
+    for url in ours.values():
+        target = redis_target.parse(url)
+        assert target.sentinels == (("sentinel-1", 26379), ("sentinel-2", 26379), ("sentinel-3", 26379))
+        assert (target.service, target.password) == ("gemmaq", "test")
+    for name in ("api", "worker-cpu"):
+        assert "sentinel-1" in services[name]["depends_on"]

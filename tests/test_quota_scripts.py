@@ -5,14 +5,18 @@ window, the concurrency cap, the day's token budget, batch lines outside the win
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from api.admission import Releases, Reservation
 from core.keys import cancel_key, job_done_channel
 from core.quotas import (
     CONCURRENCY,
@@ -27,6 +31,7 @@ from core.quotas import (
 )
 from core.settings import Settings
 from db.endings import Ended, settle
+from gemmaq.servers import RedisProcess
 
 pytestmark = pytest.mark.unit
 
@@ -284,3 +289,42 @@ def test_ending_a_batch_of_jobs_settles_each_once(settings: Settings, sync_redis
     published = sorted(m["channel"].decode() for m in messages if m is not None and m["type"] == "message")
     assert published == sorted([job_done_channel(settings, e.job_id) for e in ended] * 2)
     done.close()
+
+
+def test_a_release_redis_does_not_take_is_given_back_once_it_answers(tmp_path: Path) -> None:
+    """What admission reserved for a job that was never queued goes back when Redis answers
+    again (api/admission.py Releases), not a minute later by the reconciler's sweep."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    proc = server.proc
+    assert proc is not None
+    settings = Settings(redis_url=server.url, namespace="owed")
+
+    async def main() -> None:
+        client = AsyncRedis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        quota = AsyncQuotas(client, settings)
+        releases = Releases(quota)
+        releases.start()
+        try:
+            await quota.seed(user_id=USER, day=DAY, settled=0)
+            await quota.admit(user_id=USER, limits=limits(), job_id="never-queued", reserve=40, day=DAY)
+            proc.send_signal(signal.SIGSTOP)  # Redis stops answering (a failover under way)
+            await releases.give_back(USER, Reservation(job_id="never-queued", day=DAY, tokens=40))
+            assert releases.owed == 1
+            await asyncio.sleep(1)  # tries fail meanwhile
+            proc.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while releases.owed:
+                assert time.monotonic() < deadline, "the owed release was never given back"
+                await asyncio.sleep(0.05)
+            peek = await quota.peek(user_id=USER, limits=limits(), day=DAY)
+            assert (peek.active_jobs, peek.tokens_charged) == (0, 0)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            await releases.stop()
+            await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

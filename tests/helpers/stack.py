@@ -26,7 +26,7 @@ from core.schemas import TERMINAL_STATUSES, QuotaUpdate
 from core.settings import Settings
 from gemmaq.admin import create_user_with_key
 from gemmaq.embedded import free_port
-from gemmaq.servers import PostgresProcess, RedisProcess
+from gemmaq.servers import PostgresProcess, RedisHA, RedisProcess
 from tests.helpers.servers import drop_namespace, scratch_database, shared_servers
 from tests.helpers.variants import EXTRA_VARIANTS, WORKER_VARIANTS, cache_test_variants, shipped_variants
 
@@ -183,12 +183,43 @@ def private_stack(
     kill and restart them: `variants` is its variants file's text, `env` its GEMMAQ_* settings.
     Its processes (started with `Stack.gemmaq`) are killed at the end."""
     pg, rd = PostgresProcess(), RedisProcess(folder / "redis")
-    pg.start()
-    rd.start()
+    try:
+        pg.start()
+        rd.start()
+        database = pg.create_database("gemmaq")
+        with stack_on(folder, database, rd.url, namespace=namespace, variants=variants, env=env) as stack:
+            yield stack, pg, rd
+    finally:
+        pg.remove()
+        rd.stop()
+
+
+@contextmanager
+def ha_stack(
+    folder: Path, *, namespace: str, variants: str, env: dict[str, str]
+) -> Iterator[tuple[Stack, PostgresProcess, RedisHA]]:
+    """`private_stack` on a Redis Sentinel group (a master, a replica, three sentinels)."""
+    pg, ha = PostgresProcess(), RedisHA(folder / "redis")
+    try:
+        pg.start()
+        ha.start()
+        database = pg.create_database("gemmaq")
+        with stack_on(folder, database, ha.url, namespace=namespace, variants=variants, env=env) as stack:
+            yield stack, pg, ha
+    finally:
+        pg.remove()
+        ha.stop()
+
+
+@contextmanager
+def stack_on(
+    folder: Path, database_url: str, redis_url: str, *, namespace: str, variants: str, env: dict[str, str]
+) -> Iterator[Stack]:
+    """A migrated stack on the servers the URLs name; its processes are killed at the end."""
     variants_file = folder / "variants.toml"
     variants_file.write_text(variants)
-    stack = Stack(url=f"http://127.0.0.1:{free_port()}", database_url=pg.create_database("gemmaq"),
-                  redis_url=rd.url, namespace=namespace, env=_gemmaq_env(), logs=folder)  # fmt: skip
+    stack = Stack(url=f"http://127.0.0.1:{free_port()}", database_url=database_url, redis_url=redis_url,
+                  namespace=namespace, env=_gemmaq_env(), logs=folder)  # fmt: skip
     stack.env |= {
         "GEMMAQ_DATABASE_URL": stack.database_url,
         "GEMMAQ_REDIS_URL": stack.redis_url,
@@ -198,14 +229,12 @@ def private_stack(
     }
     try:
         stack.run_cli("migrate")
-        yield stack, pg, rd
+        yield stack
     finally:
         for proc in stack.processes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
-        pg.remove()
-        rd.stop()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
