@@ -31,6 +31,8 @@ RUN_JOB_TASK = "gemmaq.run_job"  # the one task's name, shared by the API and th
 PRIORITY_STEPS = BROKER_STEPS  # (priority, fair share) steps: core/scheduling.py
 REDIS_CONNECT_TIMEOUT_S = 0.5
 REDIS_TIMEOUT_S = 5.0
+BROKER_CONNECT_TIMEOUT_S = 2.0
+BROKER_HEALTH_CHECK_S = 5
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -48,6 +50,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "priority_steps": PRIORITY_STEPS,
             "sep": ":",
             "queue_order_strategy": "priority",
+            # Without a socket timeout a publish or a restore waits forever on a connection whose
+            # server went away without closing it (a failover): the reconciler's round and a
+            # worker's consumer hung for minutes in bench/chaos.py --ha. A BRPOP (1 s on the
+            # server) overdue by the health check interval is dropped and made again.
+            "socket_timeout": REDIS_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+            "socket_keepalive": True,
+            "health_check_interval": BROKER_HEALTH_CHECK_S,
             **sentinel_options,
         },
         "broker_connection_retry_on_startup": True,

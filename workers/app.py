@@ -157,7 +157,9 @@ def run_worker(
                 app.worker_main(argv)
             if pool.draining:
                 break
-            log.warning("worker.consumer_lost", action="starting a new consumer when Redis answers")
+            # Messages it took and never ran go back to the reconciler (their leases let go).
+            log.warning("worker.consumer_lost", action="starting a new consumer when Redis answers",
+                        let_go=pool.forget_reserved())  # fmt: skip
             _wait_for_redis(pool)
             if pool.draining:
                 break

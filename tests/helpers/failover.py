@@ -213,6 +213,15 @@ def audit(ha: Loaded, jobs: list[str]) -> None:
         jobs,
     )
     assert not twice, f"jobs that completed twice: {twice}"
+    whole = ha.stack.sql(
+        "SELECT count(*) FROM jobs j WHERE j.id = ANY(%s) AND j.result IS NOT NULL AND EXISTS"
+        " (SELECT 1 FROM job_metrics m WHERE m.job_id = j.id AND m.attempt = j.attempts"
+        " AND m.output_tokens IS NOT NULL)",
+        jobs,
+    )
+    assert whole == [(len(jobs),)], (
+        f"jobs without their result or metrics: {len(jobs) - int(str(whole[0][0]))}"
+    )
     for tenant, key in ha.tenants.items():
         charged = ha.stack.sql(CHARGED_BY_USER, tenant)[0][0]
         ledger = ha.stack.sql(LEDGER_BY_USER, tenant)[0][0]

@@ -229,6 +229,19 @@ class VariantPool:
         """The lease token taken when this message arrived, if one was."""
         return self._reserved.pop(task_id, None)
 
+    def forget_reserved(self) -> int:
+        """The Celery consumer ended (it died: a broker failover can make kombu raise while it
+        closes) with messages that arrived and never ran: their leases go, or the heartbeat
+        would keep renewing them and the reconciler would never send those jobs again (their
+        messages sit unacknowledged in the broker until the visibility timeout). Returns how
+        many were let go."""
+        reserved, self._reserved = self._reserved, {}
+        jobs = {token: job_id for job_id, token in self.in_hand().items()}
+        for token in reserved.values():
+            if token in jobs:
+                self.drop_lease(jobs[token], token)
+        return len(reserved)
+
     def note_claimed(self, job_id: str, attempt: int, policy: moderation.Policy | None = None) -> None:
         """The job is claimed at `attempt`; its streamed text goes through `policy`'s output check."""
         with self._in_hand_lock:
