@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from core.schemas import TERMINAL_STATUSES
-from tests.helpers.compose import ROOT, Compose, build_images, docker_missing, run
+from tests.helpers.compose import HA_FILE, ROOT, Compose, build_images, docker_missing, run
 from tests.helpers.jobs import submit, text_job
 from tests.helpers.stack import wait_job
 
@@ -199,6 +199,80 @@ def test_down_and_up_keep_the_results(deployment: Compose, client: httpx.Client)
     assert kept["status"] == "succeeded" and MARK in kept["result"]["text"]
     new = wait_job(client, submit(client, text_job(f"{MARK} after up", max_new_tokens=8))["id"], 240)
     assert new["status"] == "succeeded"
+
+
+def test_the_ha_override_follows_a_redis_master_killed_under_load(
+    deployment: Compose, client: httpx.Client
+) -> None:
+    """docker-compose.ha.yml turned on over the running deployment (a replica and three
+    sentinels), then the Redis master killed with jobs in flight: the sentinels promote the
+    replica, every gemmaq service follows it, and the old master, started again, rejoins as a
+    replica. The later tests run on this deployment."""
+    deployment.files.append(HA_FILE)
+    deployment("up", "-d")
+    SEEN["ha_healthy_s"] = round(deployment.wait_healthy(), 1)
+
+    def master() -> str:
+        return deployment.redis_cli(
+            "sentinel-1", "sentinel", "get-master-addr-by-name", "gemmaq", port=26379
+        ).split()[0]
+
+    def replication(service: str) -> dict[str, str]:
+        lines = deployment.redis_cli(service, "info", "replication").splitlines()
+        return dict(line.strip().split(":", 1) for line in lines if ":" in line)
+
+    deadline = time.monotonic() + 60
+    while not (master() == "redis" and replication("redis-replica").get("master_link_status") == "up"):
+        assert time.monotonic() < deadline, (master(), replication("redis-replica"))
+        time.sleep(1)
+
+    ids = [submit(client, text_job(f"{MARK} ha {i}: oceans", max_new_tokens=40))["id"] for i in range(12)]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{ids[0]}").json()["status"] != "running":
+        assert time.monotonic() < deadline, "the batch never started"
+        time.sleep(0.2)
+    old_master = deployment.container("redis")["Id"]
+    run("docker", "kill", old_master)  # SIGKILL; Docker leaves it stopped until it is started below
+    killed = time.monotonic()
+
+    # The API answers 503 (with Retry-After), never 500, until it reaches the promoted replica.
+    answers: dict[int, int] = {}
+    said: list[str] = []  # the first and the latest 503's message
+    while True:
+        response = client.post("/v1/jobs", json=text_job(f"{MARK} ha after", max_new_tokens=8))
+        answers[response.status_code] = answers.get(response.status_code, 0) + 1
+        if response.status_code == 503:
+            said[1 if said else 0 :] = [response.json()["error"]["message"][:200]]
+        if response.status_code == 202:
+            ids.append(response.json()["id"])
+            break
+        assert response.status_code == 503 and response.headers.get("Retry-After"), response.text
+        assert time.monotonic() - killed < 120, answers
+        time.sleep(0.5)
+    api_back = time.monotonic() - killed
+    assert master() == "redis-replica"
+
+    jobs = ended(client, ids, 300)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 13, [(j["status"], j.get("error")) for j in jobs]
+    done = time.monotonic() - killed
+
+    run("docker", "start", old_master)
+    started = time.monotonic()
+    while not (replication("redis").get("role") == "slave"
+               and replication("redis").get("master_link_status") == "up"):  # fmt: skip
+        assert time.monotonic() - started < 90, replication("redis")
+        time.sleep(1)
+    SEEN["redis_failover"] = {
+        "api_back_s": round(api_back, 1),
+        "post_answers": answers,
+        "post_503_said": said,
+        "jobs_ended_s": round(done, 1),
+        "attempts": sorted(j["attempts"] for j in jobs),
+        "old_master_replica_s": round(time.monotonic() - started, 1),
+    }
+    assert master() == "redis-replica"
+    charged_once(deployment)
+    deployment.wait_healthy()
 
 
 def test_prometheus_scrapes_the_api(deployment: Compose) -> None:

@@ -25,6 +25,9 @@ BASE_STANDIN = "gemmaq-standin/python:3.11"
 # Services the test run starts (`--profile cpu`; Grafana, profile `monitoring`, has no Debian
 # package and so no stand-in: it is left out).
 SERVICES = ("postgres", "redis", "migrate", "api", "reconciler", "worker-cpu", "flower", "prometheus")
+# What docker-compose.ha.yml adds.
+HA_FILE = "docker-compose.ha.yml"
+HA_SERVICES = ("redis-replica", "sentinel-1", "sentinel-2", "sentinel-3")
 
 
 def docker_missing() -> str | None:
@@ -60,9 +63,11 @@ def build_images() -> dict[str, str]:
 
 
 class Compose:
-    """One compose project of its own (name, volumes, free ports on 127.0.0.1)."""
+    """One compose project of its own (name, volumes, free ports on 127.0.0.1), run from the
+    base file and the override files in `files`."""
 
     def __init__(self, images: dict[str, str], folder: Path) -> None:
+        self.files = ["docker-compose.yml"]
         self.project = f"gemmaqtest{uuid.uuid4().hex[:8]}"
         self.api_port, self.prometheus_port = free_port(), free_port()
         hf = folder / "hf"
@@ -85,7 +90,20 @@ class Compose:
         self.prometheus = f"http://127.0.0.1:{self.prometheus_port}"
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> str:
-        return run("docker-compose", "--profile", "cpu", *args, env=self.env, timeout=timeout, check=check)
+        named = [flag for file in self.files for flag in ("-f", file)]
+        return run(
+            "docker-compose", *named, "--profile", "cpu", *args, env=self.env, timeout=timeout, check=check
+        )
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services `up` starts with these files."""
+        return SERVICES + (HA_SERVICES if HA_FILE in self.files else ())
+
+    def redis_cli(self, service: str, *args: str, port: int = 6379) -> str:
+        """A redis-cli command run in the service's container, with the deployment's password."""
+        auth = ["-a", self.env["REDIS_PASSWORD"], "--no-auth-warning"] if port == 6379 else []
+        return self("exec", "-T", service, "redis-cli", "-p", str(port), *auth, *args)
 
     def container(self, service: str) -> dict[str, Any]:
         """`docker inspect` of the service's (one) container."""
@@ -99,7 +117,7 @@ class Compose:
         started = time.monotonic()
         while True:
             states = {}
-            for service in SERVICES:
+            for service in self.services:
                 ids = self("ps", "-a", "-q", service).split()
                 if not ids:
                     states[service] = "absent"
