@@ -18,6 +18,7 @@ from api.fleet import FleetView
 from api.holds import Holds
 from api.middleware import BodyLimit, KeyFirst, RateLimitHeaders, TextOnly
 from api.routers import (
+    adapters,
     admin,
     audio,
     batches,
@@ -110,14 +111,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     for router in (
         jobs.router, chat.router, completions.router, responses.router, audio.router, moderations.router,
-        files.router, batches.router, models.router, usage.router, webhooks.router, admin.router,
+        files.router, batches.router, models.router, usage.router, webhooks.router, adapters.router,
+        admin.router,
     ):  # fmt: skip
         app.include_router(router, prefix="/v1")
     install_error_handlers(app)
     app.add_middleware(TextOnly)
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(
-        BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.files_max_bytes + 1024 * 1024
-    )
+    form = 1024 * 1024  # room for a multipart body's other fields
+    uploads = {
+        "/v1/files": settings.files_max_bytes + form,
+        "/v1/adapters": settings.adapters_max_bytes + form,
+    }
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, uploads=uploads)
     app.add_middleware(KeyFirst)  # outermost of these: no body is read for a caller without a key
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,21 +58,20 @@ class KeyFirst:
 
 
 class BodyLimit:
-    """413 in the error envelope for a body over `limit` bytes (uploads get `upload_limit`)."""
+    """413 in the error envelope for a body over `limit` bytes (uploads get theirs: `uploads` maps
+    a path prefix to its limit)."""
 
-    def __init__(
-        self, app: ASGIApp, *, limit: int, upload_limit: int, upload_prefix: str = "/v1/files"
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, uploads: Mapping[str, int]) -> None:
         self.app = app
         self.limit = limit
-        self.upload_limit = upload_limit
-        self.upload_prefix = upload_prefix
+        self.uploads = dict(uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"].startswith(self.upload_prefix) else self.limit
+        path = scope["path"]
+        limit = next((cap for prefix, cap in self.uploads.items() if path.startswith(prefix)), self.limit)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             await _refuse(send, limit)

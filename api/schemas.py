@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import RowMapping
 
 from core.schemas import JobOut, SafeStr
-from db.models import WebhookDelivery
+from db.models import Adapter, WebhookDelivery
 from db.repo import jobs as jobs_repo
 
 # ---- jobs ------------------------------------------------------------------------------------
@@ -24,6 +24,49 @@ from db.repo import jobs as jobs_repo
 def job_out(row: RowMapping) -> JobOut:
     """A job as the API shows it, from a row the jobs repository read (db/repo/jobs.py)."""
     return JobOut.model_validate(jobs_repo.job_fields(row))
+
+
+# ---- LoRA adapters ---------------------------------------------------------------------------
+
+
+class AdapterOut(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    base: str = Field(description="the variant it adapts")
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    bytes: int = Field(description="what it counts in its owner's storage quota")
+    public: bool = Field(description="published to every tenant by an admin")
+    owned: bool = Field(description="the caller owns it")
+    created_at: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterOut]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool
+
+
+def adapter_out(a: Adapter, user_id: str) -> AdapterOut:
+    return AdapterOut(
+        id=a.id,
+        name=a.name,
+        base=a.base,
+        rank=a.rank,
+        alpha=a.alpha,
+        target_modules=list(a.target_modules),
+        bytes=a.size,
+        public=a.public,
+        owned=a.user_id == user_id,
+        created_at=int(a.created_at.timestamp()),
+    )
 
 
 # ---- webhooks --------------------------------------------------------------------------------

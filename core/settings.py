@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     media_decode_max_side: int = Field(default=1792, ge=64)
     worker_media_mb: int = Field(default=1024, ge=16)
     files_max_bytes: int = 100 * 1024 * 1024
+    # LoRA adapters (POST /v1/adapters): the uploaded archive, and its contents unpacked, at most
+    # this many bytes; the highest rank (`r`) taken.
+    adapters_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    adapters_max_rank: int = Field(default=64, ge=1, le=1024)
     # Any other request body (a job with inline base64 media included).
     max_request_bytes: int = 64 * 1024 * 1024
 

@@ -32,6 +32,27 @@ PREFILL_CHUNK = {"cpu": 56, "cuda": 2048}
 Batching = Literal["continuous", "static"]
 
 
+class LoraSpec(BaseModel):
+    """The LoRA adapters a variant takes: its decoder's projection shapes, which the API checks an
+    uploaded adapter against with no model loaded (the engine checks again against the loaded
+    one), and its engine's adapter cache (MiB, on the CPU and on a CUDA device), counted in the
+    worker's memory budget beside the weights and the KV cache."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_layers: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    q_out: int = Field(ge=1)  # attention heads x head size
+    kv_out: int = Field(ge=1)  # key-value heads x head size
+    intermediate: int = Field(ge=1)
+    cache_mb: int = Field(64, ge=1)
+    cache_mb_cuda: int | None = Field(None, ge=1)
+
+    def cache_bytes(self, device: str) -> int:
+        mb = self.cache_mb_cuda if device.startswith("cuda") and self.cache_mb_cuda else self.cache_mb
+        return mb * 1024 * 1024
+
+
 class Variant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -81,6 +102,8 @@ class Variant(BaseModel):
     # The echo engine only: how long each of its batches takes, as a model's would (tests, benches).
     echo_delay_ms: float = Field(0, ge=0, le=60_000)
     description: str = ""
+    # LoRA adapters per request (workers.engine.lora): a continuous text variant's, else None.
+    lora: LoraSpec | None = None
 
     @property
     def diagnostic(self) -> bool:

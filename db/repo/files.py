@@ -11,7 +11,7 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, undefer
 
-from db.models import Batch, File, FilePart, Quota, StoredResponse
+from db.models import Adapter, Batch, File, FilePart, Quota, StoredResponse
 from db.repo import pages
 from db.repo import responses as responses_repo
 
@@ -27,9 +27,9 @@ def expiry(seconds: int | None) -> datetime | None:
 
 
 async def storage_used(*, session: AsyncSession, user_id: str, lock: bool = False) -> tuple[int, int]:
-    """The user's files, and the bytes of their files and stored responses. `lock`: the user's
-    quota row is locked for the transaction, so that two uploads cannot both fit in the room one
-    had."""
+    """The user's files and LoRA adapters (each counts as a file), and the bytes of their files,
+    adapters and stored responses. `lock`: the user's quota row is locked for the transaction, so
+    that two uploads cannot both fit in the room one had."""
     if lock:
         await session.execute(select(Quota.user_id).where(Quota.user_id == user_id).with_for_update())
     count, size = (
@@ -44,7 +44,12 @@ async def storage_used(*, session: AsyncSession, user_id: str, lock: bool = Fals
             )
         )
     ).scalar_one()
-    return int(count), int(size) + int(responses)
+    adapters, adapter_bytes = (  # adapters never expire
+        await session.execute(
+            select(func.count(), func.coalesce(func.sum(Adapter.size), 0)).where(Adapter.user_id == user_id)
+        )
+    ).one()
+    return int(count) + int(adapters), int(size) + int(responses) + int(adapter_bytes)
 
 
 def delete_expired(*, session: Session, limit: int = 200) -> int:
