@@ -5,7 +5,8 @@ job is checked, admitted, metered and queued alike).
 A submission goes through five steps:
 - `validate`: what can be refused cheaply before anything is written — the variant (the caller's
   quota allows it, it serves the task, some worker can run it), the params and media parts against
-  its limits (api/job_checks.py), the caller's content policy;
+  its limits (api/job_checks.py), its adapter (the caller's, or a public one, of that variant:
+  the job records its id), the caller's content policy;
 - the costly checks, `checks_per_user` of a user's submissions at a time (`PerUser`): first what
   the quota would refuse now is refused (`admission.foresee`, nothing taken), then a grammar is
   compiled, a webhook's host resolved (api/job_checks.py) and inline media decoded — so a refused
@@ -53,6 +54,7 @@ from core.errors import (
     ContentFiltered,
     NotFound,
     Unavailable,
+    ValidationFailed,
 )
 from core.metrics import add_filtered
 from core.quotas import AsyncQuotas, Limits
@@ -61,6 +63,7 @@ from core.settings import Settings
 from core.variants import Variant, VariantRegistry
 from db.ids import new_id
 from db.models import User
+from db.repo import adapters as adapters_repo
 from db.repo import jobs as jobs_repo
 
 log = structlog.get_logger(__name__)
@@ -167,8 +170,28 @@ class Submitter:
         """Refuse what can be refused before anything is written; the variant that will run the job."""
         admission.check_variant(limits, spec.variant)
         variant = await check_spec(spec, self.variants, self.fleet, self.settings)
+        if spec.params.adapter is not None:
+            spec.params.adapter = await self.adapter_of(user, variant, spec.params.adapter)
         await self.check_content(user, spec)
         return variant
+
+    async def adapter_of(self, user: User, variant: Variant, named: str) -> str:
+        """The id of the adapter `named` (a name or an id) of `variant` that `user` may run;
+        404 for one they may not see, as for a file of another tenant."""
+        if variant.lora is None:
+            raise ValidationFailed(
+                f"params.adapter: {variant.name} takes no adapters",
+                {"variant": variant.name, "variants": [v.name for v in self.variants if v.lora is not None]},
+            )
+        async with self.maker() as session:
+            adapter = await adapters_repo.resolve(
+                session=session, user_id=user.id, base=variant.name, name=named
+            )
+        if adapter is None:
+            raise NotFound(
+                f"no adapter {named!r} of {variant.name}", {"adapter": named, "variant": variant.name}
+            )
+        return adapter.id
 
     async def admit(
         self, draft: Draft, media: MediaTotals, window_seen: WindowSeen | None

@@ -108,16 +108,26 @@ def run_transformers_cb(model: Any, tokenizer: Any, texts: list[str], limits: li
         manager.stop(block=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload's options (bench/adapters.py runs the same workload)."""
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args()
+
+
+def workload(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The prompts, and each one's own max_new_tokens (seeded draw from min..max)."""
     rng = random.Random(args.seed)
     texts = prompts(args.jobs)
-    limits = [rng.randint(args.min_tokens, args.max_tokens) for _ in texts]
+    return texts, [rng.randint(args.min_tokens, args.max_tokens) for _ in texts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    workload_args(parser)
+    args = parser.parse_args()
+    texts, limits = workload(args)
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="gemmaq-bench-")), variants="gemma-3-270m", workers=1,
                       log_level="WARNING")  # fmt: skip
     try:

@@ -20,6 +20,26 @@ class WorkerState(BaseModel):
     resident_mb: float | None = Field(None, description="memory it occupies while warm, as measured")
     memory_mb: float | None = Field(None, description="what the worker's memory budget counts for it")
     load_ms: float | None = Field(None, description="its latest load on this worker")
+    adapter_cache: AdapterCache | None = Field(None, description="its LoRA adapter cache, while warm")
+
+
+class AdapterCache(BaseModel):
+    """A warm engine's LoRA adapter cache: adapters on the device, kept LRU within a budget."""
+
+    adapters: int
+    bytes: int
+    budget_bytes: int
+    loads: int
+    evictions: int
+
+
+class ModelAdapter(BaseModel):
+    """A LoRA adapter the caller may run on this variant (`model: "VARIANT:NAME"`)."""
+
+    id: str
+    name: str
+    owned: bool = Field(description="the caller's own; else published to every tenant")
+    loaded_on: list[str] = Field(description="workers that hold it on their device now")
 
 
 class ModelOut(BaseModel):
@@ -40,6 +60,7 @@ class ModelOut(BaseModel):
     unavailable_reason: str | None
     workers: list[WorkerState]
     queue_depth: int | None
+    adapters: list[ModelAdapter] = Field(default_factory=list, description="LoRA adapters you may run on it")
 
 
 class ModelList(BaseModel):

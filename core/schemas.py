@@ -43,6 +43,9 @@ def _no_nul(value: str) -> str:
 
 # Every user-supplied string: PostgreSQL cannot store NUL in text or jsonb.
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
+# An adapter's name (lower-case letters, digits, `.`, `-`; 64 at most) or its id (`adapter_…`).
+ADAPTER_NAME = r"^[a-z0-9][a-z0-9.-]{0,63}$"
+ADAPTER_REF = r"^(?:[a-z0-9][a-z0-9.-]{0,63}|adapter_[a-z0-9]{25})$"
 
 
 class TextPart(BaseModel):
@@ -204,6 +207,13 @@ class GenerationParams(BaseModel):
         description="with input.tools: none (no tools offered), auto (text, or a valid call), required "
         "or {type: function, function: {name}} (the reply is a call whose arguments match the tool's schema)",
     )
+    # LoRA adapters (POST /v1/adapters): the job is decoded through this one.
+    adapter: str | None = Field(
+        None,
+        pattern=ADAPTER_REF,
+        description="a LoRA adapter for the variant, by name (yours, or one published to every tenant) "
+        'or id; the job records its id. `variant: "gemma-3-270m:NAME"` says the same',
+    )
 
     def constrained(self) -> bool:
         """Whether decoding is held to a grammar (see core.structured.grammar_of)."""
@@ -230,6 +240,27 @@ class JobCreate(BaseModel):
     metadata: dict[Annotated[SafeStr, Field(max_length=100)], Annotated[SafeStr, Field(max_length=1000)]] = (
         Field(default_factory=dict, max_length=32)
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_and_adapter(cls, data: Any) -> Any:
+        """`variant: "BASE:ADAPTER"` (an OpenAI route's `model`) is the variant BASE with
+        `params.adapter: ADAPTER`."""
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("variant"), str)
+            or ":" not in data["variant"]
+        ):
+            return data
+        variant, adapter = data["variant"].split(":", 1)
+        params = data.get("params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            return data  # the params' own check says what is wrong
+        if params.get("adapter") not in (None, adapter):
+            raise ValueError(f"variant names adapter {adapter!r} and params.adapter {params['adapter']!r}")
+        return {**data, "variant": variant, "params": {**params, "adapter": adapter}}
 
 
 class Usage(BaseModel):

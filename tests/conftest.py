@@ -20,6 +20,7 @@ from celery import Celery
 
 from core.broker import make_celery
 from gemmaq.servers import RedisProcess
+from tests.helpers.adapters import Taught, taught_adapter
 from tests.helpers.stack import Stack, session_stack
 
 # Seconds per test, fixtures included (pytest-timeout); `--timeout N` on the command line wins.
@@ -72,6 +73,12 @@ def key(stack: Stack) -> str:
 def client(stack: Stack, key: str) -> Iterator[httpx.Client]:
     with stack.client(key) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def taught(tmp_path_factory: pytest.TempPathFactory) -> Taught:
+    """A LoRA adapter trained with PEFT on the 270M, once a session (tests/helpers/adapters.py)."""
+    return taught_adapter(tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from db.repo.runs import Claimed
 from db.session import autocommit_engine, sync_sessionmaker
 from workers.grouped import Grouped
 from workers.shared.base import EngineFailure, Request, RequestError, Result, ShuttingDown
+from workers.shell.adapters import adapter_ref
 from workers.shell.media_decoding import decoded_bytes, file_ids, load_media, media_parts
 from workers.shell.pool import VariantPool
 
@@ -275,7 +276,8 @@ def _contents(pool: VariantPool, job: Claimed) -> dict[str, bytes]:
 
 
 def _request(pool: VariantPool, job: Claimed, started: float, contents: dict[str, bytes]) -> Request:
-    """The job as the engine takes it: its media decoded on this thread."""
+    """The job as the engine takes it: its media decoded on this thread, its adapter's weights on
+    local disk."""
     messages = job.input.get("messages")
     tools = job.input.get("tools")
     request = Request(
@@ -292,6 +294,11 @@ def _request(pool: VariantPool, job: Claimed, started: float, contents: dict[str
         request.images, request.audio_clips = loaded.images, loaded.audio_clips
         request.audio_seconds, request.preprocess_ms = loaded.audio_seconds, loaded.ms
         request.media_bytes = loaded.bytes
+    if request.params.adapter is not None:
+        request.adapter = adapter_ref(
+            db_url=pool.settings.db_url, cache_root=pool.settings.model_cache,
+            adapter_id=request.params.adapter, user_id=job.user_id,
+        )  # fmt: skip
     return request
 
 

@@ -87,7 +87,13 @@ class VariantState:
             "resident_mb": _mb(self.resident_bytes) if warm and self.resident_bytes is not None else None,
             "memory_mb": _mb(self.size),
             "load_ms": round(self.load_ms, 1) if self.load_ms is not None else None,
+            "adapters": self._adapters(),
         }
+
+    def _adapters(self) -> dict[str, Any] | None:
+        """Its LoRA adapter cache (workers.engine.lora), while it is warm and takes adapters."""
+        adapters = getattr(self.batcher.engine, "adapters", None) if self.batcher is not None else None
+        return adapters.report() if adapters is not None else None
 
 
 def _mb(n: int) -> float:
@@ -322,6 +328,9 @@ class VariantCache:
             engine, reason = None, f"failed to load: {type(exc).__name__}: {exc}"
         load_ms = (time.perf_counter() - start) * 1000
         size = memory.resident_bytes(engine, self.device, before) if engine is not None else 0
+        adapters = getattr(engine, "adapters", None)
+        if adapters is not None:  # filled after the load, as adapters are asked for: counted now
+            size += adapters.budget_bytes
         return engine, reason, load_ms, size
 
     def _too_big(self, st: VariantState) -> str:

@@ -15,6 +15,9 @@ between steps, long prompts are prefilled in chunks between the other rows' toke
   needs a block and none is, the newest row is preempted (its blocks freed; its tokens, grammar
   matcher, generator and published text kept) and prefilled again from its tokens when blocks
   free up. A prompt the pool can never hold is refused, naming the limit.
+- adapters: a row whose request names a LoRA adapter runs through it, beside rows of other
+  adapters and of none, in the same packed forward (workers.engine.lora); its adapter is put on
+  the device when it joins.
 - a step that raises is run again in halves until the rows that raise are found: they fail, the
   others go on (their cache is rewritten where the failed step had half written it). An error
   the device cannot recover from (CUDA, other than out of memory) is raised to the batcher.
@@ -31,6 +34,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +44,7 @@ from core.variants import PREFILL_CHUNK
 from workers.engine import kv
 from workers.engine.constrain import StepMasks
 from workers.engine.generation import Decoder, peak_memory
+from workers.engine.lora import Adapter, Adapters
 from workers.engine.sampling import sample_row
 from workers.shared.base import CancelCheck, Engine, Request, RequestError, Result
 
@@ -91,6 +96,7 @@ class Row:
     error: Exception | None = None  # its step failed
     cancel_lag: int | None = None
     sent: str = ""  # its text published so far (a prefix of its result's text)
+    adapter: Adapter | None = None  # its LoRA adapter, on the device (workers.engine.lora)
 
     @property
     def length(self) -> int:
@@ -120,8 +126,10 @@ class ContinuousDecoder:
         kv_budget_mb: int | None = None,
         chunk: int | None = None,
         block: int = DEFAULT_BLOCK,
+        adapters: Adapters | None = None,
     ) -> None:
         self.decoder = decoder
+        self.adapters = adapters
         self.model = decoder.model
         self.device = decoder.device
         self.max_rows = max_rows
@@ -169,6 +177,11 @@ class ContinuousDecoder:
                     f"{self.pool.capacity_tokens - 1} tokens for one request"
                 )))  # fmt: skip
                 continue
+            try:
+                adapter = self._adapter(request)
+            except RequestError as exc:
+                refused.append((key, exc))
+                continue
             self.rows.append(
                 Row(
                     key=key,
@@ -179,9 +192,19 @@ class ContinuousDecoder:
                     joined_at=wall,
                     generator=_generator(request, self.device),
                     tokens=list(done),
+                    adapter=adapter,
                 )
             )
         return refused
+
+    def _adapter(self, request: Request) -> Adapter | None:
+        """The request's adapter on the device (copied there now if it is not yet)."""
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            raise RequestError("this variant takes no adapters")
+        in_use = {r.adapter.id for r in self.rows if r.adapter is not None}
+        return self.adapters.take(request.adapter, in_use)
 
     def _resumed(self, request: Request) -> list[int]:
         """The tokens a re-sent request had generated (its limit and eos left out); its grammar,
@@ -317,7 +340,8 @@ class ContinuousDecoder:
             if start + count == row.length:
                 ends.append(len(ids) - 1)
         plan = kv.StepPlan(self.pool, parts)
-        with torch.inference_mode():
+        lora = self.adapters.step([(r.adapter, n) for r, n in spans]) if self.adapters else nullcontext()
+        with torch.inference_mode(), lora:
             hidden = self.body(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                 position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),

@@ -210,6 +210,7 @@ def load_engine(variant: Variant, registry: VariantRegistry, *, device: str, cac
         max_batch_size=variant.batch_size(device),
         max_input_tokens=variant.max_input_tokens,
         kv=kv_config(variant, device),
+        adapter_cache_bytes=variant.lora.cache_bytes(device) if variant.lora is not None else None,
     )
 
 

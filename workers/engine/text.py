@@ -18,6 +18,7 @@ from workers.engine import kv
 from workers.engine.constrain import Grammars
 from workers.engine.continuous import ContinuousDecoder
 from workers.engine.generation import Decoder
+from workers.engine.lora import Adapters
 from workers.shared.base import Request, RequestError
 
 # Gemma's turn format, for tokenizers that ship without a template (the 270M GGUF's).
@@ -94,6 +95,8 @@ class EngineArgs(TypedDict, total=False):
     max_batch_size: Required[int]
     max_input_tokens: Required[int]
     kv: kv.KVConfig | None
+    # The adapter cache of a continuous engine whose variant takes LoRA adapters (None: it takes none).
+    adapter_cache_bytes: int | None
 
 
 class DecodingEngine:
@@ -121,14 +124,32 @@ class DecodingEngine:
             else None
         )
         self.kv_bytes = self.pool.bytes if self.pool is not None else 0
+        budget = args.get("adapter_cache_bytes")
+        self.adapters = (
+            Adapters(
+                model.get_decoder(),
+                device=torch.device(self.device),
+                dtype=model.get_input_embeddings().weight.dtype,
+                budget_bytes=budget,
+            )
+            if budget and self.pool is not None
+            else None
+        )
 
     def too_long(self, tokens: int) -> RequestError:
         return RequestError(f"input is {tokens} tokens; {self.name} takes at most {self.max_input_tokens}")
 
     def ready(self, request: Request) -> bool:
-        """Whether `request` may join now: it has no grammar, or its grammar is compiled (the
-        compile starts, off the device's thread, at the first ask). A grammar that cannot be
-        read is ready: `encode` refuses it."""
+        """Whether `request` may join now: its adapter, if it names one, is read, and it has no
+        grammar, or its grammar is compiled (the read and the compile start, off the device's
+        thread, at the first ask). An adapter or a grammar that cannot be read is ready: joining
+        or `encode` refuses it."""
+        if (
+            request.adapter is not None
+            and self.adapters is not None
+            and not self.adapters.ready(request.adapter)
+        ):
+            return False
         try:
             grammar = self._grammar(request)
         except RequestError:
@@ -195,7 +216,9 @@ class DecodingEngine:
     def stream(self) -> ContinuousDecoder:
         """A running batch that requests join and leave between steps (continuous batching)."""
         assert self.pool is not None, f"{self.name} has no KV cache: it decodes in static batches"
-        return ContinuousDecoder(self.decoder, max_rows=self.max_batch_size, pool=self.pool)
+        return ContinuousDecoder(
+            self.decoder, max_rows=self.max_batch_size, pool=self.pool, adapters=self.adapters
+        )
 
     def warm_stream(self) -> None:
         """One short generation through the running-batch path, so the first real request does not

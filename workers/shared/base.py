@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from core.schemas import FinishReason, GenerationParams, Tool
 
 __all__ = [
+    "AdapterRef",
     "CancelCheck",
     "Engine",
     "EngineFailure",
@@ -24,6 +25,17 @@ __all__ = [
     "Result",
     "StaticEngine",
 ]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter a request runs through (workers.engine.lora): its id, its weights' digest,
+    the safetensors file the shell wrote them to, and its scale (alpha / r)."""
+
+    id: str
+    sha256: str
+    path: str
+    scale: float
 
 
 @dataclass
@@ -51,6 +63,7 @@ class Request:
     # deltas reported them. A continuous decoder picks up from them, so the text it goes on
     # with starts with what was already published.
     resume_tokens: list[int] | None = None
+    adapter: AdapterRef | None = None  # decoded through this LoRA adapter, else the base model
 
 
 @dataclass
