@@ -84,7 +84,7 @@ def load_model(dtype: Any = None, *, stock: bool = False) -> tuple[Any, Any]:
 
     from core.settings import Settings
     from core.variants import load_variants
-    from workers.engine.loading import DTYPES, LOCAL, weights_dir
+    from workers.engine.loading import LOCAL, load_dtype, weights_dir
 
     settings = Settings()
     registry = load_variants(None)
@@ -94,7 +94,7 @@ def load_model(dtype: Any = None, *, stock: bool = False) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or DTYPES[variant.dtype], attn_implementation="sdpa", **LOCAL
+        path, dtype=dtype or load_dtype(variant, "cpu"), attn_implementation="sdpa", **LOCAL
     )
     if not stock:
         from workers.engine.memory import freeze

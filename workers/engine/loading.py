@@ -24,7 +24,7 @@ from filelock import FileLock
 from core.variants import Variant, VariantRegistry, hf_snapshot, weights_problem
 from workers.engine.echo import EchoEngine
 from workers.engine.kv import KVConfig
-from workers.engine.packing import pack_linears
+from workers.engine.packing import native_on_cpu, pack_linears
 from workers.engine.text import GEMMA_CHAT_TEMPLATE, TextEngine
 from workers.shared.base import Engine
 
@@ -169,8 +169,19 @@ def quantization_config(variant: Variant) -> Any:
 LOCAL = {"local_files_only": True, "trust_remote_code": False}
 
 
+def load_dtype(variant: Variant, device: str) -> torch.dtype:
+    """The dtype the variant's weights are loaded in: its own, except on a CPU with no native
+    support for that half-precision type (then float32: twice the memory, many times the speed).
+    Quantized variants keep theirs."""
+    dtype = DTYPES[variant.dtype]
+    if device == "cpu" and variant.quantization == "none" and not native_on_cpu(dtype):
+        log.info("variant.cpu_dtype", variant=variant.name, configured=variant.dtype, used="float32")
+        return torch.float32
+    return dtype
+
+
 def model_kwargs(variant: Variant, device: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dtype": DTYPES[variant.dtype], **LOCAL}
+    kwargs: dict[str, Any] = {"dtype": load_dtype(variant, device), **LOCAL}
     quant = quantization_config(variant)
     if quant is not None:
         kwargs["quantization_config"] = quant
