@@ -62,7 +62,7 @@ class Variant(BaseModel):
     tasks: tuple[Task, ...]
     source: Source
     # text: causal LM + tokenizer; processor: AutoProcessor + image-text-to-text model (Gemma 3
-    # vision, Gemma 3n); whisper: speech recognition; echo: no model.
+    # vision, Gemma 3n, Gemma 4); whisper: speech recognition; echo: no model.
     engine: EngineKind = "text"
     hf_id: str | None = None
     # The files of `hf_id` that `gemmaq models pull` fetches (glob patterns; empty: the whole repo).
@@ -70,7 +70,7 @@ class Variant(BaseModel):
     package: str | None = None
     base: str | None = None
     # generated: which tiny random model to build; ct2-package: which shipped CTranslate2 model.
-    builder: Literal["gemma3-vision", "gemma3n"] | None = None
+    builder: Literal["gemma3-vision", "gemma3n", "gemma4"] | None = None
     ct2_model: Literal["base", "tiny.en"] | None = None
     distributions: tuple[str, ...] = ()
     path: Path | None = None

@@ -53,3 +53,17 @@ def test_other_layers_are_left_alone() -> None:
     model = nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Conv1d(2, 2, 1))
     assert pack_linears(model) == 0
     assert type(model[0]) is nn.Linear
+
+
+def test_a_packed_layer_tells_its_weights_dtype_and_shape_but_lends_no_values() -> None:
+    """Models read a linear layer's `weight.dtype` (Gemma 4's patch embedder casts its pixels to it);
+    the packed layer answers that, and a model that computed with the weight would fail instead."""
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    if pack_linears(model) == 0:
+        pytest.skip("oneDNN packs nothing on this CPU")
+    layer = model[0]
+    assert isinstance(layer, PackedLinear)
+    assert (layer.weight.dtype, layer.weight.device.type, layer.weight.numel()) == (torch.float32, "cpu", 0)
+    assert "weight" not in dict(layer.named_parameters())  # not counted, not moved, not saved
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        torch.nn.functional.linear(torch.ones(1, 8), layer.weight)

@@ -1,7 +1,7 @@
 """The continuous decoder's paged KV cache on the real Gemma 3 270M weights (float32, so that a row
 gives the same greedy text in any batch): memory that is budgeted, sliding layers that hold their
 window, a failing row that fails alone, a preempted row that goes on as if it had not been, and a
-Gemma 3 multimodal checkpoint's text jobs in the same continuous batch."""
+Gemma 3, a Gemma 3n and a Gemma 4 multimodal checkpoint's text jobs in the same continuous batch."""
 
 from __future__ import annotations
 
@@ -179,10 +179,12 @@ def test_a_preempted_row_goes_on_as_if_it_had_not_been(engine: TextEngine) -> No
         assert outcomes[mate.job_id].text == alone(engine, mate)
 
 
-def test_a_text_job_on_a_gemma_3_multimodal_variant_joins_the_continuous_batch() -> None:
-    """The tiny Gemma 3 vision model (real architecture and processor): text jobs decode in the
-    continuous batch through its language model, each as it would alone; an image job still runs,
-    in a static batch between steps."""
+@pytest.mark.parametrize("name", ["tiny-gemma-3-vision", "tiny-gemma-3n", "tiny-gemma-4"])
+def test_a_text_job_on_a_multimodal_variant_joins_the_continuous_batch(name: str) -> None:
+    """The tiny Gemma 3 vision, Gemma 3n and Gemma 4 models (real architectures and processors; the
+    last two share keys and values across layers): text jobs decode in the continuous batch through the
+    language model, each as it would alone; an image job still runs, in a static batch between
+    steps."""
     from PIL import Image
 
     from core.settings import Settings
@@ -192,7 +194,7 @@ def test_a_text_job_on_a_gemma_3_multimodal_variant_joins_the_continuous_batch()
     from workers.engine.loading import load_engine
 
     registry = load_variants(None)
-    variant = registry.get("tiny-gemma-3-vision")
+    variant = registry.get(name)
     assert variant is not None and variant.batching == "continuous"
     vision: Any = load_engine(variant, registry, device="cpu", cache_root=Settings().model_cache)
     texts = [request(f"t{i}", p, max_new_tokens=8) for i, p in enumerate(["Hello there", "Once upon a time"])]

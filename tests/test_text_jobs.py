@@ -183,6 +183,14 @@ def test_models_lists_variants_workers_and_availability(client: httpx.Client) ->
     assert set(big["tasks"]) == {"text", "image"}
     for name in ("gemma-3-1b-it", "gemma-3-12b-it", "gemma-3-27b-it", "gemma-3n-e2b-it", "gemma-3n-e4b-it"):
         assert name in models
+    gemma_4 = {
+        "gemma-4-e2b-it": "google/gemma-4-E2B-it",
+        "gemma-4-e4b-it": "google/gemma-4-E4B-it",
+        "gemma-4-26b-a4b-it": "google/gemma-4-26B-A4B-it",
+        "gemma-4-31b-it": "google/gemma-4-31B-it",
+    }
+    for name, repo in gemma_4.items():  # no weights in the stack's empty Hugging Face cache
+        assert models[name]["available"] is False and repo in models[name]["unavailable_reason"]
     assert isinstance(models["gemma-3-270m"]["queue_depth"], int)
 
 

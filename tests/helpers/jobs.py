@@ -8,6 +8,7 @@ import httpx
 
 VISION = "tiny-gemma-3-vision"
 AUDIO = "tiny-gemma-3n"
+GEMMA4 = "tiny-gemma-4"  # text, images and audio
 # A text job on the default variant that decodes for a while: its deltas come one by one.
 ESSAY = {
     "input": {"prompt": "Here is a long essay about lighthouses, part 1:\n\n"},

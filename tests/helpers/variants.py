@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_VARIANTS = (
-    "gemma-3-270m,gemma-3-270m-nf4,echo,tiny-gemma-3-vision,tiny-gemma-3n,whisper-base,whisper-tiny-en"
+    "gemma-3-270m,gemma-3-270m-nf4,echo,tiny-gemma-3-vision,tiny-gemma-3n,tiny-gemma-4,whisper-base,"
+    "whisper-tiny-en"
 )
 # A variant no session worker serves: its jobs stay queued until a test starts a worker for it.
 EXTRA_VARIANTS = """

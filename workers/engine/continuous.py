@@ -135,6 +135,11 @@ class ContinuousDecoder:
         self.max_rows = max_rows
         self.body, self.head, self.text_config = language_model(decoder.model)
         self.layer_types = sorted(set(getattr(self.text_config, "layer_types", None) or ["full_attention"]))
+        # Gemma 4 runs its KV-shared layers on the last `logits_to_keep` tokens of the sequence
+        # only; a step's sequence is many rows, whose last tokens are not together at its end.
+        self._body_args: dict[str, Any] = (
+            {"logits_to_keep": slice(None)} if hasattr(self.body, "_maybe_slice_kv_shared_inputs") else {}
+        )
         if pool is None:
             pool = kv.make_pool(
                 decoder.model,
@@ -347,6 +352,7 @@ class ContinuousDecoder:
                 position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
                 attention_mask=dict.fromkeys(self.layer_types, plan),
                 use_cache=False,
+                **self._body_args,
             ).last_hidden_state[0]
             logits = self.head(hidden[torch.tensor(ends, dtype=torch.long, device=self.device)])
             softcap = getattr(self.text_config, "final_logit_softcapping", None)

@@ -23,6 +23,8 @@ from workers.engine.sampling import RowSampler, RowStopper, needs_sampler
 from workers.shared.base import CancelCheck, FinishReason, Request, Result
 
 END_OF_TURN = "<end_of_turn>"
+# Gemma 2 / 3 / 3n end a turn with <end_of_turn>, Gemma 4 with <turn|> (the same id, 106).
+END_OF_TURNS = (END_OF_TURN, "<turn|>")
 
 
 def peak_memory(device: torch.device) -> int:
@@ -32,11 +34,12 @@ def peak_memory(device: torch.device) -> int:
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
-    """eos and Gemma's end-of-turn: either ends a reply."""
+    """eos and Gemma's end-of-turn (whichever its tokenizer names): either ends a reply."""
     ids = {tokenizer.eos_token_id}
-    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        ids.add(end_of_turn)
+    for name in END_OF_TURNS:
+        end_of_turn = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            ids.add(end_of_turn)
     return sorted(i for i in ids if i is not None)
 
 

@@ -2,7 +2,9 @@
 memory budget, and the attention that reads it.
 
 - **Blocks.** Every attention layer has one key and one value tensor of `slots` rows (a slot holds
-  one token's key or value for every kv head); slot `b * block + i` is token `i` of block `b`. A
+  one token's key or value for every kv head, at that layer's head size); slot `b * block + i` is
+  token `i` of block `b`. A KV-shared layer (Gemma 4's last layers) has none of its own: it reads
+  the tensors of the layer whose keys and values it reuses, which wrote them in the same step. A
   row of the running batch owns blocks through its block tables, one per layer group: the full
   layers' table covers its whole sequence, the sliding-window layers' table only the blocks that
   a next query can still see (its window plus, at most, one block), and blocks that slide out of
@@ -49,12 +51,16 @@ class OutOfBlocks(Exception):
 
 @dataclass
 class Geometry:
-    """What the pool needs to know of a decoder's attention layers."""
+    """What the pool needs to know of a decoder's attention layers, per layer: its group, the key
+    and value heads it stores and their size (Gemma 4's full layers have heads of their own size),
+    and the layer whose keys and values it reads (itself, or for a KV-shared layer the last
+    earlier layer of its type that stores them: such a layer has no slots of its own)."""
 
     groups: list[int]  # per layer: FULL or SLIDING
     window: int | None  # the sliding layers' window (tokens a query sees, itself included)
-    kv_heads: int
-    head_dim: int
+    kv_heads: list[int]
+    head_dims: list[int]
+    sources: list[int]  # per layer: the layer whose slots it reads (itself unless it shares)
 
     @classmethod
     def of(cls, config: Any) -> Geometry:
@@ -63,13 +69,41 @@ class Geometry:
         types = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)[:layers]
         if getattr(text, "attn_logit_softcapping", None):
             raise ValueError("the paged cache does not implement attention logit soft-capping")
+        if getattr(text, "use_bidirectional_attention", None) == "all":
+            raise ValueError("the paged cache is causal; this decoder attends both ways")
         window = getattr(text, "sliding_window", None)
         groups = [SLIDING if t == "sliding_attention" and window else FULL for t in types]
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(groups, int(window) if window else None, int(text.num_key_value_heads), int(head_dim))
+        # A config whose layers differ (Gemma 4) refuses to name one head size for all of them: each
+        # layer's view of it says its own.
+        per_layer = getattr(text, "per_layer_config", None)
+        views = [per_layer[i] for i in range(layers)] if per_layer is not None else [text] * layers
+        kv_heads = [int(view.num_key_value_heads) for view in views]
+        head_dims = [
+            int(getattr(view, "head_dim", None) or view.hidden_size // view.num_attention_heads)
+            for view in views
+        ]
+        modes = getattr(text, "kv_sharing_modes", None) or [None] * layers
+        sources: list[int] = []
+        for i, mode in enumerate(modes[:layers]):
+            if mode != "reuse":
+                sources.append(i)
+                continue
+            stores = [j for j in range(i) if modes[j] == "store" and types[j] == types[i]]
+            if not stores:
+                raise ValueError(f"layer {i} reuses the keys and values of no earlier {types[i]} layer")
+            sources.append(stores[-1])
+        return cls(groups, int(window) if window else None, kv_heads, head_dims, sources)
 
     def layers(self, group: int) -> int:
-        return sum(1 for g in self.groups if g == group)
+        """The layers of `group` that store keys and values (a KV-shared layer stores none)."""
+        return len(self.storing(group))
+
+    def storing(self, group: int) -> list[int]:
+        return [i for i, g in enumerate(self.groups) if g == group and self.sources[i] == i]
+
+    def slot_items(self, group: int) -> int:
+        """Numbers one token's keys (or values) take across the storing layers of `group`."""
+        return sum(self.kv_heads[i] * self.head_dims[i] for i in self.storing(group))
 
 
 class KVPool:
@@ -104,13 +138,20 @@ class KVPool:
         self.blocks = [int(full), int(sliding)]  # per group, block 0 of each reserved
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for g in geometry.groups:
-            shape = (self.blocks[g] * block, geometry.kv_heads, geometry.head_dim)
+        for layer, g in enumerate(geometry.groups):
+            source = geometry.sources[layer]
+            if source != layer:  # a KV-shared layer reads the slots of the layer it shares
+                self.keys.append(self.keys[source])
+                self.values.append(self.values[source])
+                continue
+            shape = (self.blocks[g] * block, geometry.kv_heads[layer], geometry.head_dims[layer])
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
         self._free: list[list[int]] = [list(range(n - 1, 0, -1)) for n in self.blocks]
         self.peak_used = [0, 0]
-        self.bytes = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        owned = [self.keys[i] for i in range(len(geometry.groups)) if geometry.sources[i] == i]
+        owned += [self.values[i] for i in range(len(geometry.groups)) if geometry.sources[i] == i]
+        self.bytes = sum(t.numel() * t.element_size() for t in owned)
 
     @property
     def capacity_tokens(self) -> int:
@@ -141,9 +182,9 @@ class KVPool:
 
 
 def block_bytes(geometry: Geometry, group: int, block: int, dtype: torch.dtype) -> int:
-    """Bytes of one block of `group`: keys and values of `block` tokens in each of its layers."""
+    """Bytes of one block of `group`: keys and values of `block` tokens in each layer that stores them."""
     item = torch.tensor([], dtype=dtype).element_size()
-    return 2 * block * geometry.kv_heads * geometry.head_dim * item * geometry.layers(group)
+    return 2 * block * geometry.slot_items(group) * item
 
 
 def sliding_blocks(geometry: Geometry, *, block: int, max_rows: int, chunk: int) -> int:
@@ -361,8 +402,9 @@ def paged_attention(
     pool = plan.pool
     writes, reads = plan.groups[pool.geometry.groups[layer]]
     keys, values = pool.keys[layer], pool.values[layer]
-    keys.index_copy_(0, writes, key[0].transpose(0, 1).to(keys.dtype))
-    values.index_copy_(0, writes, value[0].transpose(0, 1).to(values.dtype))
+    if pool.geometry.sources[layer] == layer:  # a KV-shared layer's keys were written by their layer
+        keys.index_copy_(0, writes, key[0].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(0, writes, value[0].transpose(0, 1).to(values.dtype))
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = keys.shape[1]
     per_kv = heads // kv_heads

@@ -90,11 +90,13 @@ def convert_gguf(variant: Variant, cache_root: Path) -> Path:
 
 
 def generate_tiny(variant: Variant, tokenizer_dir: Path, cache_root: Path) -> Path:
+    from workers.engine.tiny_gemma4 import build_tiny_gemma4
     from workers.engine.tiny_models import build_tiny_gemma3_vision, build_tiny_gemma3n
 
     builders: dict[str, Callable[..., Path]] = {
         "gemma3-vision": build_tiny_gemma3_vision,
         "gemma3n": build_tiny_gemma3n,
+        "gemma4": build_tiny_gemma4,
     }
     assert variant.builder is not None
     builder = builders[variant.builder]
@@ -238,7 +240,7 @@ def kv_config(variant: Variant, device: str) -> KVConfig | None:
 
 
 def _with_processor(variant: Variant, path: Path, device: str, kwargs: dict[str, Any]) -> Engine:
-    """An engine over a model and its processor: Gemma 3 / 3n's (images, audio) or Whisper's."""
+    """An engine over a model and its processor: Gemma 3 / 3n / 4's (images, audio) or Whisper's."""
     classes: tuple[Any, Any]  # the model's class and its processor's
     make: Callable[..., Engine]
     if variant.engine == "whisper":

@@ -1,15 +1,16 @@
-"""Image and audio jobs on Gemma 3 (vision) and Gemma 3n through their processors.
+"""Image and audio jobs on Gemma 3 (vision), Gemma 3n and Gemma 4 through their processors.
 
 Each job's conversation, its images and audio clips decoded in place, goes through
 `processor.apply_chat_template`; jobs with the same kinds of media share one padded
 `generate` (a processor takes a batch only when every conversation has the same shape).
 
-A variant that batches continuously (Gemma 3 4B-27B) decodes its text-only jobs in the
-continuous batch like any text model: its language model over the paged KV cache. Jobs with
-media stay in static batches, run between the continuous batch's steps: an image's tokens attend
-to each other both ways (the causal mask of the paged path does not say so yet), and the vision
-tower's prefill has not joined the packed step. Gemma 3n batches statically altogether: its
-language model shares key/value states across layers, which the pool does not model.
+A variant that batches continuously (Gemma 3 4B-27B, Gemma 3n, Gemma 4) decodes its text-only
+jobs in the continuous batch like any text model: its language model over the paged KV cache,
+whose geometry follows the layers (Gemma 3n's and Gemma 4's KV-shared layers read the slots of the
+layers they share; Gemma 4's full layers have heads of their own size). Jobs with media stay in
+static batches, run between the continuous batch's steps: an image's tokens attend to each other
+both ways (the causal mask of the paged path does not say so yet), and the vision and audio
+towers' prefill has not joined the packed step.
 """
 
 from __future__ import annotations

@@ -30,8 +30,17 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, packed: torch.Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
         self.packed = packed
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """What models read of the plain layer's weight besides its values: its dtype and device
+        (Gemma 4's patch embedder casts its pixels to `input_proj.weight.dtype`). It has
+        `out_features` rows and no columns, so that a model that computed with it would fail on
+        the shapes rather than multiply by the packed layout."""
+        return torch.empty((self.out_features, 0), dtype=self.dtype, device=self.packed.device)
 
     @property
     def packed_bytes(self) -> int:

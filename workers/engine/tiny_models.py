@@ -1,4 +1,5 @@
-"""Tiny randomly initialised checkpoints of the real Gemma 3 (vision) and Gemma 3n architectures.
+"""Tiny randomly initialised checkpoints of the real Gemma 3 (vision) and Gemma 3n architectures, and
+what the builders share (Gemma 4's is workers.engine.tiny_gemma4).
 
 Each builder writes a folder that loads like a real checkpoint: `AutoProcessor.from_pretrained(dir)`
 (the real `Gemma3Processor` / `Gemma3nProcessor`) and `AutoModelForImageTextToText.from_pretrained(dir)`
@@ -11,6 +12,7 @@ checkpoints have, at the real checkpoints' ids:
   that id is renamed; `<end_of_image>` 262144, `<image_soft_token>` 262145, `<end_of_audio>` 262272 and
   `<audio_soft_token>` 262273 are appended, padded with `<mm_reserved_N>` up to the 262400-token vocab,
   so every id the model can emit decodes.
+* Gemma 4 (workers.engine.tiny_gemma4): the same 262144 ids, its tokens renamed in place.
 
 Weights are saved in bfloat16, as the real checkpoints are. Gemma 3's multimodal projector, which the
 model class initialises at zero, is drawn at random so that an image changes the output (Gemma 3n's
@@ -44,10 +46,13 @@ END_OF_TURN = 106
 ADDED = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
 
 
-def chat_template(image: str, audio: str | None) -> str:
+def chat_template(
+    image: str, audio: str | None, turn: tuple[str, str] = ("<start_of_turn>", "<end_of_turn>")
+) -> str:
     """Gemma's turn format with content parts: a system turn joins the first user turn, roles alternate,
     text parts are trimmed, an image part becomes `image` (an audio part `audio`) for the processor to
-    expand; any other part type is refused."""
+    expand; any other part type is refused. `turn`: the markers that open and close a turn."""
+    start, end = turn
     audio_branch = f"{{%- elif part['type'] == 'audio' -%}}{{{{ '{audio}' }}}}" if audio is not None else ""
     return (
         "{{- bos_token -}}"
@@ -64,7 +69,7 @@ def chat_template(image: str, audio: str | None) -> str:
         "{%- endif -%}"
         "{%- if message['role'] not in ('user', 'assistant') -%}"
         "{{- raise_exception('Unsupported role: ' + message['role']) -}}{%- endif -%}"
-        "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' -}}"
+        f"{{{{- '{start}' + ('model' if message['role'] == 'assistant' else 'user') + '\n' -}}}}"
         "{%- if loop.first -%}{{- ns.prefix -}}{%- endif -%}"
         "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
         "{%- else -%}{%- for part in message['content'] -%}"
@@ -73,9 +78,9 @@ def chat_template(image: str, audio: str | None) -> str:
         f"{audio_branch}"
         "{%- else -%}{{- raise_exception('Unsupported content part: ' + part['type']) -}}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
-        "{{- '<end_of_turn>\n' -}}"
+        f"{{{{- '{end}\n' -}}}}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- '{start}model\n' -}}}}{{%- endif -%}}"
     )
 
 
@@ -90,7 +95,7 @@ def build_tiny_gemma3_vision(out_dir: Path, tokenizer_dir: Path, seed: int = 0) 
         SiglipVisionConfig,
     )
 
-    tokenizer = _tokenizer(
+    tokenizer = gguf_tokenizer(
         Path(tokenizer_dir),
         rename={},
         append=["<image_soft_token>"],
@@ -158,9 +163,11 @@ def build_tiny_gemma3_vision(out_dir: Path, tokenizer_dir: Path, seed: int = 0) 
         weight = model.get_parameter("model.multi_modal_projector.mm_input_projection_weight")
         torch.nn.init.normal_(weight, std=float(weight.shape[0]) ** -0.5)
 
-    return _publish(
+    return publish(
         Path(out_dir),
-        lambda staging: _save(Gemma3ForConditionalGeneration, config, processor, staging, seed, randomize),
+        lambda staging: save_checkpoint(
+            Gemma3ForConditionalGeneration, config, processor, staging, seed, randomize
+        ),
     )
 
 
@@ -187,7 +194,7 @@ def build_tiny_gemma3n(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Pat
         "<audio_soft_token>",
         *(f"<mm_reserved_{i}>" for i in range(vision_end + 2, GEMMA3N_VOCAB)),
     ]
-    tokenizer = _tokenizer(
+    tokenizer = gguf_tokenizer(
         Path(tokenizer_dir),
         rename={256_000: "<start_of_audio>"},
         append=append,
@@ -280,15 +287,26 @@ def build_tiny_gemma3n(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Pat
 
     # Nothing multimodal starts at zero here: the embedders' projections are initialised like any
     # linear layer and their output is RMS-normalised, so both towers reach the text model as they are.
-    return _publish(
+    return publish(
         Path(out_dir),
-        lambda staging: _save(Gemma3nForConditionalGeneration, config, processor, staging, seed, None),
+        lambda staging: save_checkpoint(
+            Gemma3nForConditionalGeneration, config, processor, staging, seed, None
+        ),
     )
 
 
-def _tokenizer(source: Path, *, rename: dict[int, str], append: list[str], named: dict[str, str]) -> Any:
+def gguf_tokenizer(
+    source: Path,
+    *,
+    rename: dict[int, str],
+    append: list[str],
+    named: dict[str, str],
+    special: bool = False,
+) -> Any:
     """The GGUF tokenizer with tokens renamed in place, tokens appended from id 262144, and the
-    model-specific token names (`image_token`, `boa_token`, ...) the processors read."""
+    model-specific token names (`image_token`, `boa_token`, ...) the processors read. Only added
+    tokens (control tokens, `<unusedN>`) are renamed: a plain vocabulary entry may be the result of
+    a merge. `special`: the renamed tokens become special ones (left out of decoded text)."""
     from transformers import AutoTokenizer
 
     spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
@@ -298,11 +316,20 @@ def _tokenizer(source: Path, *, rename: dict[int, str], append: list[str], named
             f"{source}: expected the Gemma 3 tokenizer's {TEXT_VOCAB} tokens, found {len(vocab)}"
         )
     added: list[dict[str, Any]] = spec["added_tokens"]
+    by_id = {a["id"]: a for a in added}
+    plain = sorted(set(rename) - set(by_id))
+    if plain:
+        raise ValueError(f"{source}: ids {plain} are not added tokens; only those are renamed")
+    taken = [c for i, c in rename.items() if c in vocab and vocab[c] != i]
+    if taken:
+        raise ValueError(f"{source}: tokens to rename to already exist: {taken}")
     for token_id, content in rename.items():
-        entry = next(a for a in added if a["id"] == token_id)
+        entry = by_id[token_id]
         del vocab[entry["content"]]
         vocab[content] = token_id
         entry["content"] = content
+        if special:
+            entry.update(ADDED)
     missing = [t for t in append if t in vocab or any(a["content"] == t for a in added)]
     if missing:
         raise ValueError(f"{source}: tokens to append already exist: {missing}")
@@ -326,7 +353,7 @@ def _tokenizer(source: Path, *, rename: dict[int, str], append: list[str], named
     return tokenizer
 
 
-def _save(
+def save_checkpoint(
     model_class: Any,
     config: Any,
     processor: Any,
@@ -353,7 +380,7 @@ def _save(
     log.info("tiny_model.saved", model=model_class.__name__, parameters=params, folder=str(staging))
 
 
-def _publish(out_dir: Path, write: Callable[[Path], None]) -> Path:
+def publish(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Run `write` into a staging folder beside `out_dir`, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
