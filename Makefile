@@ -35,8 +35,9 @@ test-tools:
 	  else echo "install espeak-ng for the speech tests" >&2; exit 1; fi; }
 
 ## test: install, then run the test suite against real PostgreSQL, Redis and model weights
+## (it ends with the 30 slowest tests, so that a slow run shows where its time went)
 test: install test-tools
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 ## images: both images built with the network off, from a wheelhouse of every wheel they need
 ## (deploy/images/wheelhouse.sh; where no registry answers, BASE_IMAGE=gemmaq-standin/python:3.11

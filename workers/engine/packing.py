@@ -47,8 +47,7 @@ class PackedLinear(nn.Module):
         return self.packed.numel() * self.packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return out
+        return packed_linear(x, self.packed, self.bias)
 
 
 def native_on_cpu(dtype: torch.dtype) -> bool:
@@ -61,21 +60,31 @@ def native_on_cpu(dtype: torch.dtype) -> bool:
     return True
 
 
-def _pack(linear: nn.Linear) -> torch.Tensor | None:
-    weight = linear.weight
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A linear weight [out, in] laid out for oneDNN (for `packed_linear`), or None where it is not
+    packed: not on the CPU, a dtype this CPU does not multiply natively, oneDNN missing."""
     if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or weight.dim() != 2:
         return None
-    if not native_on_cpu(weight.dtype):
+    if not native_on_cpu(weight.dtype) or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return None
     packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), HINT_ROWS)
     return packed
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out
+
+
+def _pack(linear: nn.Linear) -> torch.Tensor | None:
+    return pack_weight(linear.weight)
 
 
 def _agrees(linear: nn.Linear, packed: torch.Tensor) -> bool:
     seeded = torch.Generator().manual_seed(0)
     probe = torch.randn(3, linear.in_features, dtype=linear.weight.dtype, generator=seeded)
     bias = None if linear.bias is None else linear.bias.detach()
-    got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "").float()
+    got = packed_linear(probe, packed, bias).float()
     want = F.linear(probe, linear.weight.detach(), bias).float()
     return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6))
 
