@@ -24,7 +24,8 @@ class WorkerState(BaseModel):
 
 
 class AdapterCache(BaseModel):
-    """A warm engine's LoRA adapter cache: adapters on the device, kept LRU within a budget."""
+    """A warm engine's LoRA adapter cache: adapters on the device (and the stacks of those that ran
+    together), kept LRU within a budget."""
 
     adapters: int
     bytes: int

@@ -18,8 +18,9 @@ small matmul costs about as much as its call, so this takes a third of the adapt
 Loading: the first request that names an adapter starts reading it (the safetensors file the
 shell wrote, each tensor checked against the projection it adapts) on a thread of its own, and
 the request waits outside the batch (`ready`) until it is read; only the copy onto the device
-runs on the device's thread, when the row joins. Adapters on the device are kept LRU within a
-byte budget; one that a row in the batch still uses is never dropped.
+runs on the device's thread, when the row joins. Adapters on the device, and the stacks of those that
+ran together, are kept LRU within one byte budget (stacks dropped first: they are derived); an
+adapter that a row in the batch still uses is never dropped.
 """
 
 from __future__ import annotations
@@ -60,18 +61,21 @@ class Stack:
     are laid out for oneDNN once (as the base model's linears are: workers.engine.packing), which
     makes these small products about a quarter faster."""
 
-    a: torch.Tensor
-    b: torch.Tensor
+    a: torch.Tensor  # [in, n * ranks], or transposed and laid out for oneDNN where `packed`
+    b: torch.Tensor  # [n * ranks, outputs], or likewise
     spans: dict[str, tuple[int, int]]
     count: int  # projections in the group (the mask is repeated this many times)
-    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # A and B transposed, for oneDNN
+    packed: bool = False
 
     def product(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """B(A(x) * mask): every projection's delta, side by side."""
-        if self.packed is not None:
-            a, b = self.packed
-            return packed_linear(packed_linear(x, a) * mask, b)
+        if self.packed:
+            return packed_linear(packed_linear(x, self.a) * mask, self.b)
         return ((x @ self.a) * mask) @ self.b
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
 
 @dataclass
@@ -244,6 +248,8 @@ class Adapters:
                 f"holds {self.budget_bytes}"
             )
         keep = set(in_use)
+        while self._stacks and self.used() + read_adapter.nbytes > self.budget_bytes:
+            self._stacks.popitem(last=False)  # stacks first: they are made again from what is loaded
         while self.loaded and self.used() + read_adapter.nbytes > self.budget_bytes:
             victim = next((k for k in self.loaded if k not in keep), None)
             if victim is None:
@@ -262,7 +268,9 @@ class Adapters:
             del self._stacks[ids]
 
     def used(self) -> int:
-        return sum(a.nbytes for a in self.loaded.values())
+        """Bytes on the device: the adapters, and the stacks kept of those that ran together."""
+        stacks = sum(stack.nbytes for stacks in self._stacks.values() for stack in stacks.values())
+        return sum(a.nbytes for a in self.loaded.values()) + stacks
 
     def _wrap(self, keys: Iterable[Key]) -> None:
         """Wrap the projections the adapter targets, once each."""
@@ -300,6 +308,10 @@ class Adapters:
             yield
         finally:
             self.active.clear()
+            # Stacks are kept within the budget, beside the adapters: past it, least recently
+            # used first, this step's own too (it is made again when these adapters next meet).
+            while self._stacks and self.used() > self.budget_bytes:
+                self._stacks.popitem(last=False)
 
     def _stacked(self, used: Sequence[Adapter]) -> dict[Group, Stack]:
         """Per group of projections that share their input, the used adapters' stacks (zeros for
@@ -357,5 +369,6 @@ def _block_stack(members: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> S
         column += part.shape[1]
     a = torch.cat([part for _, part, _ in members], 1).contiguous()
     packed_a, packed_b = pack_weight(a.t().contiguous()), pack_weight(b.t().contiguous())
-    packed = (packed_a, packed_b) if packed_a is not None and packed_b is not None else None
-    return Stack(a=a, b=b, spans=spans, count=len(members), packed=packed)
+    if packed_a is not None and packed_b is not None:
+        return Stack(a=packed_a, b=packed_b, spans=spans, count=len(members), packed=True)
+    return Stack(a=a, b=b, spans=spans, count=len(members))
